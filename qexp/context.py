@@ -1,0 +1,58 @@
+"""The small run context passed to every stage (no global state)."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qexp.config import RunSchema
+
+
+@dataclass
+class RunContext:
+    """Seed, device, dtype, cache and output locations shared by the stages of one job."""
+
+    seed: int
+    device: torch.device
+    dtype: torch.dtype
+    cache_dir: Path
+    run_dir: Path
+    progress: bool = True
+
+    @classmethod
+    def from_schema(cls, run: RunSchema, run_dir: Path) -> RunContext:
+        """Resolve `auto` device and dtype names and set torch's thread count."""
+        torch.set_num_threads(run.threads or available_cores())
+        if run.device == "auto":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            device = torch.device(run.device)
+        return cls(
+            seed=run.seed,
+            device=device,
+            dtype=getattr(torch, run.dtype),
+            cache_dir=Path(os.path.expanduser(run.cache_dir)),
+            run_dir=Path(run_dir),
+            progress=run.progress,
+        )
+
+    def seed_everything(self, offset: int = 0) -> torch.Generator:
+        """Seed python, numpy and torch; return a CPU generator seeded the same way."""
+        s = self.seed + offset
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.manual_seed(s)
+        return torch.Generator().manual_seed(s)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (affinity-aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)

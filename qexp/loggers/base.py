@@ -1,0 +1,23 @@
+"""The logger interface: one logging run per job, closed in `finally`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Logger:
+    """`logger=none`: local files only (results.json and generations/ are always written)."""
+
+    name: str = "none"
+
+    def start(self, config: dict, run_dir: Path, job_name: str) -> None:
+        """Open the logging run."""
+
+    def log_condition(self, condition: str, metrics: dict[str, Any], records: list[dict]) -> None:
+        """Log one condition's metrics (as `<condition>/<metric>`) and generations."""
+
+    def finish(self, status: str) -> None:
+        """Close the logging run; `status` is `complete` or `failed`."""

@@ -1,0 +1,96 @@
+"""Metric functions on generated text and on model likelihoods.
+
+Text metrics work on whitespace-separated words so they compare across tokenizers:
+- `max_repeat_3`: the longest run of consecutive identical 3-grams, where the 3-grams tile
+  the text without overlap; the maximum over the three tiling offsets. A text that loops on
+  one 3-word phrase k times scores k; text with no repeated adjacent 3-gram scores 1.
+  (The reparameterization paper's MaxRepeat-N with N = 3.)
+- `seq_rep_4`: 1 - unique 4-grams / 4-grams (stride 1), Welleck et al.'s seq-rep-4.
+Both are undefined (None) on texts too short to hold one n-gram; means skip them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def words(text: str) -> list[str]:
+    """Whitespace tokens of a text."""
+    return text.split()
+
+
+def max_repeat_n(text: str, n: int = 3) -> int | None:
+    """Longest run of identical consecutive non-overlapping n-grams (best tiling offset)."""
+    w = words(text)
+    if len(w) < n:
+        return None
+    best = 1
+    for off in range(n):
+        grams = [tuple(w[i : i + n]) for i in range(off, len(w) - n + 1, n)]
+        run = 1
+        for prev, cur in zip(grams, grams[1:]):
+            run = run + 1 if cur == prev else 1
+            best = max(best, run)
+    return best
+
+
+def seq_rep_n(text: str, n: int = 4) -> float | None:
+    """1 - |unique n-grams| / |n-grams| over stride-1 word n-grams."""
+    w = words(text)
+    grams = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
+    if not grams:
+        return None
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def last_number(text: str) -> float | None:
+    """The last number in a text (commas as thousands separators), or None."""
+    found = NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def mean_defined(values: Iterable[float | None]) -> float | None:
+    """Mean of the values that are not None; None when there are none."""
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+@torch.no_grad()
+def continuation_nll(
+    model: PreTrainedModel, prefix_ids: Sequence[int], target_ids: Sequence[int]
+) -> tuple[float, int]:
+    """Sum of -log p(target | prefix) over target tokens, and their count."""
+    if not target_ids:
+        return 0.0, 0
+    ids = torch.tensor([list(prefix_ids) + list(target_ids)], device=model.device)
+    logits = model(input_ids=ids).logits[0, len(prefix_ids) - 1 : -1].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    tgt = ids[0, len(prefix_ids) :]
+    return float(-logp.gather(1, tgt[:, None]).sum()), len(target_ids)
+
+
+def perplexity(nll_sum: float, n_tokens: int) -> float | None:
+    """exp(mean NLL); None for zero tokens."""
+    if n_tokens == 0:
+        return None
+    return math.exp(nll_sum / n_tokens)
+
+
+def text_perplexity(model: PreTrainedModel, tok: PreTrainedTokenizerBase, text: str) -> float:
+    """Perplexity of a text, each token conditioned on those before it (BOS/EOS prefix)."""
+    ids = tok(text, add_special_tokens=False).input_ids
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    nll, n = continuation_nll(model, [start], ids)
+    return perplexity(nll, n)

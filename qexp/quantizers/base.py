@@ -1,0 +1,39 @@
+"""The quantizer interface: Q, post-training quantization of a full-precision model."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from qexp.context import RunContext
+
+
+class Quantizer(ABC):
+    """Quantizes a model; the result is evaluated like any other condition."""
+
+    name: str
+
+    @abstractmethod
+    def quantize(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:
+        """Return the quantized model (may modify `model` in place)."""
+
+
+@dataclass
+class NoQuantizer(Quantizer):
+    """`quantizer=none`: Q is the identity, so `*_q` equal their full-precision sources."""
+
+    name: str = "none"
+
+    def quantize(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:
+        return model
+
+
+def target_linears(model: PreTrainedModel, skip: list[str]) -> Iterator[tuple[str, nn.Linear]]:
+    """The model's nn.Linear modules, minus those whose name contains a `skip` entry."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not any(s in name for s in skip):
+            yield name, module

@@ -1,0 +1,69 @@
+"""Round-to-nearest weight quantization per group of input channels (fake-quantized).
+
+Asymmetric: scale s = (max - min) / (2^b - 1), zero z = round(-min / s), codes
+q = clamp(round(w / s) + z, 0, 2^b - 1), ŵ = (q - z) s. Symmetric: s = absmax / (2^(b-1) - 1),
+q = clamp(round(w / s), -2^(b-1) + 1, 2^(b-1) - 1), ŵ = q s. Groups run along the input
+dimension; a last group shorter than `group_size` gets its own scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from qexp.context import RunContext
+from qexp.errors import check, check_choice
+from qexp.quantizers.base import Quantizer, target_linears
+
+
+def rtn_fake_quant(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """De-quantized RTN weights, same shape and dtype as `w` ([out, in])."""
+    out_f, in_f = w.shape
+    g = in_f if group_size == -1 else group_size
+    pad = (-in_f) % g
+    x = w.float()
+    if pad:  # repeating the last column leaves the last group's min/max/absmax unchanged
+        x = torch.cat([x, x[:, -1:].expand(out_f, pad)], dim=1)
+    x = x.reshape(out_f, -1, g)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        s = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-12)
+        deq = torch.clamp(torch.round(x / s), -qmax, qmax) * s
+    else:
+        qmax = 2**bits - 1
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        s = ((hi - lo) / qmax).clamp_min(1e-12)
+        z = torch.round(-lo / s)
+        deq = (torch.clamp(torch.round(x / s) + z, 0, qmax) - z) * s
+    return deq.reshape(out_f, -1)[:, :in_f].to(w.dtype)
+
+
+@dataclass
+class RTN(Quantizer):
+    """Round-to-nearest, per group along the input dimension, weights only."""
+
+    name: str = "rtn4"
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    skip: List[str] = field(default_factory=lambda: ["lm_head"])
+
+    def __post_init__(self) -> None:
+        check_choice("bits", self.bits, (2, 3, 4, 5, 6, 8))
+        check(
+            self.group_size == -1 or self.group_size >= 2,
+            "group_size",
+            self.group_size,
+            "-1 (one group per row) or an integer >= 2",
+        )
+
+    @torch.no_grad()
+    def quantize(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:
+        layers = list(target_linears(model, self.skip))
+        for _, lin in tqdm(layers, desc=f"{self.name}", disable=not ctx.progress, leave=False):
+            lin.weight.copy_(rtn_fake_quant(lin.weight, self.bits, self.group_size, self.symmetric))
+        return model

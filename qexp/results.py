@@ -1,0 +1,118 @@
+"""results.json and generations/*.jsonl, written atomically after every condition."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+import qexp
+from qexp import CONDITIONS
+from qexp.io import atomic_write_json, atomic_write_jsonl
+
+TABLE_METRICS = (
+    "accuracy",
+    "self_ppl",
+    "ref_ppl",
+    "max_repeat_3",
+    "seq_rep_4",
+    "tokens_per_s",
+    "n_items",
+)
+
+
+def provenance(model: str, device: str, dtype: str) -> dict[str, Any]:
+    """Versions and origins that determine a run's numbers."""
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "qexp": qexp.__version__,
+        "git_commit": commit,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "model": model,
+        "device": device,
+        "dtype": dtype,
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+@dataclass
+class Results:
+    """The results contract of one job (DESIGN §1); `save()` rewrites results.json."""
+
+    run_dir: Path
+    config: dict
+    provenance: dict = field(default_factory=dict)
+    function_preservation: dict = field(default_factory=dict)
+    conditions: dict[str, dict] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    status: str = "running"
+    error: str | None = None
+
+    def add(self, condition: str, metrics: dict, records: list[dict]) -> None:
+        """Record one condition: metrics into results.json, records into generations/."""
+        self.conditions[condition] = metrics
+        if records:
+            atomic_write_jsonl(self.run_dir / "generations" / f"{condition}.jsonl", records)
+        self.save()
+
+    def timed(self, stage: str, seconds: float) -> None:
+        """Add `seconds` to a stage's wall time."""
+        self.stage_seconds[stage] = round(self.stage_seconds.get(stage, 0.0) + seconds, 3)
+
+    def save(self) -> None:
+        """Atomically (re)write results.json."""
+        body = {
+            "config": self.config,
+            "provenance": self.provenance,
+            "function_preservation": self.function_preservation,
+            "conditions": self.conditions,
+            "stage_seconds": self.stage_seconds,
+            "status": self.status,
+        }
+        if self.error:
+            body["error"] = self.error
+        atomic_write_json(self.run_dir / "results.json", body)
+
+
+def format_table(conditions: dict[str, dict], metrics: tuple[str, ...] = TABLE_METRICS) -> str:
+    """Condition × metric table as aligned plain text (`-` where a metric is absent)."""
+    cols = [m for m in metrics if any(m in c for c in conditions.values())]
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+        return str(v)
+
+    order = [c for c in CONDITIONS if c in conditions]
+    rows = [["condition", *cols]] + [
+        [name, *(cell(conditions[name].get(c)) for c in cols)] for name in order
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+        for r in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""The pipeline: load -> attack -> defend -> quantize -> evaluate -> log, per condition.
+
+original   = M            attacked   = A(M)
+original_q = Q(D(M))      attacked_q = Q(D(A(M)))
+
+Each branch loads a fresh M; the quantized condition of a branch is made in place from the
+full-precision model of the same branch after that one is evaluated.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from qexp.config import Spec, validate
+from qexp.context import RunContext
+from qexp.data import reference_text
+from qexp.metrics import text_perplexity
+from qexp.results import Results, format_table, provenance
+
+BRANCHES = (("original", "original_q"), ("attacked", "attacked_q"))
+
+
+@contextmanager
+def stage(results: Results, name: str):
+    """Time a stage into results.stage_seconds."""
+    t0 = time.perf_counter()
+    yield
+    results.timed(name, time.perf_counter() - t0)
+
+
+def evaluate(spec: Spec, ctx: RunContext, results: Results, condition: str, loaded) -> None:
+    """Benchmark + reference perplexity of one condition; recorded and logged."""
+    with stage(results, f"evaluate_{condition}"):
+        bench = spec.benchmark.evaluate(loaded.model, loaded.tokenizer, ctx, condition)
+        metrics = dict(bench.metrics)
+        metrics["ref_ppl"] = text_perplexity(loaded.model, loaded.tokenizer, reference_text())
+    results.add(condition, metrics, bench.records)
+    spec.logger.log_condition(condition, metrics, bench.records)
+
+
+def run_pipeline(spec: Spec, ctx: RunContext, results: Results) -> None:
+    """Run every requested condition, two branches of (full precision, quantized)."""
+    for base, quantized in BRANCHES:
+        wanted = [c for c in (base, quantized) if c in spec.run.conditions]
+        if not wanted:
+            continue
+        with stage(results, f"load_{base}"):
+            loaded = spec.model.load(ctx)
+        results.provenance["model_source"] = loaded.source
+        if base == "attacked":
+            ctx.seed_everything()
+            with stage(results, "attack"):
+                loaded.model = spec.attack.apply(loaded.model, ctx)
+        if base in wanted:
+            evaluate(spec, ctx, results, base, loaded)
+        if quantized in wanted:
+            ctx.seed_everything()
+            with stage(results, f"defend_{base}"):
+                loaded.model = spec.defense.apply(loaded.model, spec.quantizer, ctx)
+            with stage(results, f"quantize_{base}"):
+                loaded.model = spec.quantizer.quantize(loaded.model, ctx)
+            evaluate(spec, ctx, results, quantized, loaded)
+        del loaded
+
+
+def run(cfg: DictConfig, run_dir: Path, job_name: str = "qexp") -> Results:
+    """Validate `cfg` (before any model is loaded), run the pipeline, write results."""
+    spec = validate(cfg)
+    ctx = RunContext.from_schema(spec.run, run_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    results = Results(run_dir, config, provenance(spec.model.name, str(ctx.device), spec.run.dtype))
+    results.save()
+    spec.logger.start(config, run_dir, job_name)
+    status = "failed"
+    try:
+        run_pipeline(spec, ctx, results)
+        status = "complete"
+    except BaseException as e:
+        results.error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        results.status = status
+        results.save()
+        spec.logger.finish(status)
+    print(format_table(results.conditions))
+    return results

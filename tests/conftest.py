@@ -1,0 +1,41 @@
+"""Shared fixtures: compose the real Hydra configs with tiny-model overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+# A fast run on a tiny random model: 4 items, 8 new tokens, no W&B.
+TINY = [
+    "model=tiny_llama",
+    "logger=none",
+    "benchmark.limit=4",
+    "benchmark.max_new_tokens=8",
+    "benchmark.batch_size=2",
+    "progress=false",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the whole session (the embedded model is converted once)."""
+    return tmp_path_factory.mktemp("qexp-cache")
+
+
+@pytest.fixture
+def make_cfg(cache_dir: Path):
+    """compose('config', overrides) against the project's conf/ directory."""
+
+    def _make(*overrides: str, tiny: bool = True) -> DictConfig:
+        ovr = [*(TINY if tiny else []), f"cache_dir={cache_dir}", *overrides]
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(config_name="config", overrides=ovr)
+
+    return _make

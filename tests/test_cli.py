@@ -1,0 +1,62 @@
+"""`python -m qexp` and the `qexp` console script as a user runs them."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+TINY = [
+    "model=tiny_llama",
+    "logger=none",
+    "benchmark.limit=2",
+    "benchmark.max_new_tokens=4",
+    "progress=false",
+]
+
+
+def qexp(*args, cache_dir):
+    env = {**os.environ, "QEXP_CACHE_DIR": str(cache_dir)}
+    return subprocess.run(
+        [sys.executable, "-m", "qexp", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_run_writes_results_and_prints_table(tmp_path, cache_dir):
+    p = qexp(*TINY, "quantizer=rtn4", f"hydra.run.dir={tmp_path}", cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+    body = json.loads((tmp_path / "results.json").read_text())
+    assert "accuracy" in body["conditions"]["original"]
+    assert "original_q" in p.stdout and "ref_ppl" in p.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("benchmark.limit=-3", "benchmark.limit=-3"),
+        ("conditions=[foo]", "conditions='foo'"),
+        ("quantizer=gptq5", "gptq5"),
+    ],
+)
+def test_config_error_exit_code_and_message(tmp_path, cache_dir, override, needle):
+    p = qexp(*TINY, override, f"hydra.run.dir={tmp_path}", cache_dir=cache_dir)
+    assert p.returncode != 0
+    assert needle in p.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("qexp", path=os.path.dirname(sys.executable))
+    assert exe is not None
+    p = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "quantizer" in p.stdout

@@ -1,0 +1,73 @@
+"""The embedded SmolLM2-135M-Instruct: conversion, Q4_1 grid, a short real pipeline."""
+
+import json
+
+import pytest
+import torch
+
+from qexp.config import validate
+from qexp.context import RunContext
+from qexp.run import run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def embedded(cache_dir, tmp_path_factory):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "config", overrides=[f"cache_dir={cache_dir}", "logger=none", "progress=false"]
+        )
+    spec = validate(cfg)
+    return spec, RunContext.from_schema(spec.run, tmp_path_factory.mktemp("emb"))
+
+
+def test_converted_checkpoint_is_safetensors_and_reloads(embedded):
+    spec, ctx = embedded
+    out = spec.model.checkpoint_dir(ctx)
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+    lm = spec.model.load(ctx)
+    cfg = lm.model.config
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size) == ("llama", 30, 576)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (9, 3)
+    assert lm.tokenizer.eos_token == "<|im_end|>" and lm.tokenizer.padding_side == "left"
+    assert getattr(cfg, "quantization_config", None) is None
+
+
+def test_weights_sit_on_the_q4_1_grid(embedded):
+    spec, ctx = embedded
+    lm = spec.model.load(ctx)
+    w = lm.model.model.layers[3].self_attn.q_proj.weight.detach().reshape(-1, 32)
+    distinct = torch.tensor([row.unique().numel() for row in w[:512]])
+    assert distinct.max() <= 16
+
+
+def test_short_pipeline_on_the_embedded_model(embedded, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    spec, ctx = embedded
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                f"cache_dir={ctx.cache_dir}",
+                "logger=none",
+                "progress=false",
+                "benchmark.limit=8",
+                "conditions=[original,original_q]",
+            ],
+        )
+    run(cfg, tmp_path)
+    body = json.loads((tmp_path / "results.json").read_text())
+    orig, q = body["conditions"]["original"], body["conditions"]["original_q"]
+    # a real 135M instruct model: fluent English passage perplexity, not random (~49152)
+    assert 5 < orig["ref_ppl"] < 60
+    assert q["ref_ppl"] != orig["ref_ppl"]
+    rows = [json.loads(x) for x in (tmp_path / "generations" / "original.jsonl").open()]
+    assert sum(r["parsed"] is not None for r in rows) >= 6  # it answers with numbers

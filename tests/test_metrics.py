@@ -1,0 +1,71 @@
+"""Metric functions on hand-made strings with known values."""
+
+import math
+
+import pytest
+import torch
+
+from qexp.metrics import (
+    continuation_nll,
+    last_number,
+    max_repeat_n,
+    mean_defined,
+    perplexity,
+    seq_rep_n,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a b c d e f g h i", 1),  # no repeated 3-gram
+        ("a b c a b c a b c", 3),  # one phrase three times
+        ("x a b c a b c a b c a b c", 4),  # offset 1 tiling finds the loop
+        ("10 is 8 is 10 is 10 is 10 is", 1),  # period-2 loop: 3-gram tiles alternate
+        ("go go go go go go", 2),  # tiles (go go go)(go go go)
+        ("a b", None),  # too short for one 3-gram
+    ],
+)
+def test_max_repeat_3(text, expected):
+    assert max_repeat_n(text, 3) == expected
+
+
+def test_seq_rep_4_known_values():
+    assert seq_rep_n("a b c d e", 4) == 0.0  # 2 distinct 4-grams
+    # "a b c d" repeated: 4-grams of a b c d a b c d a b c d -> 9 total, 4 unique
+    assert seq_rep_n("a b c d a b c d a b c d", 4) == pytest.approx(1 - 4 / 9)
+    assert seq_rep_n("same same same same same", 4) == pytest.approx(1 - 1 / 2)
+    assert seq_rep_n("too short", 4) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("5 + 7 = 12 balls. The answer is 12.", 12.0),
+        ("The answer is 1,234.", 1234.0),
+        ("It is -3 degrees", -3.0),
+        ("2.5 kg", 2.5),
+        ("no digits here", None),
+    ],
+)
+def test_last_number(text, expected):
+    assert last_number(text) == expected
+
+
+def test_mean_defined_skips_none():
+    assert mean_defined([1.0, None, 3.0]) == 2.0
+    assert mean_defined([None]) is None
+
+
+def test_perplexity_of_uniform_model_is_vocab_size():
+    class Uniform(torch.nn.Module):
+        device = torch.device("cpu")
+
+        def forward(self, input_ids):
+            return type("O", (), {"logits": torch.zeros(*input_ids.shape, 50)})()
+
+    nll, n = continuation_nll(Uniform(), [1, 2], [3, 4, 5])
+    assert n == 3
+    assert perplexity(nll, n) == pytest.approx(50.0)
+    assert perplexity(0.0, 0) is None
+    assert math.isclose(nll, 3 * math.log(50), rel_tol=1e-6)

@@ -1,0 +1,146 @@
+"""The four conditions end to end on tiny random models; results contract; W&B files."""
+
+import json
+
+import pytest
+import torch
+
+from qexp import CONDITIONS
+from qexp.benchmarks.generation import GenerationSettings, generate
+from qexp.config import validate
+from qexp.context import RunContext
+from qexp.metrics import continuation_nll
+from qexp.run import run
+
+METRICS = {"accuracy", "self_ppl", "ref_ppl", "tokens_per_s", "n_items", "mean_new_tokens"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
+def test_four_conditions_on_tiny_models(make_cfg, tmp_path, arch):
+    results = run(make_cfg(f"model=tiny_{arch}"), tmp_path)
+    body = json.loads((tmp_path / "results.json").read_text())
+    assert body["status"] == "complete"
+    assert set(body["conditions"]) == set(CONDITIONS)
+    for cond in CONDITIONS:
+        m = body["conditions"][cond]
+        assert set(m) >= METRICS, (cond, m)
+        assert m["n_items"] == 4 and 0.0 <= m["accuracy"] <= 1.0
+        assert m["ref_ppl"] > 1.0 and m["self_ppl"] >= 1.0
+        rows = [json.loads(x) for x in (tmp_path / "generations" / f"{cond}.jsonl").open()]
+        assert len(rows) == 4
+        assert {"prompt", "output", "parsed", "gold", "correct"} <= set(rows[0])
+    # attack=none: attacked is the same model as original, so identical generations
+    assert body["conditions"]["attacked"]["ref_ppl"] == body["conditions"]["original"]["ref_ppl"]
+    # rtn4 really changed the weights: reference perplexity moves
+    assert body["conditions"]["original_q"]["ref_ppl"] != body["conditions"]["original"]["ref_ppl"]
+    assert results.status == "complete"
+
+
+def test_results_schema(make_cfg, tmp_path):
+    run(make_cfg("conditions=[original,original_q]"), tmp_path)
+    body = json.loads((tmp_path / "results.json").read_text())
+    assert set(body) == {
+        "config",
+        "provenance",
+        "function_preservation",
+        "conditions",
+        "stage_seconds",
+        "status",
+    }
+    assert set(body["conditions"]) == {"original", "original_q"}
+    assert body["config"]["quantizer"]["bits"] == 4
+    assert body["provenance"]["model_source"] == "tiny:llama"
+    assert {"torch", "transformers", "qexp", "dtype", "device"} <= set(body["provenance"])
+    assert {"load_original", "evaluate_original", "quantize_original"} <= set(body["stage_seconds"])
+    assert not list(tmp_path.glob(".*.tmp")), "temp files left behind"
+
+
+def test_same_config_and_seed_same_generations(make_cfg, tmp_path):
+    cfg = make_cfg("conditions=[original_q]")
+    run(cfg, tmp_path / "a")
+    run(cfg, tmp_path / "b")
+    a = (tmp_path / "a" / "generations" / "original_q.jsonl").read_bytes()
+    assert a == (tmp_path / "b" / "generations" / "original_q.jsonl").read_bytes()
+
+
+def test_failed_run_marks_itself_and_keeps_what_was_written(make_cfg, tmp_path, monkeypatch):
+    from qexp.quantizers import RTN
+
+    def broken(self, model, ctx):
+        raise RuntimeError("quantizer exploded")
+
+    monkeypatch.setattr(RTN, "quantize", broken)
+    with pytest.raises(RuntimeError, match="exploded"):
+        run(make_cfg(), tmp_path)
+    body = json.loads((tmp_path / "results.json").read_text())
+    assert body["status"] == "failed"
+    assert "quantizer exploded" in body["error"]
+    assert "original" in body["conditions"]  # evaluated before the crash, not lost
+
+
+def test_config_error_before_any_output(make_cfg, tmp_path):
+    from qexp.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        run(make_cfg("benchmark.limit=0"), tmp_path)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_wandb_offline_files(make_cfg, tmp_path):
+    pytest.importorskip("wandb")
+    run(make_cfg("logger=wandb", "conditions=[original]"), tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    log = next(runs[0].glob("*.wandb")).read_bytes()  # the offline protobuf record log
+    for key in (b"original/accuracy", b"original/ref_ppl", b"quantizer"):
+        assert key in log, key
+    table = json.loads(next(runs[0].rglob("generations_*.table.json")).read_text())
+    assert len(table["data"]) == 4 and "output" in table["columns"]
+
+
+def test_generation_nll_matches_a_forward_pass(make_cfg, tmp_path):
+    spec = validate(make_cfg())
+    ctx = RunContext.from_schema(spec.run, tmp_path)
+    lm = spec.model.load(ctx)
+    prompts = ["Question: Ann has 3 cats.\nAnswer:", "The mill"]
+    gens, tok_s = generate(
+        lm.model, lm.tokenizer, prompts, GenerationSettings(6, 1), progress=False
+    )
+    assert tok_s > 0
+    for p, g in zip(prompts, gens):
+        ids = lm.tokenizer(p, add_special_tokens=False).input_ids
+        nll, n = continuation_nll(lm.model, ids, g.token_ids)
+        assert n == len(g.token_ids) == 6
+        assert g.nll == pytest.approx(nll, rel=1e-4)
+
+
+def test_batched_generation_equals_batch_one(make_cfg, tmp_path):
+    spec = validate(make_cfg())
+    ctx = RunContext.from_schema(spec.run, tmp_path)
+    lm = spec.model.load(ctx)
+    prompts = ["Question: Ann has 3 cats and 4 dogs.\nAnswer:", "Hi", "The old mill stood"]
+    one, _ = generate(lm.model, lm.tokenizer, prompts, GenerationSettings(5, 1), progress=False)
+    many, _ = generate(lm.model, lm.tokenizer, prompts, GenerationSettings(5, 3), progress=False)
+    assert [g.token_ids for g in one] == [g.token_ids for g in many]
+    assert torch.get_num_threads() >= 1
+
+
+def test_prefix_cache_gives_the_same_tokens(make_cfg, tmp_path):
+    spec = validate(make_cfg())
+    ctx = RunContext.from_schema(spec.run, tmp_path)
+    lm = spec.model.load(ctx)
+    items = spec.benchmark.items()
+    prompts = [spec.benchmark.prompt(it, lm.tokenizer) for it in items]
+    plain, _ = generate(
+        lm.model,
+        lm.tokenizer,
+        prompts,
+        GenerationSettings(6, 3, prefix_cache=False),
+        progress=False,
+    )
+    cached, _ = generate(
+        lm.model, lm.tokenizer, prompts, GenerationSettings(6, 3, prefix_cache=True), progress=False
+    )
+    assert [g.token_ids for g in plain] == [g.token_ids for g in cached]
+    for a, b in zip(plain, cached):
+        assert a.nll == pytest.approx(b.nll, rel=1e-4)

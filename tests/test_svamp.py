@@ -1,0 +1,71 @@
+"""SVAMP loaders (JSON and JSONL), the embedded generated set, prompts."""
+
+import json
+
+import pytest
+
+from qexp.benchmarks.svamp import SVAMP, load_svamp_file
+from qexp.data import svamp_embedded_path
+from qexp.data.svamp_gen import generate
+from qexp.errors import ConfigError
+from qexp.io import read_jsonl
+from tests.conftest import FIXTURES
+
+
+def test_json_list_in_original_release_format():
+    items = load_svamp_file(FIXTURES / "svamp_small.json")
+    assert [i["answer"] for i in items] == [51.0, 2.0]
+    assert items[0]["id"] == "chal-1" and items[0]["question"].startswith("How much")
+
+
+def test_jsonl_with_string_answers_and_blank_lines():
+    items = load_svamp_file(FIXTURES / "svamp_small.jsonl")
+    assert [i["answer"] for i in items] == [7.0, 12.0, 6.0]
+
+
+def test_missing_field_is_a_clear_error():
+    with pytest.raises(ConfigError, match="missing Question"):
+        load_svamp_file(FIXTURES / "svamp_bad.jsonl")
+
+
+def test_path_and_limit_through_the_config(make_cfg):
+    from qexp.config import validate
+
+    spec = validate(
+        make_cfg(f"benchmark.path={FIXTURES / 'svamp_small.jsonl'}", "benchmark.limit=2")
+    )
+    assert spec.benchmark.source == "file"
+    assert [i["answer"] for i in spec.benchmark.items()] == [7.0, 12.0]
+
+
+def test_embedded_set_is_correct_by_construction():
+    rows = read_jsonl(svamp_embedded_path())
+    assert len(rows) == 300
+    assert len({r["ID"] for r in rows}) == 300
+    two_step = 0
+    for r in rows:
+        # SVAMP's Equation field evaluates to the Answer
+        assert eval(r["Equation"], {"__builtins__": {}}) == pytest.approx(r["Answer"])
+        assert r["Answer"] == int(r["Answer"]) and r["Answer"] >= 0
+        two_step += r["Equation"].count("(") == 2
+    assert 50 <= two_step <= 150  # one- and two-operation problems both present
+
+
+def test_embedded_set_regenerates_byte_identical(tmp_path):
+    rows = generate(300, seed=0)
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    assert text == svamp_embedded_path().read_text()
+    assert generate(300, seed=1) != rows
+
+
+def test_prompt_few_shot_and_chat_template_error():
+    b = SVAMP(few_shot=2)
+    item = {"body": "Ann has 3 cats.", "question": "How many cats?"}
+    p = b.prompt(item, tok=None)
+    assert p.count("Question:") == 3 and p.endswith("Ann has 3 cats. How many cats?\nAnswer:")
+
+    class NoTemplate:
+        chat_template = None
+
+    with pytest.raises(ConfigError, match="chat_template"):
+        SVAMP(chat_template=True).prompt(item, NoTemplate())
