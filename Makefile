@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch==2.13.0 resolves to the CPU wheel on this machine; GPU users: install your CUDA
 # build of torch first (or set TORCH_SPEC), pyproject only asks for torch>=2.4.
 TORCH_SPEC ?= torch==2.13.0
-DEMO_ARGS ?= benchmark.limit=64
+DEMO_ARGS ?= attack=encrypt benchmark.limit=48
 
 .PHONY: setup demo test lint bench clean
 export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 1)

@@ -15,10 +15,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from qexp.attacks.preservation import PreservationError, compare, probe_ids, probe_logits
 from qexp.config import Spec, validate
 from qexp.context import RunContext
 from qexp.data import reference_text
+from qexp.io import atomic_write_json
 from qexp.metrics import text_perplexity
+from qexp.models import LoadedModel
 from qexp.results import Results, format_table, provenance
 
 BRANCHES = (("original", "original_q"), ("attacked", "attacked_q"))
@@ -42,6 +45,31 @@ def evaluate(spec: Spec, ctx: RunContext, results: Results, condition: str, load
     spec.logger.log_condition(condition, metrics, bench.records)
 
 
+def attack(spec: Spec, ctx: RunContext, results: Results, loaded: LoadedModel):
+    """A(M); for function-preserving attacks, measure the drift and stop beyond tolerance."""
+    atk = spec.attack
+    measure = getattr(atk, "preserves_function", False) and atk.check_preservation
+    if measure:
+        ids = probe_ids(loaded.tokenizer)
+        before = probe_logits(loaded.model, ids)
+    model = atk.apply(loaded.model, ctx)
+    manifest = getattr(atk, "last_manifest", None)
+    if manifest is not None:
+        atomic_write_json(ctx.run_dir / "attack_manifest.json", manifest)
+    if measure:
+        report = compare(before, probe_logits(model, ids))
+        report["tolerance"] = atk.tolerance
+        results.function_preservation = report
+        results.save()
+        drift = report["max_abs_logit_diff_fp32"]
+        if not drift <= atk.tolerance:
+            raise PreservationError(
+                f"attack={atk.name} changed the function: max |Δlogit| fp32 = {drift:.3g} > "
+                f"attack.tolerance = {atk.tolerance:g} (report in results.json)"
+            )
+    return model
+
+
 def run_pipeline(spec: Spec, ctx: RunContext, results: Results) -> None:
     """Run every requested condition, two branches of (full precision, quantized)."""
     for base, quantized in BRANCHES:
@@ -54,7 +82,7 @@ def run_pipeline(spec: Spec, ctx: RunContext, results: Results) -> None:
         if base == "attacked":
             ctx.seed_everything()
             with stage(results, "attack"):
-                loaded.model = spec.attack.apply(loaded.model, ctx)
+                loaded.model = attack(spec, ctx, results, loaded)
         if base in wanted:
             evaluate(spec, ctx, results, base, loaded)
         if quantized in wanted:

@@ -60,3 +60,26 @@ def test_console_script_is_installed():
     assert exe is not None
     p = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "quantizer" in p.stdout
+
+
+@pytest.mark.parametrize(
+    ("experiment", "n_jobs"),
+    [("encrypt_ablation", 4), ("encrypt_kappa", 6), ("encrypt_eps", 5), ("encrypt_gamma", 5)],
+)
+def test_encrypt_experiments_sweep_on_a_tiny_model(tmp_path, cache_dir, experiment, n_jobs):
+    p = qexp(
+        f"experiment={experiment}",
+        *TINY,
+        "attack.kappa_one_layers=0",
+        "conditions=[original,attacked]",
+        f"hydra.sweep.dir={tmp_path}",
+        cache_dir=cache_dir,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    jobs = sorted(tmp_path.glob("*/results.json"))
+    assert len(jobs) == n_jobs
+    for j in jobs:
+        body = json.loads(j.read_text())
+        assert body["status"] == "complete"
+        assert body["config"]["attack"]["name"] == "encrypt"
+        assert body["function_preservation"]["max_abs_logit_diff_fp32"] < 1e-3

@@ -1,5 +1,6 @@
 """Attacks: each config in conf/attack/ builds one of these."""
 
 from qexp.attacks.base import Attack, NoAttack
+from qexp.attacks.encrypt import Encrypt
 
-__all__ = ["Attack", "NoAttack"]
+__all__ = ["Attack", "Encrypt", "NoAttack"]

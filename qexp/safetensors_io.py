@@ -1,0 +1,169 @@
+"""Streaming safetensors: read one tensor at a time, write a file tensor by tensor.
+
+Plain reads (no mmap), so resident memory stays at about one tensor; untouched tensors are
+copied in chunks without being decoded. The header and tensor order of the input are kept,
+so an unchanged tensor is byte-identical in the output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+CODES = {v: k for k, v in DTYPES.items()}
+CHUNK = 64 << 20
+
+
+class SafetensorsError(ValueError):
+    """A file that is not a well-formed safetensors file."""
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(header, byte offset of the data section)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise SafetensorsError(f"{path}: too short for a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise SafetensorsError(f"{path}: header of {n} bytes is not plausible")
+        try:
+            header = json.loads(f.read(n))
+        except json.JSONDecodeError as e:
+            raise SafetensorsError(f"{path}: header is not JSON ({e})") from None
+    return header, 8 + n
+
+
+def tensor_entries(header: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Tensor entries in data order (metadata excluded)."""
+    items = [(k, v) for k, v in header.items() if k != "__metadata__"]
+    return sorted(items, key=lambda kv: kv[1]["data_offsets"][0])
+
+
+def read_tensor(f: BinaryIO, base: int, entry: dict[str, Any]) -> torch.Tensor:
+    """Decode one tensor from an open file."""
+    if entry["dtype"] not in DTYPES:
+        raise SafetensorsError(f"unsupported dtype {entry['dtype']}")
+    start, end = entry["data_offsets"]
+    f.seek(base + start)
+    buf = bytearray(end - start)
+    if f.readinto(buf) != len(buf):
+        raise SafetensorsError("truncated tensor data")
+    if not buf:
+        return torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
+    return torch.frombuffer(buf, dtype=DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of a file, one at a time."""
+    header, base = read_header(path)
+    with open(path, "rb") as f:
+        for name, entry in tensor_entries(header):
+            yield name, read_tensor(f, base, entry)
+
+
+def write_streaming(
+    dst: Path,
+    entries: list[tuple[str, str, list[int]]],
+    body: Callable[[BinaryIO], None],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Atomically write a safetensors file whose tensor bytes `body(file)` writes in order.
+
+    `entries` are (name, dtype code, shape) in data order; offsets follow from them.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    pos = 0
+    for name, code, shape in entries:
+        size = DTYPES[code].itemsize * math.prod(shape)
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [pos, pos + size]}
+        pos += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            body(out)
+            if out.tell() != 8 + len(blob) + pos:
+                raise SafetensorsError(
+                    f"{dst}: wrote {out.tell()} bytes, header says {8 + len(blob) + pos}"
+                )
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_tensor(out: BinaryIO, t: torch.Tensor) -> None:
+    """Append a tensor's raw bytes."""
+    if t.numel():
+        out.write(memoryview(t.contiguous().view(torch.uint8).numpy()))
+
+
+def stream_transform(
+    src: Path,
+    dst: Path,
+    fn: Callable[[str, torch.Tensor], torch.Tensor | None],
+    wants: Callable[[str], bool],
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write `dst` with the tensors of `src` for which `wants(name)` passed through `fn`.
+
+    `fn` returns a tensor of the same dtype and shape, or None to keep the tensor; other
+    tensors are copied as bytes, in chunks, without being decoded. Returns the number of
+    tensors changed.
+    """
+    header, base = read_header(src)
+    entries = tensor_entries(header)
+    for name, entry in entries:
+        if entry["dtype"] not in DTYPES:
+            raise SafetensorsError(f"{src}: tensor {name} has unsupported dtype {entry['dtype']}")
+    meta = dict(header.get("__metadata__") or {})
+    meta.update(metadata or {})
+    changed = 0
+
+    def body(out: BinaryIO) -> None:
+        nonlocal changed
+        with open(src, "rb") as f:
+            for name, entry in entries:
+                start, end = entry["data_offsets"]
+                new = fn(name, read_tensor(f, base, entry)) if wants(name) else None
+                if new is None:
+                    f.seek(base + start)
+                    left = end - start
+                    while left:
+                        chunk = f.read(min(CHUNK, left))
+                        out.write(chunk)
+                        left -= len(chunk)
+                    continue
+                if new.dtype != DTYPES[entry["dtype"]] or list(new.shape) != entry["shape"]:
+                    raise SafetensorsError(f"transform changed dtype/shape of {name}")
+                write_tensor(out, new)
+                changed += 1
+
+    write_streaming(dst, [(n, e["dtype"], e["shape"]) for n, e in entries], body, meta)
+    return changed

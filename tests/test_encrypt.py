@@ -1,0 +1,269 @@
+"""attack=encrypt: exact preservation (float64) over random tiny architectures, streaming."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from qexp.attacks.adapters import SUPPORTED, geometry
+from qexp.attacks.encrypt import Encrypt, block_size, hadamard
+from qexp.config import validate
+from qexp.encrypt import encrypt_checkpoint, load_attack, main
+from qexp.errors import ConfigError
+from qexp.run import run
+from tests.conftest import ROOT
+
+
+def tiny(arch, heads=4, kv=2, head_dim=16, layers=3, bias=False, seed=0, eps=1e-6):
+    extra = {"attention_bias": True} if bias and arch in ("llama", "mistral") else {}
+    cfg = AutoConfig.for_model(
+        arch,
+        hidden_size=heads * head_dim,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        intermediate_size=96,
+        vocab_size=128,
+        max_position_embeddings=256,
+        rms_norm_eps=eps,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(cfg).double().eval()
+    with torch.no_grad():  # larger weights than the default init, so the test has teeth
+        for p in m.parameters():
+            p.normal_(0, 0.2)
+    return m
+
+
+def logits(m, ids):
+    with torch.no_grad():
+        return m(input_ids=ids).logits
+
+
+def all_mech(**kw):
+    base = dict(
+        mechanisms=["a", "b", "c"],
+        kappa_one_layers=1,
+        kappa_one_min_spacing=1,
+        rho=0.5,
+        spikes=1,
+        group_size=8,
+        mlp=True,
+        b_every=1,
+    )
+    base.update(kw)
+    return Encrypt(**base)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_exact_preservation_float64_random_architectures(seed):
+    rng = np.random.default_rng(seed)
+    arch = SUPPORTED[seed % len(SUPPORTED)]
+    kv = int(rng.choice([1, 2, 4]))
+    heads = kv * int(rng.choice([1, 2, 3]))
+    head_dim = int(rng.choice([32, 64, 128]))
+    group = int(rng.choice([16, 32, 64, 128]))
+    bias = bool(rng.integers(2))
+    # q/k norms (Qwen3) remove the Q/K scale up to the RMSNorm eps; eps=0 makes that exact
+    m = tiny(arch, heads, kv, head_dim, bias=bias, seed=seed, eps=0.0 if arch == "qwen3" else 1e-6)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
+    before = logits(m, ids)
+    atk = all_mech(seed=seed, group_size=group)
+    atk.apply(m, ctx=None)
+    after = logits(m, ids)
+    # transformers computes RMSNorm in float32 even for a float64 model; Q/K scaled into a
+    # q/k norm (Qwen3) therefore meets float32 roundoff, every other path float64 roundoff
+    tol = 1e-6 if arch == "qwen3" else 1e-9
+    assert (after - before).abs().max() < tol * max(1.0, before.abs().max())
+    # ... and the weights really changed
+    assert atk.last_manifest["layers"]["0"]["kappa"] is not None
+
+
+def test_qwen3_with_real_eps_drifts_only_at_eps_level():
+    m = tiny("qwen3", 4, 2, 32, eps=1e-6)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    before = logits(m, ids)
+    all_mech(spike_gamma=[512.0, 512.0]).apply(m, ctx=None)
+    assert (logits(m, ids) - before).abs().max() < 1e-4
+
+
+def test_each_mechanism_changes_the_right_tensors():
+    base = tiny("qwen2", 4, 2, 16, layers=3)
+    for mech, touched in [
+        ("a", {"v_proj", "o_proj"}),
+        ("b", {"v_proj", "o_proj"}),
+        ("c", {"q_proj", "k_proj", "v_proj", "o_proj"}),
+    ]:
+        m = tiny("qwen2", 4, 2, 16, layers=3)
+        Encrypt(mechanisms=[mech], kappa_one_layers=0, rho=1.0, group_size=8, b_every=1).apply(
+            m, None
+        )
+        diff = {
+            n.split(".")[-2]
+            for (n, p), (_, q) in zip(m.named_parameters(), base.named_parameters())
+            if not torch.equal(p, q)
+        }
+        assert diff == touched, (mech, diff)
+
+
+def test_a_conditioning_and_hadamard():
+    h = hadamard(8)
+    assert torch.allclose(h @ h.T, torch.eye(8, dtype=torch.float64))
+    assert block_size(64, 128) == 64 and block_size(64, 32) == 32 and block_size(96, 128) == 32
+    geo = geometry(
+        {
+            "model_type": "llama",
+            "num_hidden_layers": 6,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "hidden_size": 64,
+            "intermediate_size": 32,
+        }
+    )
+    keys = Encrypt(
+        mechanisms=["a"], kappa=[30.0, 30.0], kappa_one_layers=2, kappa_one_min_spacing=3
+    ).plan(geo)
+    ones = [li for li, k in keys.items() if k.kappa == 1.0]
+    assert len(ones) == 2 and ones[1] - ones[0] >= 3
+    g = next(k for k in keys.values() if k.kappa == 30.0).heads[0].g
+    s = torch.linalg.svdvals(g)
+    assert float(s.max() / s.min()) == pytest.approx(30.0, rel=1e-6)
+
+
+def test_needle_counts_and_seed_keys():
+    geo = geometry(
+        {
+            "model_type": "llama",
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+        }
+    )
+    k0 = Encrypt().plan(geo)
+    needles = [g for k in k0.values() for g in k.needles.values()]
+    assert len(needles) == round(0.0625 * 90) + 4
+    assert sum(g >= 256 for g in needles) == 4
+    assert sum(k.eps is not None for k in k0.values()) == 10  # every 3rd of 30 layers
+    k1 = Encrypt(seed=1).plan(geo)
+    assert not torch.equal(k0[5].heads[0].g, k1[5].heads[0].g)
+    k0b = Encrypt().plan(geo)
+    assert torch.equal(k0[5].heads[0].g, k0b[5].heads[0].g)
+
+
+def test_unsupported_architecture_lists_supported():
+    with pytest.raises(ConfigError, match="llama, mistral, qwen2, qwen3"):
+        geometry({"model_type": "gpt2"})
+
+
+def test_bad_schedule_values(make_cfg):
+    for over, key in [
+        ("attack.mechanisms=[d]", "attack.mechanisms"),
+        ("attack.kappa=[5,1]", "attack.kappa"),
+        ("attack.rho=2", "attack.rho"),
+        ("attack.band=[3]", "attack.band"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            validate(make_cfg("attack=encrypt", over))
+        assert e.value.key == key
+
+
+def test_pipeline_reports_preservation(make_cfg, tmp_path):
+    res = run(make_cfg("attack=encrypt", "attack.kappa_one_layers=0", "attack.rho=0.5"), tmp_path)
+    fp = res.function_preservation
+    assert fp["max_abs_logit_diff_fp32"] < 1e-4
+    assert fp["top1_agreement_bf16"] >= 0.95
+    assert {
+        "kl_bf16",
+        "max_abs_logit_diff_bf16",
+        "original_bf16_vs_fp32_max_abs_logit_diff",
+        "tolerance",
+    } <= set(fp)
+    body = json.loads((tmp_path / "results.json").read_text())
+    assert body["function_preservation"] == fp
+    manifest = json.loads((tmp_path / "attack_manifest.json").read_text())
+    assert manifest["attack"]["mechanisms"] == ["a", "b", "c"]
+
+
+def test_pipeline_stops_beyond_tolerance(make_cfg, tmp_path):
+    from qexp.attacks.preservation import PreservationError
+
+    with pytest.raises(PreservationError, match="attack.tolerance"):
+        run(
+            make_cfg("attack=encrypt", "attack.kappa_one_layers=0", "attack.tolerance=1e-12"),
+            tmp_path,
+        )
+    body = json.loads((tmp_path / "results.json").read_text())
+    assert body["status"] == "failed" and "attacked" not in body["conditions"]
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    m = tiny("llama", 4, 2, 16, layers=4).to(torch.bfloat16)
+    src = tmp_path / "src"
+    m.save_pretrained(src, safe_serialization=True, max_shard_size="40KB")
+    return m, src
+
+
+def test_streaming_matches_in_memory_and_loads_in_transformers(checkpoint, tmp_path):
+    m, src = checkpoint
+    assert len(list(src.glob("*.safetensors"))) > 1  # sharded input
+    atk = load_attack(["kappa_one_layers=1", "group_size=8", "mlp=true", "rho=0.5"])
+    encrypt_checkpoint(src, tmp_path / "out", atk, progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    atk.apply(m, None)
+    for (n, p), (_, q) in zip(m.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(p, q), n
+    manifest = json.loads((tmp_path / "out" / "qexp_encrypt_manifest.json").read_text())
+    assert manifest["tensors_changed"] > 0 and manifest["attack"]["seed"] == 0
+
+
+def test_streaming_same_seed_same_bytes_other_seed_other_keys(checkpoint, tmp_path):
+    _, src = checkpoint
+    outs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert (
+            main(
+                [
+                    str(src),
+                    str(tmp_path / name),
+                    f"seed={seed}",
+                    "kappa_one_layers=1",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+        outs[name] = {f.name: f.read_bytes() for f in sorted((tmp_path / name).iterdir())}
+    assert outs["a"] == outs["b"]
+    shard = next(
+        k for k in outs["a"] if k.endswith(".safetensors") and outs["a"][k] != outs["c"][k]
+    )
+    assert shard
+    va = load_file(tmp_path / "a" / shard)
+    vc = load_file(tmp_path / "c" / shard)
+    assert any(not torch.equal(va[k], vc[k]) for k in va)
+
+
+def test_cli_errors(checkpoint, tmp_path):
+    _, src = checkpoint
+    p = subprocess.run(
+        [sys.executable, "-m", "qexp.encrypt", str(src), str(tmp_path / "o"), "rho=3"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert p.returncode == 2 and "attack.rho=3" in p.stderr
+    assert main([str(tmp_path / "missing"), str(tmp_path / "o2")]) == 2
+    (tmp_path / "exists").mkdir()
+    assert main([str(src), str(tmp_path / "exists")]) == 2
