@@ -1,19 +1,20 @@
 """Metric functions on generated text and on model likelihoods.
 
-Text metrics work on whitespace-separated words so they compare across tokenizers:
+Repetition metrics work on a token sequence (the benchmarks pass the model's generated token
+ids, as the reparameterization paper does; tests pass word lists):
 - `max_repeat_3`: the longest run of consecutive identical 3-grams, where the 3-grams tile
-  the text without overlap; the maximum over the three tiling offsets. A text that loops on
-  one 3-word phrase k times scores k; text with no repeated adjacent 3-gram scores 1.
-  (The reparameterization paper's MaxRepeat-N with N = 3.)
+  the sequence without overlap; the maximum over the three tiling offsets. A sequence that
+  loops on one 3-token phrase k times scores k; one with no repeated adjacent 3-gram scores 1.
+  (The paper's MaxRepeat-N with N = 3.)
 - `seq_rep_4`: 1 - unique 4-grams / 4-grams (stride 1), Welleck et al.'s seq-rep-4.
-Both are undefined (None) on texts too short to hold one n-gram; means skip them.
+Both are undefined (None) on sequences too short to hold one n-gram; means skip them.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -21,14 +22,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
-def words(text: str) -> list[str]:
-    """Whitespace tokens of a text."""
-    return text.split()
-
-
-def max_repeat_n(text: str, n: int = 3) -> int | None:
+def max_repeat_n(tokens: Sequence[Hashable], n: int = 3) -> int | None:
     """Longest run of identical consecutive non-overlapping n-grams (best tiling offset)."""
-    w = words(text)
+    w = list(tokens)
     if len(w) < n:
         return None
     best = 1
@@ -41,9 +37,9 @@ def max_repeat_n(text: str, n: int = 3) -> int | None:
     return best
 
 
-def seq_rep_n(text: str, n: int = 4) -> float | None:
-    """1 - |unique n-grams| / |n-grams| over stride-1 word n-grams."""
-    w = words(text)
+def seq_rep_n(tokens: Sequence[Hashable], n: int = 4) -> float | None:
+    """1 - |unique n-grams| / |n-grams| over stride-1 n-grams."""
+    w = list(tokens)
     grams = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
     if not grams:
         return None

@@ -27,15 +27,22 @@ from qexp.metrics import (
     ],
 )
 def test_max_repeat_3(text, expected):
-    assert max_repeat_n(text, 3) == expected
+    assert max_repeat_n(text.split(), 3) == expected
 
 
 def test_seq_rep_4_known_values():
-    assert seq_rep_n("a b c d e", 4) == 0.0  # 2 distinct 4-grams
+    assert seq_rep_n("a b c d e".split(), 4) == 0.0  # 2 distinct 4-grams
     # "a b c d" repeated: 4-grams of a b c d a b c d a b c d -> 9 total, 4 unique
-    assert seq_rep_n("a b c d a b c d a b c d", 4) == pytest.approx(1 - 4 / 9)
-    assert seq_rep_n("same same same same same", 4) == pytest.approx(1 - 1 / 2)
-    assert seq_rep_n("too short", 4) is None
+    assert seq_rep_n("a b c d a b c d a b c d".split(), 4) == pytest.approx(1 - 4 / 9)
+    assert seq_rep_n("same same same same same".split(), 4) == pytest.approx(1 - 1 / 2)
+    assert seq_rep_n(["too", "short"], 4) is None
+
+
+def test_repetition_metrics_on_token_ids():
+    loop = [7, 8, 9] * 5  # a token loop, e.g. "111..." written as repeated digit tokens
+    assert max_repeat_n(loop, 3) == 5
+    assert seq_rep_n(loop, 4) == pytest.approx(1 - 3 / 12)
+    assert max_repeat_n([1] * 9, 3) == 3
 
 
 @pytest.mark.parametrize(

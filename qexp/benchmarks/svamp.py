@@ -237,8 +237,8 @@ class SVAMP(Benchmark):
         metrics = {
             "accuracy": sum(r["correct"] for r in records) / len(records),
             "self_ppl": perplexity(nll, n_tok),
-            "max_repeat_3": mean_defined(max_repeat_n(r["output"], 3) for r in records),
-            "seq_rep_4": mean_defined(seq_rep_n(r["output"], 4) for r in records),
+            "max_repeat_3": mean_defined(max_repeat_n(g.token_ids, 3) for g in gens),
+            "seq_rep_4": mean_defined(seq_rep_n(g.token_ids, 4) for g in gens),
             "tokens_per_s": tok_s,
             "mean_new_tokens": n_tok / len(records),
             "n_items": len(records),
