@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from qexp import CONDITIONS
 from qexp.errors import ConfigError, check, check_choice
+from qexp.similarity import SimilaritySettings
 
 GROUPS = ("model", "attack", "defense", "quantizer", "benchmark", "logger")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -35,6 +36,7 @@ class RunSchema:
     threads: Optional[int] = None
     cache_dir: str = "~/.cache/qexp"
     progress: bool = True
+    similarity: SimilaritySettings = field(default_factory=SimilaritySettings)
 
     def __post_init__(self) -> None:
         check(len(self.conditions) > 0, "conditions", self.conditions, "a non-empty list")

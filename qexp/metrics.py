@@ -84,9 +84,32 @@ def perplexity(nll_sum: float, n_tokens: int) -> float | None:
     return math.exp(nll_sum / n_tokens)
 
 
-def text_perplexity(model: PreTrainedModel, tok: PreTrainedTokenizerBase, text: str) -> float:
-    """Perplexity of a text, each token conditioned on those before it (BOS/EOS prefix)."""
-    ids = tok(text, add_special_tokens=False).input_ids
+@torch.no_grad()
+def token_nll(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    text: str,
+    window: int = 1024,
+    stride: int = 512,
+) -> torch.Tensor:
+    """-log p of every token of `text` (after a BOS/EOS start token), float32 [n_tokens].
+
+    Texts longer than `window` are scored with sliding windows: each window scores only the
+    tokens the previous ones did not, conditioned on up to `window - stride` tokens before.
+    """
+    if not 1 <= stride < window:
+        raise ValueError(f"need 1 <= stride < window, got stride={stride}, window={window}")
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    nll, n = continuation_nll(model, [start], ids)
-    return perplexity(nll, n)
+    ids = [start] + tok(text, add_special_tokens=False).input_ids
+    out = torch.empty(len(ids) - 1)
+    done = 0  # tokens scored so far (targets ids[1:done + 1])
+    while done < len(ids) - 1:
+        end = min(len(ids), window if done == 0 else done + 1 + stride)
+        begin = max(0, end - window)
+        chunk = torch.tensor([ids[begin:end]], device=model.device)
+        logp = torch.log_softmax(model(input_ids=chunk).logits[0, :-1].float(), dim=-1)
+        nll = -logp.gather(1, chunk[0, 1:, None])[:, 0].cpu()
+        new = end - 1 - done
+        out[done : done + new] = nll[-new:]
+        done += new
+    return out

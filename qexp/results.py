@@ -18,8 +18,12 @@ from qexp.io import atomic_write_json, atomic_write_jsonl
 
 TABLE_METRICS = (
     "accuracy",
+    "cos_sim",
+    "bertscore_f1",
+    "retrieval_at_1",
     "self_ppl",
     "ref_ppl",
+    "ppl",
     "max_repeat_3",
     "seq_rep_4",
     "tokens_per_s",

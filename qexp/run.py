@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qexp.attacks.preservation import PreservationError, compare, probe_ids, probe_logits
@@ -20,8 +21,9 @@ from qexp.config import Spec, validate
 from qexp.context import RunContext
 from qexp.data import reference_text
 from qexp.io import atomic_write_json
-from qexp.metrics import text_perplexity
+from qexp.metrics import token_nll
 from qexp.models import LoadedModel
+from qexp.plots import plot_loglik
 from qexp.results import Results, format_table, provenance
 
 BRANCHES = (("original", "original_q"), ("attacked", "attacked_q"))
@@ -35,12 +37,33 @@ def stage(results: Results, name: str):
     results.timed(name, time.perf_counter() - t0)
 
 
-def evaluate(spec: Spec, ctx: RunContext, results: Results, condition: str, loaded) -> None:
-    """Benchmark + reference perplexity of one condition; recorded and logged."""
+def evaluate(
+    spec: Spec,
+    ctx: RunContext,
+    results: Results,
+    condition: str,
+    loaded: LoadedModel,
+    originals: list[dict],
+) -> None:
+    """Benchmark, reference perplexity and similarity to `original` of one condition."""
     with stage(results, f"evaluate_{condition}"):
         bench = spec.benchmark.evaluate(loaded.model, loaded.tokenizer, ctx, condition)
         metrics = dict(bench.metrics)
-        metrics["ref_ppl"] = text_perplexity(loaded.model, loaded.tokenizer, reference_text())
+        nll = token_nll(loaded.model, loaded.tokenizer, reference_text())
+        metrics["ref_ppl"] = float(torch.exp(nll.mean()))
+    atomic_write_json(
+        ctx.run_dir / "loglik" / f"{condition}.json",
+        {"text": "qexp/data/reference.txt", "nll": [round(float(x), 5) for x in nll]},
+    )
+    if condition == "original":
+        originals[:] = bench.records
+    elif originals and bench.records:
+        with stage(results, f"similarity_{condition}"):
+            metrics.update(
+                spec.run.similarity.compare(
+                    [r["output"] for r in bench.records], [r["output"] for r in originals]
+                )
+            )
     results.add(condition, metrics, bench.records)
     spec.logger.log_condition(condition, metrics, bench.records)
 
@@ -72,6 +95,7 @@ def attack(spec: Spec, ctx: RunContext, results: Results, loaded: LoadedModel):
 
 def run_pipeline(spec: Spec, ctx: RunContext, results: Results) -> None:
     """Run every requested condition, two branches of (full precision, quantized)."""
+    originals: list[dict] = []
     for base, quantized in BRANCHES:
         wanted = [c for c in (base, quantized) if c in spec.run.conditions]
         if not wanted:
@@ -84,14 +108,14 @@ def run_pipeline(spec: Spec, ctx: RunContext, results: Results) -> None:
             with stage(results, "attack"):
                 loaded.model = attack(spec, ctx, results, loaded)
         if base in wanted:
-            evaluate(spec, ctx, results, base, loaded)
+            evaluate(spec, ctx, results, base, loaded, originals)
         if quantized in wanted:
             ctx.seed_everything()
             with stage(results, f"defend_{base}"):
                 loaded.model = spec.defense.apply(loaded.model, spec.quantizer, ctx)
             with stage(results, f"quantize_{base}"):
                 loaded.model = spec.quantizer.quantize(loaded.model, ctx)
-            evaluate(spec, ctx, results, quantized, loaded)
+            evaluate(spec, ctx, results, quantized, loaded, originals)
         del loaded
 
 
@@ -106,6 +130,7 @@ def run(cfg: DictConfig, run_dir: Path, job_name: str = "qexp") -> Results:
     status = "failed"
     try:
         run_pipeline(spec, ctx, results)
+        plot_loglik(ctx.run_dir)
         status = "complete"
     except BaseException as e:
         results.error = f"{type(e).__name__}: {e}"

@@ -76,3 +76,21 @@ def test_perplexity_of_uniform_model_is_vocab_size():
     assert perplexity(nll, n) == pytest.approx(50.0)
     assert perplexity(0.0, 0) is None
     assert math.isclose(nll, 3 * math.log(50), rel_tol=1e-6)
+
+
+def test_sliding_window_nll_matches_one_window(make_cfg, tmp_path):
+    from qexp.config import validate
+    from qexp.context import RunContext
+    from qexp.data import reference_text
+    from qexp.metrics import token_nll
+
+    spec = validate(make_cfg())
+    lm = spec.model.load(RunContext.from_schema(spec.run, tmp_path))
+    full = token_nll(lm.model, lm.tokenizer, reference_text(), window=4096)
+    assert full.numel() == len(lm.tokenizer(reference_text(), add_special_tokens=False).input_ids)
+    # windows that see the whole past (stride small enough) give the same numbers
+    slid = token_nll(lm.model, lm.tokenizer, reference_text()[:400], window=64, stride=32)
+    ref = token_nll(lm.model, lm.tokenizer, reference_text()[:400], window=4096)
+    assert slid.shape == ref.shape
+    assert torch.allclose(slid[:63], ref[:63], atol=1e-4)  # first window: identical context
+    assert not torch.allclose(slid, ref, atol=1e-6)  # later tokens see at most 64 tokens

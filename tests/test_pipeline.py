@@ -144,3 +144,28 @@ def test_prefix_cache_gives_the_same_tokens(make_cfg, tmp_path):
     assert [g.token_ids for g in plain] == [g.token_ids for g in cached]
     for a, b in zip(plain, cached):
         assert a.nll == pytest.approx(b.nll, rel=1e-4)
+
+
+def test_ppl_benchmark_and_loglik_curves(make_cfg, tmp_path):
+    from qexp.data import reference_text
+
+    text = tmp_path / "t.txt"
+    text.write_text(reference_text()[:600])
+    cfg = make_cfg(
+        "model=tiny_llama",
+        "logger=none",
+        "progress=false",
+        "benchmark=ppl",
+        f"benchmark.path={text}",
+        "benchmark.window=64",
+        "benchmark.stride=32",
+        "conditions=[original,original_q]",
+        tiny=False,
+    )
+    res = run(cfg, tmp_path / "run")
+    m = res.conditions["original"]
+    assert m["n_tokens"] > 64 and m["ppl"] > 1.0
+    assert res.conditions["original_q"]["ppl"] != m["ppl"]
+    curve = json.loads((tmp_path / "run" / "loglik" / "original.json").read_text())["nll"]
+    assert len(curve) > 100
+    assert (tmp_path / "run" / "loglik.png").stat().st_size > 1000

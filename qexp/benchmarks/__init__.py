@@ -1,6 +1,8 @@
 """Benchmarks: each config in conf/benchmark/ builds one of these."""
 
+from qexp.benchmarks.aime import AIME24
 from qexp.benchmarks.base import Benchmark, BenchResult, NoBenchmark
+from qexp.benchmarks.ppl import Perplexity
 from qexp.benchmarks.svamp import SVAMP
 
-__all__ = ["SVAMP", "BenchResult", "Benchmark", "NoBenchmark"]
+__all__ = ["AIME24", "SVAMP", "Perplexity", "BenchResult", "Benchmark", "NoBenchmark"]

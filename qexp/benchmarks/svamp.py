@@ -10,22 +10,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from qexp.benchmarks.base import Benchmark, BenchResult
-from qexp.benchmarks.generation import GenerationSettings, generate
-from qexp.context import RunContext
+from qexp.benchmarks.generative import GenerativeBenchmark
 from qexp.data import svamp_embedded_path
-from qexp.errors import ConfigError, check, check_choice
+from qexp.errors import ConfigError, check
 from qexp.io import read_jsonl
 from qexp.metrics import (
     last_number,
-    max_repeat_n,
-    mean_defined,
-    perplexity,
-    seq_rep_n,
 )
 
 FIELDS = ("Body", "Question", "Answer")
@@ -120,60 +114,22 @@ def load_svamp_hub(hub_id: str, split: str) -> list[dict]:
 
 
 @dataclass
-class SVAMP(Benchmark):
+class SVAMP(GenerativeBenchmark):
     """Arithmetic word problems; accuracy by last-number match plus degeneration metrics."""
 
     name: str = "svamp"
     source: str = "embedded"
-    path: Optional[str] = None
     hub_id: str = "ChilleD/SVAMP"
-    split: str = "test"
-    limit: Optional[int] = None
     few_shot: int = 4
-    chat_template: bool = False
-    max_new_tokens: int = 128
-    batch_size: int = 8
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    prefix_cache: bool = True
     stop_strings: List[str] = field(default_factory=lambda: ["\n\n", "\nQuestion:"])
 
+    sources = SOURCES
+    max_few_shot = len(EXEMPLARS)
+
     def __post_init__(self) -> None:
-        check_choice("source", self.source, SOURCES)
-        if self.path is not None:
-            check(
-                self.source in ("file", "embedded"),
-                "source",
-                self.source,
-                "file (or leave the default) when benchmark.path is set",
-            )
-            self.source = "file"
-            p = Path(self.path).expanduser()
-            check(p.is_file(), "path", self.path, "an existing .json or .jsonl file")
-            check(p.suffix in (".json", ".jsonl"), "path", self.path, "a .json or .jsonl file")
-        check(
-            self.source != "file" or self.path is not None,
-            "path",
-            self.path,
-            "a file path when benchmark.source=file",
-        )
-        check(
-            self.limit is None or self.limit >= 1,
-            "limit",
-            self.limit,
-            "null (all items) or an integer >= 1",
-        )
-        check(
-            0 <= self.few_shot <= len(EXEMPLARS),
-            "few_shot",
-            self.few_shot,
-            f"an integer in 0..{len(EXEMPLARS)}",
-        )
-        check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
-        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        check(self.temperature > 0, "temperature", self.temperature, "a number > 0")
-        check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        if self.chat_template:  # turns end with the template's own end-of-turn token
+            self.stop_strings = []
+        super().__post_init__()
 
     def items(self) -> list[dict]:
         """The evaluated items, in file order, capped by `limit`."""
@@ -201,46 +157,5 @@ class SVAMP(Benchmark):
         msgs.append({"role": "user", "content": f"{item['body']} {item['question']}"})
         return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
-    def evaluate(
-        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, ctx: RunContext, condition: str
-    ) -> BenchResult:
-        items = self.items()
-        prompts = [self.prompt(it, tok) for it in items]
-        settings = GenerationSettings(
-            self.max_new_tokens,
-            self.batch_size,
-            self.do_sample,
-            self.temperature,
-            self.top_p,
-            ctx.seed,
-            self.prefix_cache,
-        )
-        stops = [] if self.chat_template else self.stop_strings
-        gens, tok_s = generate(
-            model, tok, prompts, settings, stops, ctx.progress, desc=f"{condition}: svamp"
-        )
-        records, nll, n_tok = [], 0.0, 0
-        for it, g in zip(items, gens):
-            pred = last_number(g.text)
-            nll, n_tok = nll + g.nll, n_tok + len(g.token_ids)
-            records.append(
-                {
-                    "id": it["id"],
-                    "prompt": g.prompt,
-                    "output": g.text,
-                    "parsed": pred,
-                    "gold": it["answer"],
-                    "correct": pred is not None and abs(pred - it["answer"]) < 1e-6,
-                    "n_new_tokens": len(g.token_ids),
-                }
-            )
-        metrics = {
-            "accuracy": sum(r["correct"] for r in records) / len(records),
-            "self_ppl": perplexity(nll, n_tok),
-            "max_repeat_3": mean_defined(max_repeat_n(g.token_ids, 3) for g in gens),
-            "seq_rep_4": mean_defined(seq_rep_n(g.token_ids, 4) for g in gens),
-            "tokens_per_s": tok_s,
-            "mean_new_tokens": n_tok / len(records),
-            "n_items": len(records),
-        }
-        return BenchResult({k: v for k, v in metrics.items() if v is not None}, records)
+    def parse(self, text: str) -> float | None:
+        return last_number(text)

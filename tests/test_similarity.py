@@ -1,0 +1,58 @@
+"""Similarity to original: cosine, Retrieval@1 (3x3 toy by hand), BERTScore, pipeline sanity."""
+
+import math
+
+import pytest
+import torch
+
+from qexp.run import run
+from qexp.similarity import SimilaritySettings, cosine_and_retrieval
+
+
+def unit(*v):
+    t = torch.tensor(v, dtype=torch.float32)
+    return t / t.norm()
+
+
+def test_retrieval_3x3_by_hand():
+    refs = torch.stack([unit(1, 0, 0), unit(0, 1, 0), unit(0, 0, 1)])
+    # out0 ~ ref0 (retrieved), out1 closer to ref2 than ref1 (missed), out2 == ref2
+    outs = torch.stack([unit(1, 0.1, 0), unit(0, 0.5, 1), unit(0, 0, 1)])
+    cos, r1 = cosine_and_retrieval(outs, refs)
+    expected_cos = (1 / math.sqrt(1.01) + 0.5 / math.sqrt(1.25) + 1.0) / 3
+    assert cos == pytest.approx(expected_cos, abs=1e-6)
+    assert r1 == pytest.approx(2 / 3)
+
+
+def test_ties_with_the_pair_count_as_retrieved():
+    refs = torch.stack([unit(1, 0), unit(1, 0)])  # two identical originals
+    cos, r1 = cosine_and_retrieval(refs.clone(), refs)
+    assert cos == pytest.approx(1.0) and r1 == 1.0
+
+
+def test_compare_identical_and_different_texts():
+    s = SimilaritySettings()
+    texts = ["5 + 3 = 8 apples. The answer is 8.", "The answer is 12.", ""]
+    same = s.compare(texts, texts)
+    assert same["cos_sim"] == pytest.approx(1.0, abs=1e-5)
+    assert same["retrieval_at_1"] == 1.0
+    assert same["bertscore_f1"] == pytest.approx(1.0, abs=1e-5)
+    assert "MiniLM" in same["bertscore_model"]
+    other = s.compare(["banana bread recipe", "The answer is 12.", "x"], texts)
+    assert other["cos_sim"] < 0.8 and other["bertscore_f1"] < same["bertscore_f1"]
+
+
+def test_pipeline_reports_similarity_to_original(make_cfg, tmp_path):
+    res = run(make_cfg("quantizer=rtn4"), tmp_path)
+    c = res.conditions
+    assert "cos_sim" not in c["original"]
+    # attack=none: attacked is the original model, generations are identical
+    assert c["attacked"]["cos_sim"] == pytest.approx(1.0, abs=1e-5)
+    assert c["attacked"]["retrieval_at_1"] == 1.0
+    for cond in ("original_q", "attacked_q"):
+        assert 0.0 <= c[cond]["retrieval_at_1"] <= 1.0 and -1.0 <= c[cond]["cos_sim"] <= 1.0
+
+
+def test_similarity_absent_without_original(make_cfg, tmp_path):
+    res = run(make_cfg("conditions=[original_q]"), tmp_path)
+    assert "cos_sim" not in res.conditions["original_q"]
