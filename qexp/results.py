@@ -100,7 +100,8 @@ class Results:
 
 def format_table(conditions: dict[str, dict], metrics: tuple[str, ...] = TABLE_METRICS) -> str:
     """Condition × metric table as aligned plain text (`-` where a metric is absent)."""
-    cols = [m for m in metrics if any(m in c for c in conditions.values())]
+    extra = sorted({k for c in conditions.values() for k in c if k.startswith("lm_eval/")})
+    cols = [m for m in (*metrics, *extra) if any(m in c for c in conditions.values())]
 
     def cell(v: Any) -> str:
         if v is None:

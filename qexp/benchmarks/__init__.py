@@ -2,7 +2,8 @@
 
 from qexp.benchmarks.aime import AIME24
 from qexp.benchmarks.base import Benchmark, BenchResult, NoBenchmark
+from qexp.benchmarks.harness import LMEval
 from qexp.benchmarks.ppl import Perplexity
 from qexp.benchmarks.svamp import SVAMP
 
-__all__ = ["AIME24", "SVAMP", "Perplexity", "BenchResult", "Benchmark", "NoBenchmark"]
+__all__ = ["LMEval", "AIME24", "SVAMP", "Perplexity", "BenchResult", "Benchmark", "NoBenchmark"]
