@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+
+from qexp.io import atomic_open
 
 DTYPES = {
     "F64": torch.float64,
@@ -100,22 +100,14 @@ def write_streaming(
         pos += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(struct.pack("<Q", len(blob)))
-            out.write(blob)
-            body(out)
-            if out.tell() != 8 + len(blob) + pos:
-                raise SafetensorsError(
-                    f"{dst}: wrote {out.tell()} bytes, header says {8 + len(blob) + pos}"
-                )
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(dst, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        body(out)
+        if out.tell() != 8 + len(blob) + pos:
+            raise SafetensorsError(
+                f"{dst}: wrote {out.tell()} bytes, header says {8 + len(blob) + pos}"
+            )
 
 
 def write_tensor(out: BinaryIO, t: torch.Tensor) -> None:
