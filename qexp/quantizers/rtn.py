@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from qexp.context import RunContext
 from qexp.errors import check, check_choice
 from qexp.quantizers.base import Quantizer, target_linears
+from qexp.quantizers.intervals import rtn_intervals
 
 
 def rtn_fake_quant(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
@@ -67,3 +68,7 @@ class RTN(Quantizer):
         for _, lin in tqdm(layers, desc=f"{self.name}", disable=not ctx.progress, leave=False):
             lin.weight.copy_(rtn_fake_quant(lin.weight, self.bits, self.group_size, self.symmetric))
         return model
+
+    def intervals(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preserving intervals of a [out, in] weight (in_features a multiple of the group)."""
+        return rtn_intervals(w, self.bits, self.group_size, self.symmetric)
