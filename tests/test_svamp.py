@@ -69,3 +69,13 @@ def test_prompt_few_shot_and_chat_template_error():
 
     with pytest.raises(ConfigError, match="chat_template"):
         SVAMP(chat_template=True).prompt(item, NoTemplate())
+
+
+def test_hub_source_without_datasets_names_the_extra(monkeypatch):
+    import sys
+
+    from qexp.benchmarks.base import hub_dataset
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=r"qexp\[hub\]"):
+        hub_dataset("ChilleD/SVAMP", "test")

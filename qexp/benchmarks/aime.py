@@ -13,6 +13,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from qexp.benchmarks.base import hub_dataset
 from qexp.benchmarks.generative import GenerativeBenchmark
 from qexp.errors import ConfigError
 from qexp.io import read_jsonl
@@ -76,11 +77,7 @@ class AIME24(GenerativeBenchmark):
             rows = json.loads(path.read_text()) if path.suffix == ".json" else read_jsonl(path)
             items = [_item(r, f"{path}[{i}]") for i, r in enumerate(rows)]
         else:
-            try:
-                import datasets
-            except ImportError:
-                raise ConfigError("benchmark.source", "hub", "file, or install qexp[hub]") from None
-            ds = datasets.load_dataset(self.hub_id, split=self.split)
+            ds = hub_dataset(self.hub_id, self.split)
             items = [_item(r, f"{self.hub_id}[{i}]") for i, r in enumerate(ds)]
         return items[: self.limit] if self.limit else items
 

@@ -9,6 +9,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qexp.context import RunContext
+from qexp.errors import ConfigError
 
 
 @dataclass
@@ -41,3 +42,16 @@ class NoBenchmark(Benchmark):
         self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, ctx: RunContext, condition: str
     ) -> BenchResult:
         return BenchResult()
+
+
+def hub_dataset(hub_id: str, split: str, name: str | None = None) -> Any:
+    """A hub dataset split through `datasets` (needs network or a local HF cache)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(
+            "benchmark.source",
+            "hub",
+            "a local source, or install the extra: pip install 'qexp[hub]' (datasets)",
+        ) from None
+    return datasets.load_dataset(hub_id, name, split=split)

@@ -14,6 +14,7 @@ from typing import List
 
 from transformers import PreTrainedTokenizerBase
 
+from qexp.benchmarks.base import hub_dataset
 from qexp.benchmarks.generative import GenerativeBenchmark
 from qexp.data import svamp_embedded_path
 from qexp.errors import ConfigError, check
@@ -101,16 +102,7 @@ def load_svamp_file(path: Path) -> list[dict]:
 
 def load_svamp_hub(hub_id: str, split: str) -> list[dict]:
     """SVAMP items from the hub through `datasets` (needs network or a local HF cache)."""
-    try:
-        import datasets
-    except ImportError:
-        raise ConfigError(
-            "benchmark.source",
-            "hub",
-            "embedded or file, or install qexp[hub] (datasets) for hub data",
-        ) from None
-    ds = datasets.load_dataset(hub_id, split=split)
-    return [_item(r, f"{hub_id}:{split}[{i}]") for i, r in enumerate(ds)]
+    return [_item(r, f"{hub_id}:{split}[{i}]") for i, r in enumerate(hub_dataset(hub_id, split))]
 
 
 @dataclass
