@@ -13,6 +13,7 @@ import importlib.util
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -39,7 +40,13 @@ def package_file(package: str, filename: str) -> Path:
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a file, first 16 hex digits."""
+    """sha256 of a file, first 16 hex digits (memoized per path, size and mtime)."""
+    st = path.stat()
+    return _digest(str(path), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
