@@ -17,19 +17,9 @@ from pathlib import Path
 from qexp.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL = [
-    "none",
-    "rtn4",
-    "rtn8",
-    "bnb_int8",
-    "bnb_nf4",
-    "bnb_fp4",
-    "gguf_q8_0",
-    "gguf_q4_0",
-    "gguf_q4_1",
-    "gguf_q5_0",
-    "gguf_q5_1",
-]
+ALL = ["none"] + sorted(
+    p.stem for p in (ROOT / "conf" / "quantizer").glob("*.yaml") if p.stem != "none"
+)
 
 CHILD = r"""
 import json, resource, sys, time

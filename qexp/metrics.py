@@ -63,20 +63,6 @@ def mean_defined(values: Iterable[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-@torch.no_grad()
-def continuation_nll(
-    model: PreTrainedModel, prefix_ids: Sequence[int], target_ids: Sequence[int]
-) -> tuple[float, int]:
-    """Sum of -log p(target | prefix) over target tokens, and their count."""
-    if not target_ids:
-        return 0.0, 0
-    ids = torch.tensor([list(prefix_ids) + list(target_ids)], device=model.device)
-    logits = model(input_ids=ids).logits[0, len(prefix_ids) - 1 : -1].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    tgt = ids[0, len(prefix_ids) :]
-    return float(-logp.gather(1, tgt[:, None]).sum()), len(target_ids)
-
-
 def perplexity(nll_sum: float, n_tokens: int) -> float | None:
     """exp(mean NLL); None for zero tokens."""
     if n_tokens == 0:

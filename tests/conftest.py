@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from transformers import PreTrainedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -39,3 +42,17 @@ def make_cfg(cache_dir: Path):
             return compose(config_name="config", overrides=ovr)
 
     return _make
+
+
+@torch.no_grad()
+def continuation_nll(  # reference: one plain forward pass
+    model: PreTrainedModel, prefix_ids: Sequence[int], target_ids: Sequence[int]
+) -> tuple[float, int]:
+    """Sum of -log p(target | prefix) over target tokens, and their count."""
+    if not target_ids:
+        return 0.0, 0
+    ids = torch.tensor([list(prefix_ids) + list(target_ids)], device=model.device)
+    logits = model(input_ids=ids).logits[0, len(prefix_ids) - 1 : -1].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    tgt = ids[0, len(prefix_ids) :]
+    return float(-logp.gather(1, tgt[:, None]).sum()), len(target_ids)

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from qexp.metrics import (
-    continuation_nll,
     last_number,
     max_repeat_n,
     mean_defined,
     perplexity,
     seq_rep_n,
 )
+from tests.conftest import continuation_nll
 
 
 @pytest.mark.parametrize(

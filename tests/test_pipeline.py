@@ -10,8 +10,8 @@ from qexp import CONDITIONS
 from qexp.benchmarks.generation import GenerationSettings, generate
 from qexp.config import validate
 from qexp.context import RunContext
-from qexp.metrics import continuation_nll
 from qexp.run import run
+from tests.conftest import continuation_nll
 
 METRICS = {"accuracy", "self_ppl", "ref_ppl", "tokens_per_s", "n_items", "mean_new_tokens"}
 

@@ -11,18 +11,12 @@ from qexp.errors import ConfigError
 from qexp.quantizers import BitsAndBytes, GGUFQuant
 from qexp.quantizers.gguf import gguf_fake_quant
 from qexp.run import run
+from tests.conftest import CONF
 
 pytest.importorskip("bitsandbytes")
-QUANTIZERS = [
-    "bnb_int8",
-    "bnb_nf4",
-    "bnb_fp4",
-    "gguf_q8_0",
-    "gguf_q4_0",
-    "gguf_q4_1",
-    "gguf_q5_0",
-    "gguf_q5_1",
-]
+QUANTIZERS = sorted(
+    p.stem for p in (CONF / "quantizer").glob("*.yaml") if p.stem.startswith(("bnb_", "gguf_"))
+)
 
 
 @pytest.mark.parametrize("q", QUANTIZERS)
