@@ -68,6 +68,8 @@ class Results:
     provenance: dict = field(default_factory=dict)
     function_preservation: dict = field(default_factory=dict)
     conditions: dict[str, dict] = field(default_factory=dict)
+    defense_stats: dict[str, dict] = field(default_factory=dict)
+    quantization: dict[str, dict] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     status: str = "running"
     error: str | None = None
@@ -90,6 +92,8 @@ class Results:
             "provenance": self.provenance,
             "function_preservation": self.function_preservation,
             "conditions": self.conditions,
+            "defense_stats": self.defense_stats,
+            "quantization": self.quantization,
             "stage_seconds": self.stage_seconds,
             "status": self.status,
         }

@@ -113,8 +113,10 @@ def run_pipeline(spec: Spec, ctx: RunContext, results: Results) -> None:
             ctx.seed_everything()
             with stage(results, f"defend_{base}"):
                 loaded.model = spec.defense.apply(loaded.model, spec.quantizer, ctx)
+            results.defense_stats[base] = spec.defense.last_stats
             with stage(results, f"quantize_{base}"):
                 loaded.model = spec.quantizer.quantize(loaded.model, ctx)
+            results.quantization[base] = spec.quantizer.last_info
             evaluate(spec, ctx, results, quantized, loaded, originals)
         del loaded
 

@@ -3,55 +3,25 @@
 import pytest
 import torch
 
-from qexp.quantizers import rtn_fake_quant
-from qexp.quantizers.intervals import (
-    codebook_intervals,
-    gguf_intervals,
-    int8_row_intervals,
-    rtn_intervals,
-)
+from qexp.quantizers import RTN, BitsAndBytes, GGUFQuant
+from qexp.quantizers.intervals import rtn_intervals
 
-bnb_f = pytest.importorskip("bitsandbytes.functional")
-gguf_quants = pytest.importorskip("gguf.quants")
-from gguf import GGMLQuantizationType  # noqa: E402
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("gguf")
 
 
-def rtn_codes(bits, group, symmetric):
-    return lambda w: rtn_fake_quant(w, bits, group, symmetric)
+def rtn(bits, group, symmetric):
+    return RTN(name="rtn", bits=bits, group_size=group, symmetric=symmetric)
 
 
-def int8_codes(w):
-    return bnb_f.int8_vectorwise_quant(w.clone())[0]
-
-
-def fourbit_codes(kind):
-    def f(w):
-        packed, st = bnb_f.quantize_4bit(w.clone(), blocksize=64, quant_type=kind)
-        return torch.cat([packed.reshape(-1).to(torch.float32), st.absmax.reshape(-1)])
-
-    return f
-
-
-def gguf_codes(qtype):
-    t = getattr(GGMLQuantizationType, qtype.upper())
-    return lambda w: torch.from_numpy(gguf_quants.quantize(w.numpy(), t).copy())
-
-
+# Each quantizer's `codes` is the real library's output; `intervals` is qexp's geometry.
 CASES = {
-    "rtn4_asym": (rtn_codes(4, 64, False), lambda w: rtn_intervals(w, 4, 64, False)),
-    "rtn8_sym": (rtn_codes(8, 64, True), lambda w: rtn_intervals(w, 8, 64, True)),
-    "rtn3_asym": (rtn_codes(3, 32, False), lambda w: rtn_intervals(w, 3, 32, False)),
-    "bnb_int8": (int8_codes, int8_row_intervals),
-    "bnb_nf4": (
-        fourbit_codes("nf4"),
-        lambda w: codebook_intervals(w, bnb_f.get_4bit_type("nf4", device="cpu")),
-    ),
-    "bnb_fp4": (
-        fourbit_codes("fp4"),
-        lambda w: codebook_intervals(w, bnb_f.get_4bit_type("fp4", device="cpu")),
-    ),
+    "rtn4_asym": rtn(4, 64, False),
+    "rtn8_sym": rtn(8, 64, True),
+    "rtn3_asym": rtn(3, 32, False),
+    **{f"bnb_{m}": BitsAndBytes(name=f"bnb_{m}", mode=m) for m in ("int8", "nf4", "fp4")},
     **{
-        f"gguf_{q}": (gguf_codes(q), lambda w, q=q: gguf_intervals(w, q))
+        f"gguf_{q}": GGUFQuant(name=f"gguf_{q}", qtype=q)
         for q in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
     },
 }
@@ -60,7 +30,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_inside_keeps_codes_outside_changes_them(case, seed):
-    codes, intervals = CASES[case]
+    q = CASES[case]
+    codes, intervals = q.codes, q.intervals
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(16, 128, generator=g) * 0.05
     lo, hi = intervals(w)

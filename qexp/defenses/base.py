@@ -15,6 +15,8 @@ class Defense(ABC):
     """Transforms a full-precision model before quantization; may read the quantizer."""
 
     name: str
+    # What the last `apply` did (sigmas, fractions changed, ...); goes to results.json.
+    last_stats: dict = {}
 
     @abstractmethod
     def apply(

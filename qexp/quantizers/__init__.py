@@ -1,8 +1,16 @@
 """Quantizers: each config in conf/quantizer/ builds one of these."""
 
-from qexp.quantizers.base import NoQuantizer, Quantizer
+from qexp.quantizers.base import GridQuantizer, NoQuantizer, Quantizer
 from qexp.quantizers.bnb import BitsAndBytes
 from qexp.quantizers.gguf import GGUFQuant
 from qexp.quantizers.rtn import RTN, rtn_fake_quant
 
-__all__ = ["RTN", "BitsAndBytes", "GGUFQuant", "NoQuantizer", "Quantizer", "rtn_fake_quant"]
+__all__ = [
+    "RTN",
+    "BitsAndBytes",
+    "GGUFQuant",
+    "GridQuantizer",
+    "NoQuantizer",
+    "Quantizer",
+    "rtn_fake_quant",
+]

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -16,6 +17,8 @@ class Quantizer(ABC):
     """Quantizes a model; the result is evaluated like any other condition."""
 
     name: str
+    # What the last `quantize` used (calibration source, sizes, library version, ...).
+    last_info: dict = {}
 
     @abstractmethod
     def quantize(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:
@@ -30,6 +33,20 @@ class NoQuantizer(Quantizer):
 
     def quantize(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:
         return model
+
+
+class GridQuantizer(Quantizer):
+    """A quantizer with a deterministic grid: per-weight codes and preserving intervals."""
+
+    skip: list[str]
+
+    @abstractmethod
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """What the real library stores for a [out, in] weight (codes and scales, flattened)."""
+
+    @abstractmethod
+    def intervals(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-weight `[lo, hi]` (float64) inside which `codes(w)` does not change."""
 
 
 def target_linears(model: PreTrainedModel, skip: list[str]) -> Iterator[tuple[str, nn.Linear]]:

@@ -17,14 +17,14 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 
 from qexp.context import RunContext
 from qexp.errors import ConfigError, check_choice
-from qexp.quantizers.base import Quantizer
+from qexp.quantizers.base import GridQuantizer
 from qexp.quantizers.intervals import codebook_intervals, int8_row_intervals
 
 MODES = ("int8", "nf4", "fp4")
 
 
 @dataclass
-class BitsAndBytes(Quantizer):
+class BitsAndBytes(GridQuantizer):
     """LLM.int8 (row absmax / 127) or 4-bit NF4/FP4 (block 64 absmax), weights only."""
 
     name: str = "bnb_nf4"
@@ -71,6 +71,17 @@ class BitsAndBytes(Quantizer):
             )
         q.generation_config = generation_config
         return q.eval()
+
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """bitsandbytes' own quantization of a [out, in] weight: codes, then scales."""
+        import bitsandbytes.functional as F
+
+        x = w.detach().float().cpu().clone()
+        if self.mode == "int8":
+            q, scale, _ = F.int8_vectorwise_quant(x)
+            return torch.cat([q.reshape(-1).float(), scale.reshape(-1).float()])
+        packed, st = F.quantize_4bit(x, blocksize=64, quant_type=self.mode)
+        return torch.cat([packed.reshape(-1).float(), st.absmax.reshape(-1).float()])
 
     def intervals(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Preserving intervals of a [out, in] weight under this mode."""

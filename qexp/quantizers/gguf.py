@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from qexp.context import RunContext
 from qexp.errors import check_choice
-from qexp.quantizers.base import Quantizer, target_linears
+from qexp.quantizers.base import GridQuantizer, target_linears
 from qexp.quantizers.intervals import GGUF_LEVELS, gguf_intervals
 
 
@@ -30,7 +30,7 @@ def gguf_fake_quant(w: torch.Tensor, qtype: str) -> torch.Tensor:
 
 
 @dataclass
-class GGUFQuant(Quantizer):
+class GGUFQuant(GridQuantizer):
     """Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (the `gguf` package has no k-quant quantizer)."""
 
     name: str = "gguf_q4_0"
@@ -51,6 +51,11 @@ class GGUFQuant(Quantizer):
                 )
             lin.weight.copy_(gguf_fake_quant(lin.weight, self.qtype).to(lin.weight.device))
         return model
+
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """The raw GGUF blocks (scales and packed codes) the `gguf` package writes."""
+        t = getattr(GGMLQuantizationType, self.qtype.upper())
+        return torch.from_numpy(gguf_quantize(w.detach().float().cpu().numpy(), t).copy())
 
     def intervals(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Preserving intervals of a [out, in] weight under this block type."""

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from qexp.context import RunContext
 from qexp.errors import check, check_choice
-from qexp.quantizers.base import Quantizer, target_linears
+from qexp.quantizers.base import GridQuantizer, target_linears
 from qexp.quantizers.intervals import rtn_intervals
 
 
@@ -44,7 +44,7 @@ def rtn_fake_quant(w: torch.Tensor, bits: int, group_size: int, symmetric: bool)
 
 
 @dataclass
-class RTN(Quantizer):
+class RTN(GridQuantizer):
     """Round-to-nearest, per group along the input dimension, weights only."""
 
     name: str = "rtn4"
@@ -68,6 +68,10 @@ class RTN(Quantizer):
         for _, lin in tqdm(layers, desc=f"{self.name}", disable=not ctx.progress, leave=False):
             lin.weight.copy_(rtn_fake_quant(lin.weight, self.bits, self.group_size, self.symmetric))
         return model
+
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """The de-quantized weights (one-to-one with the integer codes and group scales)."""
+        return rtn_fake_quant(w, self.bits, self.group_size, self.symmetric)
 
     def intervals(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Preserving intervals of a [out, in] weight (in_features a multiple of the group)."""
