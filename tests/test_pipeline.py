@@ -45,10 +45,13 @@ def test_results_schema(make_cfg, tmp_path):
         "provenance",
         "function_preservation",
         "conditions",
+        "defense_stats",
+        "quantization",
         "stage_seconds",
         "status",
     }
     assert set(body["conditions"]) == {"original", "original_q"}
+    assert body["defense_stats"] == {"original": {}} and set(body["quantization"]) == {"original"}
     assert body["config"]["quantizer"]["bits"] == 4
     assert body["provenance"]["model_source"] == "tiny:llama"
     assert {"torch", "transformers", "qexp", "dtype", "device"} <= set(body["provenance"])
