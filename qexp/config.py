@@ -36,6 +36,7 @@ class RunSchema:
     threads: Optional[int] = None
     cache_dir: str = "~/.cache/qexp"
     progress: bool = True
+    save_quantized: bool = False
     similarity: SimilaritySettings = field(default_factory=SimilaritySettings)
 
     def __post_init__(self) -> None:
@@ -138,4 +139,18 @@ def validate(cfg: DictConfig) -> Spec:
     }
     run = build(RunSchema, top, "")
     plugins = {g: build_plugin(g, cfg[g]) for g in GROUPS}
-    return Spec(run=run, **plugins)
+    spec = Spec(run=run, **plugins)
+    if run.save_quantized:
+        check(
+            getattr(spec.quantizer, "saves_artifact", False),
+            "save_quantized",
+            True,
+            "false with quantizer="
+            + spec.quantizer.name
+            + " (native artifacts: GPTQModel quantizers and bitsandbytes)",
+        )
+    for g in GROUPS:  # checks that involve other groups, e.g. a defense reading the quantizer
+        hook = getattr(plugins[g], "check_spec", None)
+        if hook is not None:
+            hook(spec)
+    return spec

@@ -6,9 +6,11 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from qexp.config import RunSchema
 
@@ -23,6 +25,10 @@ class RunContext:
     cache_dir: Path
     run_dir: Path
     progress: bool = True
+    save_quantized: bool = False
+    # set by the pipeline: the branch being processed and its tokenizer (for calibration)
+    branch: str = "original"
+    tokenizer: Optional[PreTrainedTokenizerBase] = None
 
     @classmethod
     def from_schema(cls, run: RunSchema, run_dir: Path) -> RunContext:
@@ -39,6 +45,7 @@ class RunContext:
             cache_dir=Path(os.path.expanduser(run.cache_dir)),
             run_dir=Path(run_dir),
             progress=run.progress,
+            save_quantized=run.save_quantized,
         )
 
     def seed_everything(self, offset: int = 0) -> torch.Generator:

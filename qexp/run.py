@@ -103,6 +103,7 @@ def run_pipeline(spec: Spec, ctx: RunContext, results: Results) -> None:
         with stage(results, f"load_{base}"):
             loaded = spec.model.load(ctx)
         results.provenance["model_source"] = loaded.source
+        ctx.branch, ctx.tokenizer = base, loaded.tokenizer
         if base == "attacked":
             ctx.seed_everything()
             with stage(results, "attack"):

@@ -3,12 +3,14 @@
 from qexp.quantizers.base import GridQuantizer, NoQuantizer, Quantizer
 from qexp.quantizers.bnb import BitsAndBytes
 from qexp.quantizers.gguf import GGUFQuant
+from qexp.quantizers.gptqmodel import GPTQModelQuant
 from qexp.quantizers.rtn import RTN, rtn_fake_quant
 
 __all__ = [
     "RTN",
     "BitsAndBytes",
     "GGUFQuant",
+    "GPTQModelQuant",
     "GridQuantizer",
     "NoQuantizer",
     "Quantizer",

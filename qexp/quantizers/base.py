@@ -19,6 +19,8 @@ class Quantizer(ABC):
     name: str
     # What the last `quantize` used (calibration source, sizes, library version, ...).
     last_info: dict = {}
+    # whether `save_quantized=true` writes the library's native artifact to quantized/<branch>/
+    saves_artifact: bool = False
 
     @abstractmethod
     def quantize(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:

@@ -32,6 +32,7 @@ class BitsAndBytes(GridQuantizer):
     double_quant: bool = False
     compute_dtype: str = "float32"
     skip: List[str] = field(default_factory=lambda: ["lm_head"])
+    saves_artifact = True
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, MODES)
@@ -70,6 +71,12 @@ class BitsAndBytes(GridQuantizer):
                 use_safetensors=True,
             )
         q.generation_config = generation_config
+        if ctx.save_quantized:
+            out = ctx.run_dir / "quantized" / ctx.branch
+            q.save_pretrained(out, safe_serialization=True)
+            if ctx.tokenizer is not None:
+                ctx.tokenizer.save_pretrained(out)
+            self.last_info = {"artifact": str(out.relative_to(ctx.run_dir))}
         return q.eval()
 
     def codes(self, w: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,231 @@
+"""GPTQ, AWQ and GGUF k-quants through GPTQModel (the maintained successor of auto-gptq).
+
+The model (with its tokenizer) is written to a temporary safetensors checkpoint, loaded by
+`GPTQModel.load` with the quantization config, and quantized on the calibration sequences
+(qexp/quantizers/calib.py). Every quantized module's weight is then read back with the
+library's own `dequantize_weight()` into the full-precision model, so evaluation runs in the
+run's dtype. Each module is checked on the way: the library's own CPU kernel applied to a
+probe input must match the de-quantized fp32 weights (relative error below `kernel_tol`,
+recorded), so the evaluated model is the one the library would run.
+
+On CPU GPTQModel needs `GPTQMODEL_CPU_WORKERS` (set to this job's cores) and computes in
+bf16; `TORCHDYNAMO_DISABLE=1` avoids a ~1 min compile on the first forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import io
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from transformers import PreTrainedModel
+
+from qexp.context import RunContext, available_cores
+from qexp.errors import ConfigError, check, check_choice
+from qexp.io import atomic_write_text
+from qexp.quantizers.base import Quantizer
+from qexp.quantizers.calib import Calibration
+
+METHODS = ("gptq", "awq", "gguf")
+GGUF_KQUANTS = ("q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+EXTRA = "pip install 'qexp[gptq]' (GPTQModel 7.6)"
+
+
+def _env() -> None:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(available_cores()))
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+
+@dataclass
+class GPTQModelQuant(Quantizer):
+    """`method=gptq|awq` (bits, group, sym, act-order, damp) or `method=gguf` (k-quant type)."""
+
+    name: str = "gptq4"
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    damp: float = 0.01
+    gguf_type: Optional[str] = None
+    calib: str = "self"
+    calib_path: Optional[str] = None
+    calib_dataset: Optional[str] = None
+    calib_samples: int = 16
+    calib_seq_len: int = 128
+    batch_size: int = 4
+    kernel_tol: float = 0.02
+    skip: List[str] = field(default_factory=lambda: ["lm_head"])
+    saves_artifact = True
+
+    def __post_init__(self) -> None:
+        check_choice("method", self.method, METHODS)
+        if self.method == "gguf":
+            check_choice("gguf_type", self.gguf_type, GGUF_KQUANTS)
+        else:
+            check_choice("bits", self.bits, (2, 3, 4, 8))
+            check(
+                self.group_size == -1 or self.group_size in (32, 64, 128, 256),
+                "group_size",
+                self.group_size,
+                "-1 (per output channel) or one of 32, 64, 128, 256",
+            )
+            check(0.0 < self.damp < 1.0, "damp", self.damp, "a fraction in (0, 1)")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check(self.kernel_tol > 0, "kernel_tol", self.kernel_tol, "a number > 0")
+        check(
+            self.skip == ["lm_head"],
+            "skip",
+            self.skip,
+            "[lm_head] (GPTQModel quantizes every decoder linear and never lm_head here)",
+        )
+        self.calibration.validate("")
+        if importlib.util.find_spec("gptqmodel") is None:
+            raise ConfigError("quantizer", self.name, f"another quantizer, or install: {EXTRA}")
+
+    @property
+    def calibration(self) -> Calibration:
+        """The calibration settings as one object."""
+        return Calibration(
+            self.calib, self.calib_path, self.calib_dataset, self.calib_samples, self.calib_seq_len
+        )
+
+    def library_config(self):
+        """The GPTQModel quantization config."""
+        _env()
+        from gptqmodel import QuantizeConfig
+        from gptqmodel.quantization.config import FORMAT, METHOD, GGUFConfig
+
+        if self.method == "gguf":
+            return GGUFConfig(bits=self.gguf_type)
+        kw = dict(bits=self.bits, group_size=self.group_size, sym=self.sym)
+        if self.method == "awq":
+            return QuantizeConfig(quant_method=METHOD.AWQ, format=FORMAT.GEMM, **kw)
+        return QuantizeConfig(desc_act=self.desc_act, damp_percent=self.damp, **kw)
+
+    @torch.no_grad()
+    def quantize(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:
+        if ctx.tokenizer is None:
+            raise ValueError("GPTQModel quantization needs the run's tokenizer (ctx.tokenizer)")
+        _env()
+        seqs = self.calibration.sequences(model, ctx.tokenizer, ctx.seed)
+        calib = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in seqs]
+        ctx.cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=ctx.cache_dir, prefix=".gptqmodel-") as tmp:
+            src, dst = Path(tmp) / "fp", Path(tmp) / "quantized"
+            model.save_pretrained(src, safe_serialization=True)
+            ctx.tokenizer.save_pretrained(src)
+            with self._library_log(ctx.run_dir / "logs" / f"gptqmodel_{ctx.branch}.log"):
+                from gptqmodel import BACKEND, GPTQModel
+
+                kernel = {
+                    "gptq": BACKEND.TORCH,
+                    "awq": BACKEND.AWQ_TORCH,
+                    "gguf": BACKEND.GGUF_TORCH,
+                }[self.method]
+                qm = GPTQModel.load(str(src), self.library_config(), device="cpu", backend=kernel)
+                qm.quantize(calib, batch_size=self.batch_size, backend=kernel)
+                qm.save(str(dst))
+                del qm
+                # the saved artifact, loaded as a user would, with the library's CPU kernel
+                qm = GPTQModel.load(str(dst), device="cpu", backend=kernel)
+            checks = self._read_back(qm.model, model)
+            del qm
+            if ctx.save_quantized:
+                out = ctx.run_dir / "quantized" / ctx.branch
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.copytree(dst, out)
+        self.last_info = {
+            "library": f"gptqmodel {importlib.metadata.version('gptqmodel')}",
+            "method": self.method,
+            "calibration": self.calibration.describe(),
+            "modules": len(checks),
+            "kernel_vs_dequant_max_rel_err": max(checks.values()),
+        }
+        if ctx.save_quantized:
+            self.last_info["artifact"] = str(Path("quantized") / ctx.branch)
+        return model
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _library_log(path: Path):
+        """Send GPTQModel's very verbose console output to a file in the run dir."""
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                yield
+        finally:
+            atomic_write_text(path, log.getvalue())
+
+    def _read_back(self, qmodel: torch.nn.Module, model: PreTrainedModel) -> dict[str, float]:
+        """Copy the quantized model into `model`: de-quantized weights, each checked against
+        the library's kernel, and every other parameter (AWQ rescales the norms before it)."""
+        errs: dict[str, float] = {}
+        g = torch.Generator().manual_seed(0)
+        quantized = set()
+        for name, mod in qmodel.named_modules():
+            w = _dequantized(mod)
+            if w is None:
+                continue
+            quantized.add(name)
+            lin = model.get_submodule(name)
+            x = torch.randn(4, lin.in_features, generator=g)
+            y_lib = mod(x.to(_dtype(mod))).float().reshape(4, -1)
+            bias = None if getattr(mod, "bias", None) is None else mod.bias.float()
+            scored = []
+            for cand in (w, w.T):
+                if cand.shape == lin.weight.shape:
+                    y = torch.nn.functional.linear(x, cand, bias)
+                    scored.append((float((y - y_lib).norm() / y_lib.norm().clamp_min(1e-12)), cand))
+            if not scored:
+                raise RuntimeError(f"{name}: de-quantized shape {tuple(w.shape)} does not fit")
+            rel, best = min(scored, key=lambda t: t[0])
+            if not rel <= self.kernel_tol:
+                raise RuntimeError(
+                    f"{name}: the de-quantized weight does not reproduce "
+                    f"GPTQModel's kernel (relative error {rel:.3g} > kernel_tol "
+                    f"{self.kernel_tol}); refusing to evaluate a different model"
+                )
+            lin.weight.copy_(best.to(lin.weight.dtype))
+            if bias is not None:
+                lin.bias.copy_(bias)
+            errs[name] = rel
+        if not errs:
+            raise RuntimeError("GPTQModel quantized no module; nothing to evaluate")
+        own = dict(model.named_parameters())
+        for name, p in qmodel.named_parameters():
+            if name.rpartition(".")[0] not in quantized and name in own:
+                own[name].copy_(p.to(own[name].dtype))
+        return errs
+
+
+def _dequantized(mod: torch.nn.Module) -> Optional[torch.Tensor]:
+    """The float weight a GPTQModel quantized linear computes with, or None for others."""
+    if hasattr(mod, "dequantize_weight"):
+        return mod.dequantize_weight().float()
+    if hasattr(mod, "qweight") and hasattr(mod, "qzeros") and type(mod).__name__.startswith("Awq"):
+        from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+
+        return dequantize_gemm(
+            qweight=mod.qweight,
+            qzeros=mod.qzeros,
+            scales=mod.scales,
+            bits=mod.bits,
+            group_size=mod.group_size,
+        ).float()
+    return None
+
+
+def _dtype(mod: torch.nn.Module) -> torch.dtype:
+    for t in mod.buffers():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float16
