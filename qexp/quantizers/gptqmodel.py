@@ -157,7 +157,11 @@ class GPTQModelQuant(Quantizer):
     @staticmethod
     @contextlib.contextmanager
     def _library_log(path: Path):
-        """Send GPTQModel's very verbose console output to a file in the run dir."""
+        """Send GPTQModel's very verbose console output, and the per-processor log files it
+        writes to `./logs/` by default, into the run dir's logs/."""
+        from gptqmodel.looper import loop_processor
+
+        loop_processor._PROJECT_LOG_DIR = path.parent  # private, 7.6: a cwd-relative Path
         log = io.StringIO()
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
