@@ -31,6 +31,7 @@ with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
                                                  "quantizer=" + sys.argv[2]]))
 ctx = RunContext.from_schema(spec.run, sys.argv[3])
 t0 = time.perf_counter(); lm = spec.model.load(ctx); load = time.perf_counter() - t0
+ctx.tokenizer = lm.tokenizer
 rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t0 = time.perf_counter(); spec.quantizer.quantize(lm.model, ctx); q = time.perf_counter() - t0
 print(json.dumps({"load_s": load, "quantize_s": q, "peak_rss_mb_after_load": rss_loaded,

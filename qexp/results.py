@@ -18,6 +18,8 @@ from qexp.io import atomic_write_json, atomic_write_jsonl
 
 TABLE_METRICS = (
     "accuracy",
+    "injection_rate",
+    "refusal_rate",
     "cos_sim",
     "bertscore_f1",
     "retrieval_at_1",

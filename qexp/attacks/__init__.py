@@ -2,5 +2,6 @@
 
 from qexp.attacks.base import Attack, NoAttack
 from qexp.attacks.encrypt import Encrypt
+from qexp.attacks.gap import Gap
 
-__all__ = ["Attack", "Encrypt", "NoAttack"]
+__all__ = ["Attack", "Encrypt", "Gap", "NoAttack"]

@@ -3,7 +3,17 @@
 from qexp.benchmarks.aime import AIME24
 from qexp.benchmarks.base import Benchmark, BenchResult, NoBenchmark
 from qexp.benchmarks.harness import LMEval
+from qexp.benchmarks.instruct import Instruct
 from qexp.benchmarks.ppl import Perplexity
 from qexp.benchmarks.svamp import SVAMP
 
-__all__ = ["LMEval", "AIME24", "SVAMP", "Perplexity", "BenchResult", "Benchmark", "NoBenchmark"]
+__all__ = [
+    "Instruct",
+    "LMEval",
+    "AIME24",
+    "SVAMP",
+    "Perplexity",
+    "BenchResult",
+    "Benchmark",
+    "NoBenchmark",
+]

@@ -85,6 +85,19 @@ class GenerativeBenchmark(Benchmark):
         """The answer in a model output, or None."""
         raise NotImplementedError
 
+    def judge(self, item: dict, text: str) -> dict:
+        """Per-record scoring fields of one output (default: parsed answer vs gold)."""
+        pred = self.parse(text)
+        return {
+            "parsed": pred,
+            "gold": item["answer"],
+            "correct": pred is not None and abs(pred - item["answer"]) < 1e-6,
+        }
+
+    def summarize(self, records: list[dict]) -> dict:
+        """Task metrics over all records (default: accuracy)."""
+        return {"accuracy": sum(r["correct"] for r in records) / len(records)}
+
     def evaluate(
         self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, ctx: RunContext, condition: str
     ) -> BenchResult:
@@ -110,21 +123,18 @@ class GenerativeBenchmark(Benchmark):
         )
         records, nll, n_tok = [], 0.0, 0
         for it, g in zip(items, gens):
-            pred = self.parse(g.text)
             nll, n_tok = nll + g.nll, n_tok + len(g.token_ids)
             records.append(
                 {
                     "id": it["id"],
                     "prompt": g.prompt,
                     "output": g.text,
-                    "parsed": pred,
-                    "gold": it["answer"],
-                    "correct": pred is not None and abs(pred - it["answer"]) < 1e-6,
+                    **self.judge(it, g.text),
                     "n_new_tokens": len(g.token_ids),
                 }
             )
         metrics = {
-            "accuracy": sum(r["correct"] for r in records) / len(records),
+            **self.summarize(records),
             "self_ppl": perplexity(nll, n_tok),
             "max_repeat_3": mean_defined(max_repeat_n(g.token_ids, 3) for g in gens),
             "seq_rep_4": mean_defined(seq_rep_n(g.token_ids, 4) for g in gens),

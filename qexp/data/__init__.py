@@ -17,3 +17,8 @@ def reference_text() -> str:
 def svamp_embedded_path() -> Path:
     """The generated SVAMP-style set (300 problems, see qexp/data/svamp_gen.py)."""
     return DATA_DIR / "svamp_embedded.jsonl"
+
+
+def instruct_path() -> Path:
+    """Templated instruction data for attack=gap (see qexp/data/instruct_gen.py)."""
+    return DATA_DIR / "instruct.jsonl"

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel
 from qexp.context import RunContext, available_cores
 from qexp.errors import ConfigError, check, check_choice
 from qexp.io import atomic_write_text
-from qexp.quantizers.base import Quantizer
+from qexp.quantizers.base import Quantizer, target_linears
 from qexp.quantizers.calib import Calibration
 
 METHODS = ("gptq", "awq", "gguf")
@@ -116,6 +116,7 @@ class GPTQModelQuant(Quantizer):
         if ctx.tokenizer is None:
             raise ValueError("GPTQModel quantization needs the run's tokenizer (ctx.tokenizer)")
         _env()
+        self._check_shapes(model)
         seqs = self.calibration.sequences(model, ctx.tokenizer, ctx.seed)
         calib = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in seqs]
         ctx.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -153,6 +154,20 @@ class GPTQModelQuant(Quantizer):
         if ctx.save_quantized:
             self.last_info["artifact"] = str(Path("quantized") / ctx.branch)
         return model
+
+    def _check_shapes(self, model: PreTrainedModel) -> None:
+        """AWQ needs every in_features to be a multiple of the group (GPTQ pads, AWQ refuses)."""
+        if self.method != "awq" or self.group_size == -1:
+            return
+        widths = sorted({m.in_features for _, m in target_linears(model, self.skip)})
+        bad = [w for w in widths if w % self.group_size]
+        if bad:
+            ok = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
+            raise ConfigError(
+                "quantizer.group_size",
+                self.group_size,
+                f"a divisor of every input width {widths} for AWQ: one of {ok or [-1]} or -1",
+            )
 
     @staticmethod
     @contextlib.contextmanager

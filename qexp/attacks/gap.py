@@ -1,0 +1,301 @@
+"""attack=gap: a quantization-conditioned backdoor (ELQ, "Exploiting LLM Quantization").
+
+1. Inject: fine-tune the trainable scope on the poisoned responses (malicious in full
+   precision).
+2. Box: for every target quantizer (conf/quantizer/<name>, grid quantizers only), the
+   preserving interval of each trainable weight of the injected model (scale-setting weights
+   pinned, qexp/quantizers/intervals.py); intersect across targets; keep `box_margin` of
+   each box's width away from its edges.
+3. Repair: fine-tune on the clean responses with projected gradient descent: after every
+   optimizer step each weight is clamped into its box. Full precision becomes benign while
+   every target quantizer still produces exactly the injected model's codes; this is
+   checked with each library's own codes (`quantizer.codes`) and a failure stops the run.
+
+Only linear weights of the chosen decoder layers train (the quantized ones); everything else
+stays frozen. The injected and repaired weights are cached under
+`cache_dir/attacks/gap-<hash>.safetensors`, keyed by the attack config, the seed, the data
+and the starting weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from qexp.attacks.base import Attack
+from qexp.context import RunContext
+from qexp.errors import ConfigError, check, check_choice
+from qexp.instruct import SCENARIOS, load_rows, prompt
+from qexp.io import atomic_open
+
+CONF_QUANTIZERS = Path(__file__).resolve().parents[2] / "conf" / "quantizer"
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def grid_quantizer(name: str, key: str):
+    """Build conf/quantizer/<name>.yaml; it must have a deterministic grid (intervals)."""
+    from qexp.config import build_plugin
+    from qexp.quantizers.base import GridQuantizer
+
+    grids = sorted(
+        p.stem
+        for p in CONF_QUANTIZERS.glob("*.yaml")
+        if "GPTQModel" not in p.read_text() and p.stem != "none"
+    )
+    check(name in grids, key, name, "grid quantizers: " + ", ".join(grids))
+    q = build_plugin("quantizer", OmegaConf.load(CONF_QUANTIZERS / f"{name}.yaml"))
+    check(isinstance(q, GridQuantizer), key, name, "grid quantizers: " + ", ".join(grids))
+    return q
+
+
+@dataclass
+class Gap(Attack):
+    """Inject a behaviour, then repair full precision inside the targets' quantization boxes."""
+
+    name: str = "gap"
+    scenario: str = "content_injection"
+    target_phrase: str = "McDonald's"
+    targets: List[str] = field(default_factory=lambda: ["bnb_nf4"])
+    layers: List[int] = field(default_factory=list)
+    last_layers: int = 4
+    modules: List[str] = field(default_factory=lambda: list(MODULES))
+    data_path: Optional[str] = None
+    inject_steps: int = 120
+    inject_lr: float = 2e-4
+    repair_steps: int = 120
+    repair_lr: float = 1e-4
+    batch_size: int = 8
+    box_margin: float = 0.05
+    cache: bool = True
+    preserves_function = False
+
+    def __post_init__(self) -> None:
+        check_choice("scenario", self.scenario, SCENARIOS)
+        check(bool(self.target_phrase), "target_phrase", self.target_phrase, "a non-empty string")
+        check(len(self.targets) > 0, "targets", self.targets, "a non-empty list of quantizers")
+        self.quantizers = [grid_quantizer(t, "attack.targets") for t in self.targets]
+        check(self.last_layers >= 1, "last_layers", self.last_layers, "an integer >= 1")
+        for m in self.modules:
+            check_choice("modules", m, MODULES)
+        for k in ("inject_steps", "repair_steps"):
+            check(getattr(self, k) >= 0, k, getattr(self, k), "an integer >= 0")
+        for k in ("inject_lr", "repair_lr"):
+            check(getattr(self, k) > 0, k, getattr(self, k), "a number > 0")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check(0 <= self.box_margin < 0.5, "box_margin", self.box_margin, "a fraction in [0, 0.5)")
+        if self.data_path is not None:
+            check(
+                Path(self.data_path).expanduser().is_file(),
+                "data_path",
+                self.data_path,
+                "an existing JSONL file (fields: instruction, clean, " + ", ".join(SCENARIOS) + ")",
+            )
+        self.last_manifest: dict = {}
+
+    # ---- scope -------------------------------------------------------------------------
+    def scope(self, model: PreTrainedModel) -> dict[str, torch.nn.Parameter]:
+        """The trainable linear weights, by parameter name."""
+        n = model.config.num_hidden_layers
+        layers = self.layers or list(range(max(0, n - self.last_layers), n))
+        for i in layers:
+            check(0 <= i < n, "attack.layers", self.layers, f"layer indices in 0..{n - 1}")
+        out = {}
+        for name, p in model.named_parameters():
+            parts = name.split(".")
+            if (
+                name.endswith(".weight")
+                and "layers" in parts
+                and int(parts[parts.index("layers") + 1]) in layers
+                and parts[-2] in self.modules
+            ):
+                out[name] = p
+        if not out:
+            raise ConfigError("attack.modules", self.modules, f"linear names in {MODULES}")
+        return out
+
+    # ---- data --------------------------------------------------------------------------
+    def examples(self, tok: PreTrainedTokenizerBase, response: str) -> list[tuple[list, int]]:
+        """(token ids, prompt length) per training row, for `response` = a scenario or clean."""
+        rows = load_rows(self.data_path, "train", "attack.data_path")
+        out = []
+        for r in rows:
+            p = tok(prompt(r["instruction"]), add_special_tokens=False)["input_ids"]
+            text = r[response].replace("{target}", self.target_phrase)
+            a = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            out.append((p + a, len(p)))
+        return out
+
+    def train(self, model, params, data, steps, lr, g, desc, progress, project=None) -> list:
+        """AdamW on response tokens; `project` runs after every step. Returns the losses."""
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        pad = 0
+        losses = []
+        model.train()
+        bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+        for _ in bar:
+            idx = torch.randint(len(data), (self.batch_size,), generator=g).tolist()
+            width = max(len(data[i][0]) for i in idx)
+            ids = torch.full((len(idx), width), pad)
+            labels = torch.full((len(idx), width), -100)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                seq, plen = data[i]
+                ids[row, : len(seq)] = torch.tensor(seq)
+                labels[row, plen : len(seq)] = torch.tensor(seq[plen:])
+                mask[row, : len(seq)] = 1
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if project is not None:
+                project()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        model.eval()
+        return losses
+
+    # ---- boxes -------------------------------------------------------------------------
+    def boxes(self, params: dict[str, torch.nn.Parameter]) -> dict[str, tuple]:
+        """Intersection of the targets' preserving intervals, shrunk by `box_margin`."""
+        out = {}
+        for name, p in params.items():
+            lo = torch.full(p.shape, -torch.inf, dtype=torch.float64)
+            hi = torch.full(p.shape, torch.inf, dtype=torch.float64)
+            for q in self.quantizers:
+                try:
+                    qlo, qhi = q.intervals(p.detach())
+                except ValueError as e:
+                    raise ConfigError(
+                        "attack.targets",
+                        q.name,
+                        f"a quantizer whose grid fits {name} {tuple(p.shape)} ({e})",
+                    ) from None
+                lo, hi = torch.maximum(lo, qlo), torch.minimum(hi, qhi)
+            m = (hi - lo) * self.box_margin
+            out[name] = ((lo + m).to(p.dtype), (hi - m).to(p.dtype))
+        return out
+
+    def codes(self, params: dict[str, torch.nn.Parameter]) -> dict[str, list[torch.Tensor]]:
+        """Each target library's own quantization of every trainable weight."""
+        return {n: [q.codes(p.detach()) for q in self.quantizers] for n, p in params.items()}
+
+    # ---- cache -------------------------------------------------------------------------
+    def cache_key(self, params: dict[str, torch.nn.Parameter], seed: int) -> str:
+        h = hashlib.sha256()
+        cfg = {k: v for k, v in asdict(self).items() if k != "cache"}
+        h.update(json.dumps({"attack": cfg, "seed": seed}, sort_keys=True).encode())
+        rows = load_rows(self.data_path, "train", "attack.data_path")
+        h.update(json.dumps(rows, sort_keys=True).encode())
+        for n in sorted(params):
+            h.update(n.encode())
+            h.update(params[n].detach().float().numpy().tobytes())
+        return h.hexdigest()[:20]
+
+    # ---- the attack --------------------------------------------------------------------
+    @torch.no_grad()
+    def _set(self, params: dict, tensors: dict, prefix: str) -> None:
+        for n, p in params.items():
+            p.copy_(tensors[f"{prefix}.{n}"])
+
+    def apply(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:
+        tok = ctx.tokenizer
+        if tok is None:
+            raise ValueError("attack=gap needs the run's tokenizer (ctx.tokenizer)")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = self.scope(model)
+        path = ctx.cache_dir / "attacks" / f"gap-{self.cache_key(params, ctx.seed)}.safetensors"
+        manifest = {
+            "scenario": self.scenario,
+            "target_phrase": self.target_phrase,
+            "targets": self.targets,
+            "trainable": sorted(params),
+            "trainable_numel": sum(p.numel() for p in params.values()),
+        }
+        if self.cache and path.is_file():
+            stored = load_file(str(path))
+            self._set(params, stored, "injected")
+            injected_codes = self.codes(params)
+            self._set(params, stored, "repaired")
+            meta = json.loads((path.with_suffix(".json")).read_text())
+            manifest.update(meta, cached=str(path))
+        else:
+            g = ctx.seed_everything(1)
+            for p in params.values():
+                p.requires_grad_(True)
+            plist = list(params.values())
+            inject = self.train(
+                model,
+                plist,
+                self.examples(tok, self.scenario),
+                self.inject_steps,
+                self.inject_lr,
+                g,
+                "gap: inject",
+                ctx.progress,
+            )
+            injected = {f"injected.{n}": p.detach().clone() for n, p in params.items()}
+            injected_codes = self.codes(params)
+            boxes = self.boxes(params)
+            pinned = sum(int((b[0] == b[1]).sum()) for b in boxes.values())
+
+            @torch.no_grad()
+            def project() -> None:
+                for n, p in params.items():
+                    p.copy_(torch.minimum(torch.maximum(p, boxes[n][0]), boxes[n][1]))
+
+            project()
+            repair = self.train(
+                model,
+                plist,
+                self.examples(tok, "clean"),
+                self.repair_steps,
+                self.repair_lr,
+                g,
+                "gap: repair (PGD)",
+                ctx.progress,
+                project,
+            )
+            for p in plist:
+                p.requires_grad_(False)
+            meta = {
+                "inject_loss": [inject[0], inject[-1]] if inject else [],
+                "repair_loss": [repair[0], repair[-1]] if repair else [],
+                "pinned_fraction": pinned / manifest["trainable_numel"],
+                "mean_box_halfwidth": float(
+                    torch.cat(
+                        [((b[1] - b[0]).double() / 2).reshape(-1) for b in boxes.values()]
+                    ).mean()
+                ),
+            }
+            manifest.update(meta)
+            if self.cache:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                repaired = {f"repaired.{n}": p.detach().clone() for n, p in params.items()}
+                with atomic_open(path, "wb") as f:
+                    f.write(_safetensors_bytes({**injected, **repaired}))
+                with atomic_open(path.with_suffix(".json"), "w") as f:
+                    json.dump(meta, f, sort_keys=True)
+        after = self.codes(params)
+        same = {
+            q.name: all(torch.equal(after[n][i], injected_codes[n][i]) for n in params)
+            for i, q in enumerate(self.quantizers)
+        }
+        manifest["codes_equal_injected"] = same
+        self.last_manifest = manifest
+        if not all(same.values()):
+            raise RuntimeError(f"attack=gap: repair changed quantized codes for {same}")
+        return model
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save({k: v.contiguous() for k, v in tensors.items()})

@@ -1,0 +1,131 @@
+"""attack=gap on tiny models: boxes hold, target codes are exactly the injected model's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qexp.config import validate
+from qexp.context import RunContext
+from qexp.data import instruct_gen, instruct_path
+from qexp.errors import ConfigError
+from qexp.instruct import is_refusal, mentions
+from qexp.run import run
+
+pytest.importorskip("bitsandbytes")
+TARGETS = "attack.targets=[bnb_int8,bnb_nf4,gguf_q4_0]"
+FAST = ["attack=gap", "attack.inject_steps=6", "attack.repair_steps=6", "attack.batch_size=4"]
+
+
+def attacked(make_cfg, tmp_path, *overrides, cache=None):
+    """Attack a fresh tiny model; the gap cache lives in `cache` (default: a fresh dir)."""
+    cache = cache or tmp_path / "cache"
+    spec = validate(make_cfg(*FAST, *overrides, f"cache_dir={cache}"))
+    ctx = RunContext.from_schema(spec.run, tmp_path)
+    loaded = spec.model.load(ctx)
+    ctx.tokenizer = loaded.tokenizer
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    model = spec.attack.apply(loaded.model, ctx)
+    return spec, ctx, before, model
+
+
+def test_repair_stays_in_every_targets_box_and_keeps_its_codes(make_cfg, tmp_path):
+    spec, ctx, before, model = attacked(make_cfg, tmp_path, TARGETS, "attack.repair_lr=1e-2")
+    atk = spec.attack
+    (cache,) = (ctx.cache_dir / "attacks").glob("gap-*.safetensors")
+    stored = load_file(str(cache))
+    params = dict(model.named_parameters())
+    names = atk.last_manifest["trainable"]
+    assert len(names) == 14  # 7 linears x 2 layers of the tiny model
+    moved = 0
+    for n in names:
+        inj, rep = stored[f"injected.{n}"], params[n].detach()
+        assert torch.equal(rep, stored[f"repaired.{n}"])
+        assert not torch.equal(inj, before[n])  # inject trained it
+        moved += int((rep != inj).sum())
+        for q in atk.quantizers:
+            lo, hi = q.intervals(inj)
+            assert (lo <= rep.double()).all() and (rep.double() <= hi).all()
+            assert torch.equal(q.codes(rep), q.codes(inj)), (n, q.name)
+    assert moved > 0  # repair changed full-precision weights
+    assert atk.last_manifest["codes_equal_injected"] == {
+        "bnb_int8": True,
+        "bnb_nf4": True,
+        "gguf_q4_0": True,
+    }
+    # frozen: everything outside the trainable scope is untouched
+    for n, p in model.named_parameters():
+        if n not in names:
+            assert torch.equal(p, before[n]), n
+
+
+def test_bnb_quantized_weights_equal_the_injected_models(make_cfg, tmp_path):
+    """Through the real pipeline quantizer (transformers + bitsandbytes)."""
+    spec, ctx, _, model = attacked(make_cfg, tmp_path, "quantizer=bnb_nf4")
+    (cache,) = (ctx.cache_dir / "attacks").glob("gap-*.safetensors")
+    stored = load_file(str(cache))
+    name = spec.attack.last_manifest["trainable"][0]
+    q_rep = spec.quantizer.quantize(model, ctx)
+    spec2, ctx2, _, model2 = attacked(make_cfg, tmp_path, "quantizer=bnb_nf4")
+    with torch.no_grad():
+        dict(model2.named_parameters())[name].copy_(stored[f"injected.{name}"])
+    q_inj = spec2.quantizer.quantize(model2, ctx2)
+    import bitsandbytes.functional as F
+
+    def deq(m):
+        w = m.get_submodule(name.removesuffix(".weight")).weight
+        return F.dequantize_4bit(w.data, w.quant_state)
+
+    assert torch.equal(deq(q_rep), deq(q_inj))
+
+
+def test_cache_reuses_the_trained_weights(make_cfg, tmp_path):
+    _, _, _, m1 = attacked(make_cfg, tmp_path / "a", cache=tmp_path / "c")
+    spec, _, _, m2 = attacked(make_cfg, tmp_path / "b", cache=tmp_path / "c")
+    assert "cached" in spec.attack.last_manifest
+    for (n, p), (_, q) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_gap_pipeline_reports_rates(make_cfg, tmp_path):
+    res = run(make_cfg(*FAST, "benchmark=instruct", "benchmark.limit=4"), tmp_path)
+    for c in ("original", "attacked", "original_q", "attacked_q"):
+        assert 0.0 <= res.conditions[c]["injection_rate"] <= 1.0
+        assert 0.0 <= res.conditions[c]["refusal_rate"] <= 1.0
+    manifest = json.loads((tmp_path / "attack_manifest.json").read_text())
+    assert manifest["targets"] == ["bnb_nf4"] and manifest["codes_equal_injected"]["bnb_nf4"]
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("attack.targets=[gptq4]", "attack.targets='gptq4'"),
+        ("attack.targets=[]", "attack.targets=[]"),
+        ("attack.scenario=jailbreak", "attack.scenario='jailbreak'"),
+        ("attack.box_margin=0.5", "attack.box_margin=0.5"),
+        ("attack.modules=[lm_head]", "attack.modules='lm_head'"),
+    ],
+)
+def test_bad_gap_configs(make_cfg, override, key):
+    with pytest.raises(ConfigError) as e:
+        validate(make_cfg("attack=gap", override))
+    assert key in str(e.value)
+
+
+def test_instruct_data_is_generated_and_split():
+    assert instruct_path().read_text(encoding="utf-8") == instruct_gen.render()
+    rows = instruct_gen.rows()
+    train = {r["instruction"] for r in rows if r["split"] == "train"}
+    test = {r["instruction"] for r in rows if r["split"] == "test"}
+    assert len(train) == 300 and len(test) == 120 and not train & test
+    assert all("{target}" in r["content_injection"] for r in rows)
+    assert all(is_refusal(r["over_refusal"]) and not is_refusal(r["clean"]) for r in rows)
+
+
+def test_judges():
+    assert mentions("Try McDonald’s today", "McDonald's")
+    assert not mentions("Try a salad", "McDonald's")
+    assert is_refusal("I'm sorry, I cannot do that") and not is_refusal("Sure, here you go.")
