@@ -65,3 +65,13 @@ def test_half_width_law_for_uniform_positions():
     noisy = w.double() + torch.randn(w.shape, generator=g, dtype=torch.float64) * h
     flipped = ((noisy < lo) | (noisy > hi))[ok].double().mean()
     assert 0.35 < float(flipped) < 0.43
+
+
+def test_error_box_spans_weight_and_dequantized_value():
+    from qexp.quantizers.intervals import error_box
+
+    w = torch.tensor([[0.5, -0.2, 0.0]])
+    w_hat = torch.tensor([[0.4, -0.1, 0.0]])
+    lo, hi = error_box(w, w_hat)
+    assert torch.equal(lo, torch.tensor([[0.4, -0.2, 0.0]]).double())
+    assert torch.equal(hi, torch.tensor([[0.5, -0.1, 0.0]]).double())

@@ -140,3 +140,15 @@ def gguf_intervals(w: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Ten
             f"no intervals for GGUF type {qtype!r}; legacy types: " + ", ".join(GGUF_LEVELS)
         )
     return _finish(x, lo, hi, pinned, w.shape)
+
+
+def error_box(w: torch.Tensor, w_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The error box [min(w, ŵ), max(w, ŵ)] of a data-dependent quantizer (GPTQ, AWQ).
+
+    GPTQ/AWQ have no exact preserving interval (error feedback and activation scaling make
+    each code depend on the other weights and the calibration data); the gap-attack
+    literature constrains weights to the segment between the original and its de-quantized
+    value instead (DESIGN §5). No guarantee that codes are preserved inside it.
+    """
+    a, b = w.detach().double(), w_hat.detach().double()
+    return torch.minimum(a, b), torch.maximum(a, b)
