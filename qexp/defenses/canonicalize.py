@@ -1,0 +1,153 @@
+"""defense=canonicalize: undo function-preserving reparameterizations before quantization.
+
+Every transform `attack=encrypt` uses lives in a symmetry of the architecture; this defense
+maps each symmetry orbit to one canonical, balanced representative, exactly (float64), so
+whatever key was applied, the result is the same model up to rounding:
+
+- `vo`: per kv-head g with query heads h ∈ group(g), the product Σ = [W_o[:, C_h]]_h · W_v[R_g]
+  (rank d) is invariant under W_v[R_g] ← A W_v[R_g], W_o[:, C_h] ← W_o[:, C_h] A⁻¹. With
+  QR factors O = Q_o R_o, W_vᵀ = Q_v R_v and the SVD R_o R_vᵀ = U S Wᵀ, the balanced factors
+  are O' = Q_o U S^½, W_v' = S^½ (Q_v W)ᵀ, i.e. A = S^½ Wᵀ R_v⁻ᵀ (v biases follow A).
+  This removes mechanisms A and B and the V/O needles of C.
+- `qk`: per kv-head, one scalar c (commutes with RoPE) so that the query rows' Frobenius
+  norm per query head equals the key rows' norm: removes the Q/K needles of C. Skipped for
+  architectures with q/k norms (Qwen3), where the scale is already normalised away.
+- `mlp`: per intermediate channel i, W_up[i] ← c_i W_up[i], W_down[:, i] ← W_down[:, i]/c_i
+  with ‖W_up[i]‖ = ‖W_down[:, i]‖ afterwards (SwiGLU is linear in `up`): removes the
+  optional MLP variant of A.
+
+Function preservation is measured like encrypt's (probe logits before/after; fp32 max
+|Δlogit| must stay within `tolerance`) and reported in `defense_stats`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from qexp.attacks.adapters import geometry
+from qexp.attacks.preservation import PreservationError, compare, probe_ids, probe_logits
+from qexp.context import RunContext
+from qexp.defenses.base import Defense
+from qexp.errors import check, check_choice
+from qexp.quantizers.base import Quantizer
+
+PARTS = ("vo", "qk", "mlp")
+
+
+def balance_vo(wv: torch.Tensor, wo_heads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and A⁻¹ that balance one kv-head: W_v [d, in] and its query heads' W_o [out, d]."""
+    o = torch.cat(wo_heads, dim=0)  # [rep * out, d]
+    q_o, r_o = torch.linalg.qr(o)
+    q_v, r_v = torch.linalg.qr(wv.T)  # wv.T = q_v r_v
+    u, s, wt = torch.linalg.svd(r_o @ r_v.T)
+    left = q_o @ u  # M's left singular vectors: fix each sign basis-independently
+    sign = torch.sign(left[left.abs().argmax(0), torch.arange(left.shape[1])])
+    wt = wt * sign[:, None]
+    half = s.sqrt()
+    a = (half[:, None] * wt) @ torch.linalg.inv(r_v.T)
+    a_inv = r_v.T @ (wt.T / half[None, :])
+    return a, a_inv
+
+
+@dataclass
+class Canonicalize(Defense):
+    """Map V/O, Q/K and MLP symmetries to balanced representatives (exact in float64)."""
+
+    name: str = "canonicalize"
+    parts: List[str] = field(default_factory=lambda: list(PARTS))
+    tolerance: float = 1e-2
+    check_preservation: bool = True
+
+    def __post_init__(self) -> None:
+        check(len(self.parts) > 0, "parts", self.parts, "a non-empty subset of vo, qk, mlp")
+        for p in self.parts:
+            check_choice("parts", p, PARTS)
+        check(self.tolerance > 0, "tolerance", self.tolerance, "a number > 0")
+
+    @torch.no_grad()
+    def apply(
+        self, model: PreTrainedModel, quantizer: Quantizer, ctx: RunContext
+    ) -> PreTrainedModel:
+        geo = geometry(model.config)
+        if self.check_preservation and ctx.tokenizer is not None:
+            ids = probe_ids(ctx.tokenizer)
+            before = probe_logits(model, ids)
+        stats = {"parts": list(self.parts), "layers": geo.num_layers}
+        layers = model.model.layers
+        cond = []
+        for layer in tqdm(layers, desc="canonicalize", disable=not ctx.progress, leave=False):
+            attn, mlp = layer.self_attn, layer.mlp
+            if "vo" in self.parts:
+                cond += self._vo(attn, geo)
+            if "qk" in self.parts and not geo.qk_norm:
+                self._qk(attn, geo)
+            if "mlp" in self.parts:
+                self._mlp(mlp)
+        if cond:
+            stats["vo_max_condition_of_A"] = max(cond)
+        if "qk" in self.parts and geo.qk_norm:
+            stats["qk"] = "skipped: q/k norms remove per-head scales"
+        if self.check_preservation and ctx.tokenizer is not None:
+            report = compare(before, probe_logits(model, ids))
+            report["tolerance"] = self.tolerance
+            stats["function_preservation"] = report
+            drift = report["max_abs_logit_diff_fp32"]
+            if not drift <= self.tolerance:
+                raise PreservationError(
+                    f"defense=canonicalize changed the function: max |Δlogit| fp32 = "
+                    f"{drift:.3g} > defense.tolerance = {self.tolerance:g}"
+                )
+        self.last_stats = stats
+        return model
+
+    def _vo(self, attn: torch.nn.Module, geo) -> list[float]:
+        d, rep = geo.head_dim, geo.group
+        wv = attn.v_proj.weight.double()
+        wo = attn.o_proj.weight.double()
+        bv = attn.v_proj.bias.double() if attn.v_proj.bias is not None else None
+        new_v, new_o = wv.clone(), wo.clone()
+        new_b = bv.clone() if bv is not None else None
+        conds = []
+        for g in range(geo.num_kv_heads):
+            rows = slice(g * d, (g + 1) * d)
+            heads = range(g * rep, (g + 1) * rep)
+            a, a_inv = balance_vo(wv[rows], [wo[:, h * d : (h + 1) * d] for h in heads])
+            conds.append(float(torch.linalg.cond(a)))
+            new_v[rows] = a @ wv[rows]
+            if new_b is not None:
+                new_b[rows] = a @ bv[rows]
+            for h in heads:
+                new_o[:, h * d : (h + 1) * d] = wo[:, h * d : (h + 1) * d] @ a_inv
+        attn.v_proj.weight.copy_(new_v.to(attn.v_proj.weight.dtype))
+        attn.o_proj.weight.copy_(new_o.to(attn.o_proj.weight.dtype))
+        if new_b is not None:
+            attn.v_proj.bias.copy_(new_b.to(attn.v_proj.bias.dtype))
+        return conds
+
+    def _qk(self, attn: torch.nn.Module, geo) -> None:
+        d, rep = geo.head_dim, geo.group
+        wq, wk = attn.q_proj.weight.double(), attn.k_proj.weight.double()
+        cq = torch.ones(wq.shape[0], dtype=torch.float64)
+        ck = torch.ones(wk.shape[0], dtype=torch.float64)
+        for g in range(geo.num_kv_heads):
+            q_rows = slice(g * rep * d, (g + 1) * rep * d)
+            k_rows = slice(g * d, (g + 1) * d)
+            nq = wq[q_rows].norm() / rep**0.5
+            nk = wk[k_rows].norm()
+            c = (nq / nk).sqrt()
+            cq[q_rows], ck[k_rows] = 1.0 / c, c
+        for lin, scale in ((attn.q_proj, cq), (attn.k_proj, ck)):
+            lin.weight.copy_((lin.weight.double() * scale[:, None]).to(lin.weight.dtype))
+            if lin.bias is not None:
+                lin.bias.copy_((lin.bias.double() * scale).to(lin.bias.dtype))
+
+    def _mlp(self, mlp: torch.nn.Module) -> None:
+        up, down = mlp.up_proj.weight.double(), mlp.down_proj.weight.double()
+        c = (down.norm(dim=0) / up.norm(dim=1)).sqrt()
+        mlp.up_proj.weight.copy_((up * c[:, None]).to(mlp.up_proj.weight.dtype))
+        mlp.down_proj.weight.copy_((down / c[None, :]).to(mlp.down_proj.weight.dtype))

@@ -1,0 +1,84 @@
+"""defense=canonicalize: exact in float64, and it maps encrypted weights back to one form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qexp.attacks import Encrypt
+from qexp.config import validate
+from qexp.context import RunContext
+from qexp.defenses.canonicalize import Canonicalize
+from qexp.quantizers import NoQuantizer
+
+
+def loaded(make_cfg, tmp_path, *overrides):
+    spec = validate(make_cfg(*overrides))
+    ctx = RunContext.from_schema(spec.run, tmp_path)
+    lm = spec.model.load(ctx)
+    ctx.tokenizer = lm.tokenizer
+    return ctx, lm
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen2", "tiny_mistral", "tiny_qwen3"])
+def test_function_preserved_in_float64(make_cfg, tmp_path, arch):
+    ctx, lm = loaded(make_cfg, tmp_path, f"model={arch}", "+model.init_std=0.2")
+    model = lm.model.double()
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        Encrypt(
+            mechanisms=["a", "b", "c"], mlp=True, rho=0.5, spikes=1, kappa_one_layers=0, b_every=1
+        ).apply(model, ctx)
+        mid = model(input_ids=ids).logits
+        Canonicalize(check_preservation=False).apply(model, NoQuantizer(), ctx)
+        after = model(input_ids=ids).logits
+    # encrypt is exact up to the RMSNorm epsilon on Qwen3's q/k norms; canonicalize is exact
+    assert float((mid - before).abs().max()) < (1e-4 if arch == "tiny_qwen3" else 1e-8)
+    assert float((after - mid).abs().max()) < 1e-8
+
+
+def per_head_absmax(model, d):
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        a = layer.self_attn
+        out[(i, "v")] = a.v_proj.weight.reshape(-1, d, a.v_proj.weight.shape[1]).abs().amax((1, 2))
+        out[(i, "o")] = a.o_proj.weight.reshape(a.o_proj.weight.shape[0], -1, d).abs().amax((0, 2))
+        out[(i, "q")] = a.q_proj.weight.reshape(-1, d, a.q_proj.weight.shape[1]).abs().amax((1, 2))
+        out[(i, "up")] = layer.mlp.up_proj.weight.abs().amax()
+    return out
+
+
+def test_encrypted_and_original_canonicalize_to_the_same_ranges(make_cfg, tmp_path):
+    ctx, a = loaded(make_cfg, tmp_path)
+    _, b = loaded(make_cfg, tmp_path)
+    d = a.model.config.head_dim
+    enc = Encrypt(
+        mechanisms=["a", "b", "c"],
+        mlp=True,
+        rho=0.5,
+        spikes=1,
+        kappa=[30.0, 30.0],
+        kappa_one_layers=0,
+        b_every=1,
+    )
+    enc.apply(b.model, ctx)
+    raw_orig, raw_enc = per_head_absmax(a.model, d), per_head_absmax(b.model, d)
+    for m in (a.model, b.model):
+        Canonicalize().apply(m, NoQuantizer(), ctx)
+    can_orig, can_enc = per_head_absmax(a.model, d), per_head_absmax(b.model, d)
+    worst_raw = max(float((raw_enc[k] / raw_orig[k]).log().abs().max()) for k in raw_orig)
+    worst_can = max(float((can_enc[k] / can_orig[k]).log().abs().max()) for k in can_orig)
+    assert worst_raw > 1.0  # encryption moved some head's range by > e×
+    assert worst_can < 0.01  # canonical forms agree within 1%
+    with torch.no_grad():  # and so do the weights themselves
+        for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+            assert torch.allclose(p, q, atol=1e-4, rtol=1e-3), n
+
+
+def test_fp32_preservation_is_reported(make_cfg, tmp_path):
+    ctx, lm = loaded(make_cfg, tmp_path)
+    d = Canonicalize()
+    d.apply(lm.model, NoQuantizer(), ctx)
+    fp = d.last_stats["function_preservation"]
+    assert fp["max_abs_logit_diff_fp32"] < 1e-3 and fp["tolerance"] == 1e-2
