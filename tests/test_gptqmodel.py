@@ -98,7 +98,9 @@ def test_calibration_files(make_cfg, tmp_path):
     ids = tok(txt.read_text(), add_special_tokens=False)["input_ids"]
     assert seqs == [ids[i * 16 : (i + 1) * 16] for i in range(4)]
     jl = tmp_path / "c.jsonl"
-    jl.write_text("\n".join(json.dumps({"text": "Some calibration text here. " * 10}) for _ in range(5)))
+    jl.write_text(
+        "\n".join(json.dumps({"text": "Some calibration text here. " * 10}) for _ in range(5))
+    )
     assert len(Calibration("file", str(jl), samples=5, seq_len=8).sequences(None, tok, 0)) == 5
     with pytest.raises(ConfigError, match="quantizer.calib_samples=99"):
         Calibration("file", str(jl), samples=99, seq_len=64).sequences(None, tok, 0)
