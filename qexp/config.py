@@ -147,7 +147,7 @@ def validate(cfg: DictConfig) -> Spec:
             True,
             "false with quantizer="
             + spec.quantizer.name
-            + " (native artifacts: GPTQModel quantizers and bitsandbytes)",
+            + " (native artifacts: GPTQModel, llm-compressor and bitsandbytes quantizers)",
         )
     for g in GROUPS:  # checks that involve other groups, e.g. a defense reading the quantizer
         hook = getattr(plugins[g], "check_spec", None)

@@ -1,5 +1,8 @@
 """Defenses: each config in conf/defense/ builds one of these."""
 
 from qexp.defenses.base import Defense, NoDefense
+from qexp.defenses.canonicalize import Canonicalize
+from qexp.defenses.launder import Launder
+from qexp.defenses.noise import Noise
 
-__all__ = ["Defense", "NoDefense"]
+__all__ = ["Canonicalize", "Defense", "Launder", "NoDefense", "Noise"]

@@ -38,11 +38,19 @@ def _in_range(x, lo, hi, rmin, rmax):
 def rtn_intervals(
     w: torch.Tensor, bits: int, group_size: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Intervals of qexp's RTN (groups along the input dimension of a [out, in] weight)."""
+    """Intervals of qexp's RTN (groups along the input dimension of a [out, in] weight).
+
+    A last group shorter than `group_size` has its own scale, as in `rtn_fake_quant`.
+    """
     out_f, in_f = w.shape
     g = in_f if group_size == -1 else group_size
-    if in_f % g:
-        raise ValueError(f"in_features={in_f} is not a multiple of group_size={g}")
+    full = (in_f // g) * g
+    if full != in_f:
+        tail = rtn_intervals(w[:, full:], bits, -1, symmetric)
+        if not full:
+            return tail
+        head = rtn_intervals(w[:, :full], bits, g, symmetric)
+        return torch.cat([head[0], tail[0]], 1), torch.cat([head[1], tail[1]], 1)
     x = w.detach().double().reshape(out_f, in_f // g, g)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1

@@ -1,0 +1,573 @@
+"""defense=noise: Gaussian noise before quantization, σ fixed or from the quantizer's geometry.
+
+Variants of the interval-calibrated noise paper and ELQ's noise defense, one plugin:
+
+- `sigma=fixed` (σ = 1e-3, ELQ's heuristic) or `sigma=<number>`: that σ for every tensor.
+- `sigma=global`: σ̂ = `global_stat` (default median) over tensors of h_ℓ.
+- `sigma=per_layer`: σ_ℓ = h_ℓ for each quantized weight tensor.
+
+h_ℓ is the `stat` (p25 / p50 / p75, default median) of the half-widths h = (hi - lo) / 2 of
+the configured quantizer's preserving intervals (`GridQuantizer.intervals`, DESIGN §5) over
+the tensor's *non-pinned* weights (hi > lo; the pinned ones set a block's scale). Percentiles
+interpolate linearly (numpy's default), so the median of an even count is the mean of the
+two middle values. Only the weights the quantizer quantizes (its linear layers minus `skip`)
+have an h_ℓ; with `scope=all` every other float parameter gets σ̂ (or the fixed σ).
+
+Noise is drawn in float32 on the CPU from the generator of `ctx.seed_everything()`, tensor
+by tensor in module order, added in float32 and stored in the parameter's dtype.
+
+What the noise did, measured with the real library (`last_stats`, on the full tensors): for
+every quantized weight tensor the per-weight integer codes read from `quantizer.codes(w)`
+before and after the noise (`weight_codes`), and `fraction_changed`, the fraction of
+non-pinned weights (pinned: lo == hi on the clean weights) whose code changed. A changed
+block scale alone (same code, slightly different value) does not count; a code that moves
+because the noise on a scale-setting weight moved the grid does. Recorded next to it:
+`fraction_changed_intervals` (the interval route: the noisy weight left its clean [lo, hi],
+which ignores grid moves) and `theory_uniform` (mean over weights of
+`expected_flip_fraction(σ / h_i)`, the closed form for weights placed uniformly inside their
+intervals). For a grid quantizer whose `codes` layout qexp does not know, `fraction_changed`
+falls back to the interval route; `fraction_changed_method` says which was used.
+
+Diagnostics in the run dir (the original branch; `_<branch>` suffix for another):
+`noise_halfwidths.png` (histogram of h_ℓ, σ̂ marked) and `noise_scurve.{json,png}`: fraction
+of changed codes against σ (log grid 1e-6..1e-2, plus σ_ℓ = h_ℓ per layer and σ̂), same three
+measures, on up to `diag_rows` random rows per tensor (each row set quantized as a matrix of
+its own: the same codes as in the full tensor for qexp's quantizers, whose blocks never span
+rows when in_features is a multiple of the block).
+The S-curve uses one standard-normal draw per weight scaled by each σ, so it is monotone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import PreTrainedModel  # noqa: E402
+
+from qexp.context import RunContext  # noqa: E402
+from qexp.defenses.base import Defense  # noqa: E402
+from qexp.errors import ConfigError, check, check_choice  # noqa: E402
+from qexp.io import atomic_open, atomic_write_json  # noqa: E402
+from qexp.quantizers import RTN, BitsAndBytes, GGUFQuant  # noqa: E402
+from qexp.quantizers.base import GridQuantizer, Quantizer, target_linears  # noqa: E402
+
+SIGMA_SOURCES = ("fixed", "global", "per_layer")
+STATS = {"p25": 25.0, "p50": 50.0, "p75": 75.0}
+SCOPES = ("linear", "all")
+ELQ_SIGMA = 1e-3  # Egashira et al. 2024: the fixed σ of ELQ's noise defense
+SCURVE_SIGMAS = tuple(10.0 ** (-6 + k / 3) for k in range(13))  # 1e-6 .. 1e-2, 13 points
+DEFAULT_SKIP = ["lm_head"]  # quantized linears for a quantizer without a `skip` list
+
+
+# ---------------------------------------------------------------- closed form
+
+
+def expected_flip_fraction(ratio: float | torch.Tensor) -> float | torch.Tensor:
+    """P(code changes) for a weight uniform in its interval [-h, h] plus N(0, σ²); ratio = σ/h.
+
+    Given position u, the noisy weight stays iff -h <= u + ε <= h:
+        P(stay | u) = Φ((h - u)/σ) - Φ((-h - u)/σ).
+    Averaging over u ~ U(-h, h) and substituting t = (±h - u)/σ, with a = 2h/σ and
+    ∫Φ(t) dt = tΦ(t) + φ(t):
+        ∫_{-h}^{h} Φ((h-u)/σ) du  = σ [aΦ(a) + φ(a) - φ(0)]
+        ∫_{-h}^{h} Φ((-h-u)/σ) du = σ [aΦ(-a) + φ(0) - φ(a)]
+    so P(stay) = (2Φ(a) - 1) - (2/a)(φ(0) - φ(a)) and
+        P(change) = 2(1 - Φ(a)) + (2/a)(φ(0) - φ(a)).
+    σ = h (a = 2): 0.3905; σ = 2.57 h: 0.704; σ → 0: 0; σ → ∞: 1.
+    """
+    scalar = not torch.is_tensor(ratio)
+    r = torch.as_tensor(ratio, dtype=torch.float64)
+    a = 2.0 / r  # r = 0 -> a = inf -> 0
+    phi0 = 1.0 / math.sqrt(2 * math.pi)
+    phi_a = torch.exp(-0.5 * a * a) * phi0
+    tail = 2.0 * torch.special.ndtr(-a)
+    out = torch.where(a > 0, tail + (2.0 / a) * (phi0 - phi_a), torch.ones_like(a))
+    out = torch.where(torch.isinf(a), torch.zeros_like(a), out)
+    return float(out) if scalar else out
+
+
+# ---------------------------------------------------------------- geometry and codes
+
+
+def quantized_weights(model: nn.Module, quantizer: Quantizer) -> Iterator[tuple[str, nn.Parameter]]:
+    """(`<module>.weight`, parameter) of every linear layer the quantizer quantizes."""
+    skip = list(getattr(quantizer, "skip", DEFAULT_SKIP))
+    for name, lin in target_linears(model, skip):
+        yield f"{name}.weight", lin.weight
+
+
+def _rtn_codes(q: RTN, w: torch.Tensor) -> torch.Tensor:
+    """RTN grid index k = round(ŵ / s) of every weight, ŵ = `q.codes(w)`, s its group's scale.
+
+    k = q - z is the grid point ŵ = k s. The stored q also moves with the zero point z, which
+    noise on a group's min can shift by one for the whole group while leaving every value
+    where it was, so k is what "the code changed" means here (and what `intervals` bound).
+    """
+    out_f, in_f = w.shape
+    g = in_f if q.group_size == -1 else q.group_size
+    pad = (-in_f) % g
+
+    def groups(t: torch.Tensor) -> torch.Tensor:
+        t = t.float()
+        if pad:
+            t = torch.cat([t, t[:, -1:].expand(out_f, pad)], dim=1)
+        return t.reshape(out_f, -1, g)
+
+    x, deq = groups(w), groups(q.codes(w))
+    if q.symmetric:
+        s = x.abs().amax(-1, keepdim=True) / (2 ** (q.bits - 1) - 1)
+    else:
+        s = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)) / (2**q.bits - 1)
+    k = torch.round(deq.double() / s.clamp_min(1e-12).double())
+    return k.reshape(out_f, -1)[:, :in_f].to(torch.int32)
+
+
+# bytes per 32-block and offset of the codes (after the fp16 scale d and, for *_1, min m)
+_GGUF_LAYOUT = {"q8_0": (34, 2), "q4_0": (18, 2), "q4_1": (20, 4), "q5_0": (22, 2), "q5_1": (24, 4)}
+
+
+def _gguf_codes(q: GGUFQuant, w: torch.Tensor) -> torch.Tensor:
+    """Per-weight codes from the raw blocks gguf-py writes (layouts of gguf/quants.py)."""
+    size, off = _GGUF_LAYOUT[q.qtype]
+    b = q.codes(w).numpy().reshape(-1, size)
+    if q.qtype == "q8_0":
+        codes = b[:, off:].view(np.int8).astype(np.int32)
+    else:
+        high = None
+        if q.qtype in ("q5_0", "q5_1"):  # 4 bytes of 5th bits, element j = bit j (little)
+            high = np.unpackbits(b[:, off : off + 4], axis=1, bitorder="little").astype(np.int32)
+            off += 4
+        qs = b[:, off : off + 16].astype(np.int32)  # element j: low nibble, j + 16: high nibble
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+        if high is not None:
+            codes = codes | (high << 4)
+    return torch.from_numpy(np.ascontiguousarray(codes)).reshape(w.shape)
+
+
+def _bnb_codes(q: BitsAndBytes, w: torch.Tensor) -> torch.Tensor:
+    """Per-weight codes from bitsandbytes: int8 values, or 4-bit indices (high nibble first)."""
+    n = w.numel()
+    c = q.codes(w)
+    if q.mode == "int8":
+        return c[:n].to(torch.int32).reshape(w.shape)
+    packed = c[: n // 2].to(torch.int32)
+    return torch.stack([packed >> 4, packed & 0x0F], 1).reshape(w.shape)
+
+
+def weight_codes(quantizer: GridQuantizer, w: torch.Tensor) -> Optional[torch.Tensor]:
+    """Integer code of every weight of a [out, in] `w`, read from `quantizer.codes(w)`.
+
+    bitsandbytes int8: the int8 values; NF4/FP4: the 4-bit codebook indices unpacked from the
+    packed bytes; GGUF: the block codes unpacked from gguf-py's raw blocks; RTN: the grid
+    index round(ŵ/s). None for a grid quantizer whose `codes` layout qexp does not know.
+    """
+    if isinstance(quantizer, BitsAndBytes):
+        return _bnb_codes(quantizer, w)
+    if isinstance(quantizer, GGUFQuant):
+        return _gguf_codes(quantizer, w)
+    if isinstance(quantizer, RTN):
+        return _rtn_codes(quantizer, w)
+    return None
+
+
+def percentile(values: torch.Tensor | list[float], stat: str) -> float:
+    """p25 / p50 / p75 with linear interpolation (numpy's default)."""
+    x = values.detach().double().cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
+    return float(np.percentile(x, STATS[stat]))
+
+
+@dataclass
+class Geometry:
+    """Preserving intervals of one weight tensor, which weights are not pinned, their h."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    movable: torch.Tensor  # hi > lo
+    half_widths: torch.Tensor  # h = (hi - lo) / 2 of the non-pinned weights, flattened
+
+    @classmethod
+    def of(cls, quantizer: GridQuantizer, w: torch.Tensor) -> Geometry:
+        lo, hi = quantizer.intervals(w.detach().cpu())
+        movable = hi > lo
+        return cls(lo, hi, movable, ((hi - lo) / 2)[movable])
+
+
+class ChangeCounter:
+    """Codes changed among non-pinned weights: real library, interval route, uniform theory."""
+
+    def __init__(self) -> None:
+        self.n = self.library = self.intervals = 0
+        self.theory = 0.0
+        self.library_known = True
+
+    def add(
+        self,
+        quantizer: GridQuantizer,
+        geo: Geometry,
+        clean_codes: Optional[torch.Tensor],
+        noisy: torch.Tensor,
+        sigma: float,
+    ) -> dict:
+        """Count one tensor (clean geometry and codes vs. `noisy`); return its own fractions."""
+        mov = geo.movable
+        n = int(mov.sum())
+        x = noisy.detach().cpu().double()
+        out = ((x < geo.lo) | (x > geo.hi)) & mov
+        by_intervals = int(out.sum())
+        by_library = None
+        if clean_codes is not None:
+            changed = weight_codes(quantizer, noisy.detach().cpu()) != clean_codes
+            by_library = int((changed & mov).sum())
+        else:
+            self.library_known = False
+        h = geo.half_widths
+        theory = float(expected_flip_fraction(sigma / h).sum()) if n else 0.0
+        self.n += n
+        self.intervals += by_intervals
+        self.library += by_library or 0
+        self.theory += theory
+        row = {"n": n, "fraction_changed_intervals": by_intervals / n if n else None}
+        if by_library is not None:
+            row["fraction_changed"] = by_library / n if n else None
+        row["theory_uniform"] = theory / n if n else None
+        return row
+
+    def summary(self) -> dict:
+        """Fractions over every counted weight (absent when nothing was counted)."""
+        if not self.n:
+            return {}
+        out = {
+            "n_weights_measured": self.n,
+            "fraction_changed_intervals": self.intervals / self.n,
+            "theory_uniform": self.theory / self.n,
+        }
+        if self.library_known:
+            out["fraction_changed_library"] = self.library / self.n
+        return out
+
+
+# ---------------------------------------------------------------- the defense
+
+
+@dataclass
+class Noise(Defense):
+    """Gaussian noise N(0, σ²) on the weights before quantization (σ per `sigma`)."""
+
+    name: str = "noise"
+    # fixed (1e-3, ELQ) | global (σ̂) | per_layer (σ_ℓ = h_ℓ) | a positive number (fixed σ)
+    sigma: str = "per_layer"
+    stat: str = "p50"  # h_ℓ: this percentile of a tensor's half-widths
+    global_stat: str = "p50"  # σ̂: this percentile of the h_ℓ over tensors
+    scope: str = "linear"  # linear: the quantizer's linear weights | all: every float param
+    diagnostics: bool = True  # S-curve and half-width histogram in the run dir
+    diag_rows: int = 64  # rows sampled per tensor for the S-curve; -1 = all rows
+
+    def __post_init__(self) -> None:
+        allowed = "fixed (σ = 1e-3), global, per_layer, or a positive number (fixed σ)"
+        if self.sigma not in SIGMA_SOURCES:
+            try:
+                value = float(self.sigma)
+            except ValueError:
+                raise ConfigError("sigma", self.sigma, allowed) from None
+            check(math.isfinite(value) and value > 0, "sigma", self.sigma, allowed)
+        check_choice("stat", self.stat, tuple(STATS))
+        check_choice("global_stat", self.global_stat, tuple(STATS))
+        check_choice("scope", self.scope, SCOPES)
+        check(
+            self.diag_rows == -1 or self.diag_rows >= 1,
+            "diag_rows",
+            self.diag_rows,
+            "-1 (all rows) or an integer >= 1",
+        )
+
+    @property
+    def source(self) -> str:
+        """fixed, global or per_layer."""
+        return self.sigma if self.sigma in SIGMA_SOURCES else "fixed"
+
+    @property
+    def fixed_value(self) -> float:
+        """The fixed σ (ELQ's 1e-3 for `sigma=fixed`)."""
+        return ELQ_SIGMA if self.sigma == "fixed" else float(self.sigma)
+
+    def check_spec(self, spec: Any) -> None:
+        """Cross-group check run by config.validate, before any model is loaded."""
+        self.check_quantizer(spec.quantizer)
+
+    def check_quantizer(self, quantizer: Quantizer) -> None:
+        """global / per_layer need preserving intervals: a GridQuantizer (rtn, bnb, gguf)."""
+        if self.source != "fixed" and not isinstance(quantizer, GridQuantizer):
+            raise ConfigError(
+                "defense.sigma",
+                self.sigma,
+                "fixed or a positive number with "
+                f"quantizer={getattr(quantizer, 'name', '?')} (no preserving intervals); "
+                "global and per_layer need a grid quantizer (rtn*, bnb_*, gguf_*)",
+            )
+
+    @torch.no_grad()
+    def apply(
+        self, model: PreTrainedModel, quantizer: Quantizer, ctx: RunContext
+    ) -> PreTrainedModel:
+        self.last_stats = {}
+        self.check_quantizer(quantizer)
+        gen = ctx.seed_everything()
+        diag_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        grid = isinstance(quantizer, GridQuantizer)
+        lin = dict(quantized_weights(model, quantizer)) if grid else {}
+        stats: dict[str, Any] = {
+            "sigma_source": self.source,
+            "quantizer": getattr(quantizer, "name", type(quantizer).__name__),
+            "scope": self.scope,
+            "stat": self.stat,
+            "global_stat": self.global_stat,
+            "noise_dtype": "float32",
+        }
+
+        # 1. h_ℓ of every quantized weight tensor (full tensors)
+        h_l: dict[str, float] = {}
+        for name, p in tqdm(lin.items(), "noise: half-widths", disable=not ctx.progress):
+            h = Geometry.of(quantizer, p).half_widths
+            if h.numel():
+                h_l[name] = percentile(h, self.stat)
+        sigma_hat = percentile(list(h_l.values()), self.global_stat) if h_l else None
+        if self.source != "fixed" and sigma_hat is None:
+            raise ValueError(
+                f"defense.sigma={self.sigma}: no quantized weight with a non-pinned weight "
+                f"(quantizer={stats['quantizer']} targets {len(lin)} tensors)"
+            )
+        sigma_global = self.fixed_value if self.source == "fixed" else sigma_hat
+        stats["sigma_global"] = sigma_global
+        if sigma_hat is not None:
+            stats["sigma_hat"] = sigma_hat
+
+        def sigma_of(name: str) -> float:
+            if self.source == "per_layer":
+                return h_l.get(name, sigma_global)
+            return sigma_global
+
+        # 2. diagnostics on the clean weights (own generator: the applied noise is the same
+        #    with or without them)
+        if self.diagnostics and h_l:
+            files = self._diagnostics(quantizer, lin, h_l, sigma_hat, ctx, diag_seed)
+            stats["diagnostics"] = {"files": files, "rows_per_tensor": self.diag_rows}
+
+        # 3. the noise, measured against the real library tensor by tensor
+        if self.scope == "linear":
+            targets = list(quantized_weights(model, quantizer))
+        else:  # named_parameters lists a tied weight once, under its first name
+            targets = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
+        lin_name = {id(p): n for n, p in lin.items()}
+        counter = ChangeCounter()
+        per_tensor: dict[str, dict] = {}
+        n_noised = 0
+        for name, p in tqdm(targets, "noise: apply", disable=not ctx.progress):
+            key = lin_name.get(id(p))
+            s = sigma_of(key) if key is not None else sigma_global
+            geo = clean_codes = None
+            if key is not None:
+                geo = Geometry.of(quantizer, p)
+                clean_codes = weight_codes(quantizer, p.detach().cpu())
+            eps = torch.randn(p.shape, generator=gen, dtype=torch.float32) * s
+            p.copy_((p.float() + eps.to(p.device)).to(p.dtype))
+            n_noised += p.numel()
+            row: dict[str, Any] = {"sigma": s}
+            if key in h_l:
+                row["h"] = h_l[key]
+            if geo is not None:
+                row.update(counter.add(quantizer, geo, clean_codes, p, s))
+            per_tensor[key or name] = row
+        stats["n_tensors"] = len(targets)
+        stats["n_params_noised"] = n_noised
+        stats["tensors"] = per_tensor
+        summary = counter.summary()
+        if summary:
+            library = summary.pop("fraction_changed_library", None)
+            method = "library" if library is not None else "intervals"
+            stats["fraction_changed"] = (
+                library if library is not None else summary["fraction_changed_intervals"]
+            )
+            stats["fraction_changed_method"] = method
+            stats["fraction_changed_excludes"] = "pinned (scale-setting) weights"
+            stats.update(summary)
+            stats["theory_sigma_equals_h"] = expected_flip_fraction(1.0)
+        self.last_stats = stats
+        return model
+
+    # ------------------------------------------------------------ diagnostics
+
+    @staticmethod
+    def _stem(base: str, ctx: RunContext) -> str:
+        """`base` for the original branch, `base_<branch>` for another (ctx.branch)."""
+        branch = getattr(ctx, "branch", "original")
+        return base if branch == "original" else f"{base}_{branch}"
+
+    def _diagnostics(
+        self,
+        quantizer: GridQuantizer,
+        lin: dict[str, nn.Parameter],
+        h_l: dict[str, float],
+        sigma_hat: float,
+        ctx: RunContext,
+        seed: int,
+    ) -> list[str]:
+        curve = scurve(
+            quantizer,
+            {n: lin[n] for n in h_l},
+            h_l,
+            sigma_hat,
+            rows=self.diag_rows,
+            generator=torch.Generator().manual_seed(seed),
+            progress=ctx.progress,
+            extra={"fixed": self.fixed_value} if self.source == "fixed" else None,
+        )
+        curve["quantizer"] = getattr(quantizer, "name", type(quantizer).__name__)
+        curve["stat"], curve["global_stat"] = self.stat, self.global_stat
+        curve["h_l"] = h_l
+        stem_s, stem_h = self._stem("noise_scurve", ctx), self._stem("noise_halfwidths", ctx)
+        atomic_write_json(ctx.run_dir / f"{stem_s}.json", curve)
+        plot_scurve(curve, ctx.run_dir / f"{stem_s}.png")
+        plot_halfwidths(curve, ctx.run_dir / f"{stem_h}.png")
+        return [f"{stem_s}.json", f"{stem_s}.png", f"{stem_h}.png"]
+
+
+def scurve(
+    quantizer: GridQuantizer,
+    weights: dict[str, torch.Tensor],
+    h_l: dict[str, float],
+    sigma_hat: float,
+    rows: int = 64,
+    generator: Optional[torch.Generator] = None,
+    progress: bool = False,
+    sigmas: tuple[float, ...] = SCURVE_SIGMAS,
+    extra: Optional[dict[str, float]] = None,
+) -> dict:
+    """Fraction of non-pinned weights whose code N(0, σ²) noise changes, against σ.
+
+    Points: every σ in `sigmas`, then `per_layer` (σ_ℓ = h_ℓ), `global` (σ̂) and any `extra`
+    named σ. Real library codes (`weight_codes`), the interval route and the uniform-position
+    theory (mean of `expected_flip_fraction(σ / h_i)`) side by side. Up to `rows` random rows
+    per tensor (-1: all); one standard-normal draw per weight, scaled by every σ.
+    """
+    gen = generator or torch.Generator().manual_seed(0)
+    named = {"per_layer": None, "global": sigma_hat, **(extra or {})}
+    grid_c = [ChangeCounter() for _ in sigmas]
+    named_c = {k: ChangeCounter() for k in named}
+    n_rows = n_weights = 0
+    for name, w in tqdm(weights.items(), "noise: S-curve", disable=not progress):
+        w = w.detach().cpu()
+        if rows != -1 and w.shape[0] > rows:
+            idx = torch.sort(torch.randperm(w.shape[0], generator=gen)[:rows]).values
+            w = w[idx]
+        n_rows += w.shape[0]
+        n_weights += w.numel()
+        geo = Geometry.of(quantizer, w)
+        clean = weight_codes(quantizer, w)
+        z = torch.randn(w.shape, generator=gen, dtype=torch.float32)
+        todo = [(c, s) for c, s in zip(grid_c, sigmas)]
+        todo += [(named_c[k], h_l[name] if s is None else s) for k, s in named.items()]
+        for counter, s in todo:
+            noisy = (w.float() + z * s).to(w.dtype)
+            counter.add(quantizer, geo, clean, noisy, s)
+
+    def point(c: ChangeCounter, sigma: Optional[float]) -> dict:
+        out = c.summary()
+        out["sigma"] = sigma
+        if "fraction_changed_library" in out:
+            out["fraction_changed"] = out.pop("fraction_changed_library")
+        return out
+
+    points = [point(c, s) for c, s in zip(grid_c, sigmas)]
+    h_sorted = sorted(h_l.values())
+    return {
+        "method": "library" if grid_c[0].library_known else "intervals",
+        "excludes": "pinned (scale-setting) weights",
+        "rows_per_tensor": rows,
+        "n_tensors": len(weights),
+        "n_rows": n_rows,
+        "n_weights": n_weights,
+        "sigma_hat": sigma_hat,
+        "grid": points,
+        "points": {k: point(named_c[k], s) for k, s in named.items()},
+        "theory_sigma_equals_h": expected_flip_fraction(1.0),
+        "h_range": [h_sorted[0], h_sorted[-1]] if h_sorted else None,
+    }
+
+
+def _save(fig: Any, path: Path) -> None:
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def plot_scurve(curve: dict, path: Path) -> Path:
+    """Fraction of changed codes against σ (log x), with σ̂ and the σ_ℓ = h_ℓ point."""
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    sig = [p["sigma"] for p in curve["grid"]]
+    key = "fraction_changed" if curve["method"] == "library" else "fraction_changed_intervals"
+    ax.plot(sig, [p[key] for p in curve["grid"]], "o-", label=f"measured ({curve['method']})")
+    if key != "fraction_changed_intervals":
+        ivl = [p["fraction_changed_intervals"] for p in curve["grid"]]
+        ax.plot(sig, ivl, "x:", label="interval route")
+    dense = np.logspace(math.log10(sig[0]), math.log10(sig[-1]), 200)
+    ax.plot(
+        dense,
+        [expected_flip_fraction(s / curve["sigma_hat"]) for s in dense],
+        "--",
+        color="gray",
+        linewidth=1,
+        label="uniform theory, h = σ̂",
+    )
+    ax.axvline(curve["sigma_hat"], color="red", linewidth=1, label=f"σ̂ = {curve['sigma_hat']:.3g}")
+    pl = curve["points"]["per_layer"]
+    ax.plot(
+        [curve["sigma_hat"]],
+        [pl.get(key)],
+        "s",
+        color="black",
+        label=f"σ_ℓ = h_ℓ per layer: {pl.get(key):.3f} (theory {pl['theory_uniform']:.3f})",
+    )
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("noise σ")
+    ax.set_ylabel("fraction of codes changed")
+    ax.set_title(f"Codes changed by Gaussian noise, quantizer={curve['quantizer']}")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    _save(fig, path)
+    return path
+
+
+def plot_halfwidths(curve: dict, path: Path) -> Path:
+    """Histogram of the per-tensor half-widths h_ℓ (log bins) with σ̂ marked."""
+    h = np.asarray(sorted(curve["h_l"].values()))
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    lo, hi = h.min(), h.max()
+    bins = np.logspace(math.log10(lo) - 0.05, math.log10(hi) + 0.05, 30) if hi > lo else 10
+    ax.hist(h, bins=bins, color="tab:blue", alpha=0.8)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.axvline(curve["sigma_hat"], color="red", label=f"σ̂ = {curve['sigma_hat']:.3g}")
+    if hi > lo:
+        ax.set_xscale("log")
+    ax.set_xlabel(f"h_ℓ = {curve['stat']} half-width of a tensor")
+    ax.set_ylabel("tensors")
+    ax.set_title(
+        f"Per-tensor half-widths ({len(h)} tensors, quantizer={curve['quantizer']}, "
+        f"σ̂ = {curve['global_stat']} over tensors)"
+    )
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+    return path
