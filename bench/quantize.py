@@ -20,6 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 ALL = ["none"] + sorted(
     p.stem for p in (ROOT / "conf" / "quantizer").glob("*.yaml") if p.stem != "none"
 )
+# the embedded model's 576-wide layers need group 64 for AWQ and for llm-compressor's GPTQ
+EMBEDDED_OVERRIDES = {
+    "awq4": ["quantizer.group_size=64"],
+    "awq4_llmc": ["quantizer.group_size=64"],
+    "gptq4_llmc": ["quantizer.group_size=64"],
+}
 
 CHILD = r"""
 import json, resource, sys, time
@@ -28,7 +34,7 @@ from qexp.config import validate
 from qexp.context import RunContext
 with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
     spec = validate(compose("config", overrides=["logger=none", "progress=false",
-                                                 "quantizer=" + sys.argv[2]]))
+                                                 "quantizer=" + sys.argv[2], *sys.argv[4:]]))
 ctx = RunContext.from_schema(spec.run, sys.argv[3])
 t0 = time.perf_counter(); lm = spec.model.load(ctx); load = time.perf_counter() - t0
 ctx.tokenizer = lm.tokenizer
@@ -51,7 +57,15 @@ def main() -> None:
     for q in names:
         out = (
             subprocess.run(
-                [sys.executable, "-c", CHILD, str(ROOT / "conf"), q, str(ROOT / "outputs")],
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    str(ROOT / "conf"),
+                    q,
+                    str(ROOT / "outputs"),
+                    *EMBEDDED_OVERRIDES.get(q, []),
+                ],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -61,6 +75,7 @@ def main() -> None:
             .splitlines()[-1]
         )
         rows[q] = {k: round(v, 3) for k, v in json.loads(out).items()}
+        rows[q]["overrides"] = EMBEDDED_OVERRIDES.get(q, [])
         print(q, rows[q], flush=True)
     base = rows["none"]
     for r in rows.values():
