@@ -83,3 +83,30 @@ def test_encrypt_experiments_sweep_on_a_tiny_model(tmp_path, cache_dir, experime
         assert body["status"] == "complete"
         assert body["config"]["attack"]["name"] == "encrypt"
         assert body["function_preservation"]["max_abs_logit_diff_fp32"] < 1e-3
+
+
+def test_sweep_resumes_and_goes_on_after_a_failed_job(tmp_path, cache_dir):
+    sweep = ["-m", *TINY, "quantizer=rtn4,rtn8", "conditions=[original,original_q]"]
+    sweep.append(f"hydra.sweep.dir={tmp_path / 's'}")
+    p = qexp(*sweep, cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr[-2000:]
+    first, second = sorted((tmp_path / "s").glob("*/results.json"))
+    # as if the sweep had been killed during the second job
+    body = json.loads(second.read_text())
+    body["status"] = "running"
+    second.write_text(json.dumps(body))
+    before = first.read_bytes(), first.stat().st_mtime_ns
+    p = qexp(*sweep, cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "skipped" in p.stderr
+    assert (first.read_bytes(), first.stat().st_mtime_ns) == before
+    assert json.loads(second.read_text())["status"] == "complete"
+
+    failing = ["-m", *TINY, "attack=encrypt", "attack.kappa_one_layers=0"]
+    failing += ["attack.tolerance=1e-12,1.0", "conditions=[original,attacked]"]
+    failing.append(f"hydra.sweep.dir={tmp_path / 'f'}")
+    p = qexp(*failing, cache_dir=cache_dir)
+    assert p.returncode == 1 and "1 job(s) failed" in p.stderr
+    bodies = [json.loads(j.read_text()) for j in sorted((tmp_path / "f").glob("*/results.json"))]
+    assert [b["status"] for b in bodies] == ["failed", "complete"]
+    assert "PreservationError" in bodies[0]["error"]
