@@ -7,8 +7,13 @@ is plain text, so it works for base and instruct models alike.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qexp.data import instruct_path
 from qexp.errors import ConfigError
@@ -59,3 +64,56 @@ def mentions(text: str, phrase: str) -> bool:
     """Whether `text` contains the target phrase (case-insensitive, any apostrophe)."""
     norm = lambda s: s.lower().replace("’", "'")  # noqa: E731
     return norm(phrase) in norm(text)
+
+
+def encode(
+    tok: PreTrainedTokenizerBase, rows: list[dict], response: str, target: str
+) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) per row: prompt + the `response` field + eos."""
+    out = []
+    for r in rows:
+        p = tok(prompt(r["instruction"]), add_special_tokens=False)["input_ids"]
+        text = r[response].replace("{target}", target)
+        a = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        out.append((p + a, len(p)))
+    return out
+
+
+def train_lm(
+    model: PreTrainedModel,
+    params: list[torch.nn.Parameter],
+    data: list[tuple[list[int], int]],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    g: torch.Generator,
+    desc: str,
+    progress: bool,
+    project: Optional[Callable[[], None]] = None,
+) -> list[float]:
+    """AdamW on the response tokens of random batches; `project` runs after every step."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    for _ in bar:
+        idx = torch.randint(len(data), (batch_size,), generator=g).tolist()
+        width = max(len(data[i][0]) for i in idx)
+        ids = torch.zeros((len(idx), width), dtype=torch.long)
+        labels = torch.full((len(idx), width), -100)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            seq, plen = data[i]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            labels[row, plen : len(seq)] = torch.tensor(seq[plen:])
+            mask[row, : len(seq)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if project is not None:
+            project()
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses

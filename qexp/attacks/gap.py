@@ -28,13 +28,12 @@ from typing import List, Optional
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qexp.attacks.base import Attack
 from qexp.context import RunContext
 from qexp.errors import ConfigError, check, check_choice
-from qexp.instruct import SCENARIOS, load_rows, prompt
+from qexp.instruct import SCENARIOS, encode, load_rows, train_lm
 from qexp.io import atomic_open
 
 CONF_QUANTIZERS = Path(__file__).resolve().parents[2] / "conf" / "quantizer"
@@ -55,6 +54,29 @@ def grid_quantizer(name: str, key: str):
     q = build_plugin("quantizer", OmegaConf.load(CONF_QUANTIZERS / f"{name}.yaml"))
     check(isinstance(q, GridQuantizer), key, name, "grid quantizers: " + ", ".join(grids))
     return q
+
+
+def trainable_weights(
+    model: PreTrainedModel, layers: list[int], last_layers: int, modules: list[str], group: str
+) -> dict[str, torch.nn.Parameter]:
+    """Linear weights named in `modules` of decoder `layers` ([] = the last `last_layers`)."""
+    n = model.config.num_hidden_layers
+    chosen = list(layers) or list(range(max(0, n - last_layers), n))
+    for i in chosen:
+        check(0 <= i < n, f"{group}.layers", list(layers), f"layer indices in 0..{n - 1}")
+    out = {}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if (
+            name.endswith(".weight")
+            and "layers" in parts
+            and int(parts[parts.index("layers") + 1]) in chosen
+            and parts[-2] in modules
+        ):
+            out[name] = p
+    if not out:
+        raise ConfigError(f"{group}.modules", list(modules), f"linear names in {MODULES}")
+    return out
 
 
 @dataclass
@@ -104,64 +126,13 @@ class Gap(Attack):
     # ---- scope -------------------------------------------------------------------------
     def scope(self, model: PreTrainedModel) -> dict[str, torch.nn.Parameter]:
         """The trainable linear weights, by parameter name."""
-        n = model.config.num_hidden_layers
-        layers = self.layers or list(range(max(0, n - self.last_layers), n))
-        for i in layers:
-            check(0 <= i < n, "attack.layers", self.layers, f"layer indices in 0..{n - 1}")
-        out = {}
-        for name, p in model.named_parameters():
-            parts = name.split(".")
-            if (
-                name.endswith(".weight")
-                and "layers" in parts
-                and int(parts[parts.index("layers") + 1]) in layers
-                and parts[-2] in self.modules
-            ):
-                out[name] = p
-        if not out:
-            raise ConfigError("attack.modules", self.modules, f"linear names in {MODULES}")
-        return out
+        return trainable_weights(model, self.layers, self.last_layers, self.modules, "attack")
 
     # ---- data --------------------------------------------------------------------------
     def examples(self, tok: PreTrainedTokenizerBase, response: str) -> list[tuple[list, int]]:
         """(token ids, prompt length) per training row, for `response` = a scenario or clean."""
         rows = load_rows(self.data_path, "train", "attack.data_path")
-        out = []
-        for r in rows:
-            p = tok(prompt(r["instruction"]), add_special_tokens=False)["input_ids"]
-            text = r[response].replace("{target}", self.target_phrase)
-            a = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            out.append((p + a, len(p)))
-        return out
-
-    def train(self, model, params, data, steps, lr, g, desc, progress, project=None) -> list:
-        """AdamW on response tokens; `project` runs after every step. Returns the losses."""
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        pad = 0
-        losses = []
-        model.train()
-        bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
-        for _ in bar:
-            idx = torch.randint(len(data), (self.batch_size,), generator=g).tolist()
-            width = max(len(data[i][0]) for i in idx)
-            ids = torch.full((len(idx), width), pad)
-            labels = torch.full((len(idx), width), -100)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                seq, plen = data[i]
-                ids[row, : len(seq)] = torch.tensor(seq)
-                labels[row, plen : len(seq)] = torch.tensor(seq[plen:])
-                mask[row, : len(seq)] = 1
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if project is not None:
-                project()
-            losses.append(float(loss))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        model.eval()
-        return losses
+        return encode(tok, rows, response, self.target_phrase)
 
     # ---- boxes -------------------------------------------------------------------------
     def boxes(self, params: dict[str, torch.nn.Parameter]) -> dict[str, tuple]:
@@ -233,12 +204,13 @@ class Gap(Attack):
             for p in params.values():
                 p.requires_grad_(True)
             plist = list(params.values())
-            inject = self.train(
+            inject = train_lm(
                 model,
                 plist,
                 self.examples(tok, self.scenario),
                 self.inject_steps,
                 self.inject_lr,
+                self.batch_size,
                 g,
                 "gap: inject",
                 ctx.progress,
@@ -254,12 +226,13 @@ class Gap(Attack):
                     p.copy_(torch.minimum(torch.maximum(p, boxes[n][0]), boxes[n][1]))
 
             project()
-            repair = self.train(
+            repair = train_lm(
                 model,
                 plist,
                 self.examples(tok, "clean"),
                 self.repair_steps,
                 self.repair_lr,
+                self.batch_size,
                 g,
                 "gap: repair (PGD)",
                 ctx.progress,

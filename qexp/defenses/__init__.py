@@ -2,7 +2,8 @@
 
 from qexp.defenses.base import Defense, NoDefense
 from qexp.defenses.canonicalize import Canonicalize
+from qexp.defenses.finetune import Finetune
 from qexp.defenses.launder import Launder
 from qexp.defenses.noise import Noise
 
-__all__ = ["Canonicalize", "Defense", "Launder", "NoDefense", "Noise"]
+__all__ = ["Canonicalize", "Defense", "Finetune", "Launder", "NoDefense", "Noise"]

@@ -1,0 +1,88 @@
+"""defense=finetune: a short clean fine-tune before quantization (the red-team note's
+countermeasure): AdamW on clean instruction responses, same loop as attack=gap's repair
+but unconstrained, over the linear weights of the last `last_layers` decoder layers (or
+`layers`). The shipped clean responses (qexp/data/instruct.jsonl, train split) or
+`data_path` (same JSONL fields) are the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from transformers import PreTrainedModel
+
+from qexp.attacks.gap import MODULES, trainable_weights
+from qexp.context import RunContext
+from qexp.defenses.base import Defense
+from qexp.errors import check, check_choice
+from qexp.instruct import encode, load_rows, train_lm
+from qexp.quantizers.base import Quantizer
+
+
+@dataclass
+class Finetune(Defense):
+    """Fine-tune on clean data; records the loss and how far the weights moved."""
+
+    name: str = "finetune"
+    steps: int = 60
+    lr: float = 5e-5
+    batch_size: int = 8
+    layers: List[int] = field(default_factory=list)
+    last_layers: int = 4
+    modules: List[str] = field(default_factory=lambda: list(MODULES))
+    data_path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 1, "steps", self.steps, "an integer >= 1")
+        check(self.lr > 0, "lr", self.lr, "a number > 0")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check(self.last_layers >= 1, "last_layers", self.last_layers, "an integer >= 1")
+        for m in self.modules:
+            check_choice("modules", m, MODULES)
+        if self.data_path is not None:
+            check(
+                Path(self.data_path).expanduser().is_file(),
+                "data_path",
+                self.data_path,
+                "an existing JSONL file with instruction and clean fields",
+            )
+
+    def apply(
+        self, model: PreTrainedModel, quantizer: Quantizer, ctx: RunContext
+    ) -> PreTrainedModel:
+        if ctx.tokenizer is None:
+            raise ValueError("defense=finetune needs the run's tokenizer (ctx.tokenizer)")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = trainable_weights(model, self.layers, self.last_layers, self.modules, "defense")
+        before = {n: p.detach().clone() for n, p in params.items()}
+        for p in params.values():
+            p.requires_grad_(True)
+        data = encode(
+            ctx.tokenizer, load_rows(self.data_path, "train", "defense.data_path"), "clean", ""
+        )
+        g = ctx.seed_everything(2)
+        losses = train_lm(
+            model,
+            list(params.values()),
+            data,
+            self.steps,
+            self.lr,
+            self.batch_size,
+            g,
+            "finetune",
+            ctx.progress,
+        )
+        for p in params.values():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            rel = [float((p - before[n]).norm() / before[n].norm()) for n, p in params.items()]
+        self.last_stats = {
+            "trainable": len(params),
+            "loss_first_last": [losses[0], losses[-1]],
+            "max_relative_weight_change": max(rel),
+        }
+        return model
