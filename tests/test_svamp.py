@@ -79,3 +79,14 @@ def test_hub_source_without_datasets_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
     with pytest.raises(ConfigError, match=r"qexp\[hub\]"):
         hub_dataset("ChilleD/SVAMP", "test")
+
+
+def test_offset_gives_disjoint_splits(make_cfg):
+    from qexp.config import validate
+
+    val = validate(make_cfg("benchmark.limit=5", tiny=False)).benchmark.items()
+    test = validate(make_cfg("benchmark.offset=5", "benchmark.limit=5", tiny=False)).benchmark
+    everything = validate(make_cfg("benchmark.limit=10", tiny=False)).benchmark.items()
+    assert [i["id"] for i in val + test.items()] == [i["id"] for i in everything]
+    with pytest.raises(ConfigError, match="benchmark.offset=-1"):
+        validate(make_cfg("benchmark.offset=-1"))

@@ -79,7 +79,7 @@ class AIME24(GenerativeBenchmark):
         else:
             ds = hub_dataset(self.hub_id, self.split)
             items = [_item(r, f"{self.hub_id}[{i}]") for i, r in enumerate(ds)]
-        return items[: self.limit] if self.limit else items
+        return self.window(items)
 
     def prompt(self, item: dict, tok: PreTrainedTokenizerBase) -> str:
         text = f"{item['problem']}\n{self.instruction}"

@@ -30,6 +30,7 @@ class GenerativeBenchmark(Benchmark):
     hub_id: str = ""
     split: str = "test"
     limit: Optional[int] = None
+    offset: int = 0
     few_shot: int = 0
     chat_template: bool = False
     max_new_tokens: int = 128
@@ -62,6 +63,7 @@ class GenerativeBenchmark(Benchmark):
             self.limit,
             "null (all items) or an integer >= 1",
         )
+        check(self.offset >= 0, "offset", self.offset, "an integer >= 0 (items skipped first)")
         check(
             0 <= self.few_shot <= self.max_few_shot,
             "few_shot",
@@ -76,6 +78,11 @@ class GenerativeBenchmark(Benchmark):
     def items(self) -> list[dict]:
         """Evaluated items ({id, answer, ...}), in order, capped by `limit`."""
         raise NotImplementedError
+
+    def window(self, rows: list) -> list:
+        """rows[offset : offset + limit]: disjoint validation/test splits of one source."""
+        end = None if self.limit is None else self.offset + self.limit
+        return rows[self.offset : end]
 
     def prompt(self, item: dict, tok: PreTrainedTokenizerBase) -> str:
         """The model input for one item."""

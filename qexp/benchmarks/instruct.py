@@ -34,7 +34,7 @@ class Instruct(GenerativeBenchmark):
 
     def items(self) -> list[dict]:
         rows = load_rows(self.path, "test", "benchmark.path")
-        rows = rows[: self.limit] if self.limit else rows
+        rows = self.window(rows)
         return [{"id": r["id"], "answer": None, "instruction": r["instruction"]} for r in rows]
 
     def prompt(self, item: dict, tok: PreTrainedTokenizerBase) -> str:

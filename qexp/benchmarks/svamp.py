@@ -131,7 +131,7 @@ class SVAMP(GenerativeBenchmark):
             rows = load_svamp_file(Path(self.path).expanduser())
         else:
             rows = load_svamp_file(svamp_embedded_path())
-        return rows[: self.limit] if self.limit else rows
+        return self.window(rows)
 
     def prompt(self, item: dict, tok: PreTrainedTokenizerBase) -> str:
         """Few-shot plain-text prompt, or the same turns through the chat template."""
