@@ -52,11 +52,16 @@ def app(cfg: DictConfig) -> None:
             print(f"qexp: config error: {e}", file=sys.stderr)
             sys.exit(2)
         return
+    # W&B group: one per sweep, "<experiment>:<sweep dir name>" or the sweep dir name
+    experiment = hc.runtime.choices.get("experiment")
+    group = Path(hc.sweep.dir).name
+    if experiment not in (None, "null"):
+        group = f"{experiment}:{group}"
     if already_complete(cfg, run_dir):
         print(f"qexp: {name}: complete in {run_dir}, skipped", file=sys.stderr)
         return
     try:
-        run(cfg, run_dir, job_name=name)
+        run(cfg, run_dir, job_name=name, group=group)
     except Exception as e:  # the sweep goes on; results.json says what happened
         FAILED.append(name)
         kind = "config error" if isinstance(e, ConfigError) else type(e).__name__

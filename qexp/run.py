@@ -122,14 +122,16 @@ def run_pipeline(spec: Spec, ctx: RunContext, results: Results) -> None:
         del loaded
 
 
-def run(cfg: DictConfig, run_dir: Path, job_name: str = "qexp") -> Results:
+def run(
+    cfg: DictConfig, run_dir: Path, job_name: str = "qexp", group: str | None = None
+) -> Results:
     """Validate `cfg` (before any model is loaded), run the pipeline, write results."""
     spec = validate(cfg)
     ctx = RunContext.from_schema(spec.run, run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     results = Results(run_dir, config, provenance(spec.model.name, str(ctx.device), spec.run.dtype))
     results.save()
-    spec.logger.start(config, run_dir, job_name)
+    spec.logger.start(config, run_dir, job_name, group)
     status = "failed"
     try:
         run_pipeline(spec, ctx, results)

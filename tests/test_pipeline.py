@@ -92,10 +92,11 @@ def test_config_error_before_any_output(make_cfg, tmp_path):
 
 def test_wandb_offline_files(make_cfg, tmp_path):
     pytest.importorskip("wandb")
-    run(make_cfg("logger=wandb", "conditions=[original]"), tmp_path)
+    run(make_cfg("logger=wandb", "conditions=[original]"), tmp_path, group="sweep-group-x")
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    keys = (b"original/accuracy", b"original/ref_ppl", b"quantizer")
+    # metrics, the resolved config, the sweep's group
+    keys = (b"original/accuracy", b"original/ref_ppl", b"quantizer", b"sweep-group-x")
     deadline = time.time() + 60  # wandb's service process may still be flushing its log
     while True:
         log = next(runs[0].glob("*.wandb")).read_bytes()  # the offline protobuf record log

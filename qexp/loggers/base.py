@@ -13,8 +13,8 @@ class Logger:
 
     name: str = "none"
 
-    def start(self, config: dict, run_dir: Path, job_name: str) -> None:
-        """Open the logging run."""
+    def start(self, config: dict, run_dir: Path, job_name: str, group: str | None = None) -> None:
+        """Open the logging run; `group` names the sweep the job belongs to."""
 
     def log_condition(self, condition: str, metrics: dict[str, Any], records: list[dict]) -> None:
         """Log one condition's metrics (as `<condition>/<metric>`) and generations."""

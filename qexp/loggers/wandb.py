@@ -9,7 +9,7 @@ from typing import Any, List, Optional
 from qexp.errors import ConfigError, check_choice
 from qexp.loggers.base import Logger
 
-TABLE_COLUMNS = ["id", "prompt", "output", "parsed", "gold", "correct"]
+TABLE_COLUMNS = ["id", "prompt", "output", "parsed", "gold", "correct", "injected", "refused"]
 
 
 @dataclass
@@ -34,15 +34,15 @@ class WandbLogger(Logger):
             ) from None
         self._run = None
 
-    def start(self, config: dict, run_dir: Path, job_name: str) -> None:
+    def start(self, config: dict, run_dir: Path, job_name: str, group: str | None = None) -> None:
         import wandb
 
         self._run = wandb.init(
             project=self.project,
             entity=self.entity,
             mode=self.mode,
-            group=self.group,
-            job_type=self.job_type,
+            group=self.group or group,
+            job_type=self.job_type or "+".join(config.get("conditions", [])),
             tags=self.tags,
             name=job_name,
             config=config,
@@ -59,9 +59,8 @@ class WandbLogger(Logger):
         self._run.log(flat)
         self._run.summary.update(flat)
         if records:
-            table = wandb.Table(
-                columns=TABLE_COLUMNS, data=[[r.get(c) for c in TABLE_COLUMNS] for r in records]
-            )
+            cols = [c for c in TABLE_COLUMNS if any(c in r for r in records)]
+            table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in records])
             self._run.log({f"{condition}/generations": table})
 
     def finish(self, status: str) -> None:
