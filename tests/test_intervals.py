@@ -75,3 +75,38 @@ def test_error_box_spans_weight_and_dequantized_value():
     lo, hi = error_box(w, w_hat)
     assert torch.equal(lo, torch.tensor([[0.4, -0.2, 0.0]]).double())
     assert torch.equal(hi, torch.tensor([[0.5, -0.1, 0.0]]).double())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fake_quant_is_constant_on_intervals(case):
+    q = CASES[case]
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(3)) * 0.05
+    deq = q.fake_quant(w)
+    lo, hi = q.intervals(w)
+    movable = lo < hi
+    # (the de-quantized value itself may lie outside the interval, which is kept inside the
+    # block's range.) Moving weights to the centres of their intervals keeps the de-quantized model
+    centre = torch.where(movable, (lo + hi) / 2, w.double()).float()
+    assert torch.equal(q.fake_quant(centre), deq)
+
+
+@pytest.mark.parametrize("case", [c for c in sorted(CASES) if not c.startswith("gguf")])
+def test_neighbours_are_the_adjacent_grid_points(case):
+    q = CASES[case]
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(4)) * 0.05
+    deq = q.fake_quant(w)
+    down, up = q.neighbours(w)
+    assert (down <= deq).all() and (up >= deq).all()
+    lo, hi = q.intervals(w)
+    movable = lo < hi
+    # writing every existing neighbour at once (scale setters kept) quantizes to exactly it
+    for nb in (down, up):
+        has = movable & (nb != deq)
+        assert has.float().mean() > 0.5
+        moved = torch.where(has, nb, w)
+        assert torch.equal(q.fake_quant(moved)[has], nb[has])
+    # and nothing lies strictly between a point and its neighbours
+    inner = movable & (up > deq)
+    mid = torch.where(inner, (deq + up) / 2 * 0.999 + deq * 0.001, w)
+    got = q.fake_quant(mid)[inner]
+    assert ((got == deq[inner]) | (got == up[inner])).all()

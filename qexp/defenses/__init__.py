@@ -5,5 +5,6 @@ from qexp.defenses.canonicalize import Canonicalize
 from qexp.defenses.finetune import Finetune
 from qexp.defenses.launder import Launder
 from qexp.defenses.noise import Noise
+from qexp.defenses.quantguard import QuantGuard
 
-__all__ = ["Canonicalize", "Defense", "Finetune", "Launder", "NoDefense", "Noise"]
+__all__ = ["Canonicalize", "Defense", "Finetune", "Launder", "NoDefense", "Noise", "QuantGuard"]

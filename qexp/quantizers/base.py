@@ -47,6 +47,15 @@ class GridQuantizer(Quantizer):
         """What the real library stores for a [out, in] weight (codes and scales, flattened)."""
 
     @abstractmethod
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        """The de-quantized [out, in] weight the library computes with (float32)."""
+
+    def neighbours(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grid points just below and above each weight's own (float32; the own point
+        where the grid ends), with the block scales unchanged."""
+        raise NotImplementedError(f"{self.name}: no neighbouring-grid-point geometry")
+
+    @abstractmethod
     def intervals(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-weight `[lo, hi]` (float64) inside which `codes(w)` does not change."""
 

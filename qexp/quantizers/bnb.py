@@ -79,6 +79,34 @@ class BitsAndBytes(GridQuantizer):
             self.last_info = {"artifact": str(out.relative_to(ctx.run_dir))}
         return q.eval()
 
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes.functional as F
+
+        x = w.detach().float().cpu().clone()
+        if self.mode == "int8":
+            q, scale, _ = F.int8_vectorwise_quant(x)
+            return q.float() * (scale.float()[:, None] / 127.0)
+        packed, st = F.quantize_4bit(x, blocksize=64, quant_type=self.mode)
+        return F.dequantize_4bit(packed, st).float()
+
+    def neighbours(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import bitsandbytes.functional as F
+
+        x = w.detach().float().cpu().clone()
+        if self.mode == "int8":
+            q, scale, _ = F.int8_vectorwise_quant(x)
+            step = scale.float()[:, None] / 127.0
+            q = q.float()
+            return q.sub(1).clamp(-127, 127) * step, q.add(1).clamp(-127, 127) * step
+        packed, st = F.quantize_4bit(x, blocksize=64, quant_type=self.mode)
+        deq = F.dequantize_4bit(packed, st).float().reshape(-1)
+        a = st.absmax.float().repeat_interleave(64)[: deq.numel()]
+        levels = torch.unique(F.get_4bit_type(self.mode, device="cpu").float())  # sorted
+        i = (deq / a.clamp_min(1e-30))[:, None].sub(levels[None, :]).abs().argmin(1)
+        down = levels[(i - 1).clamp_min(0)] * a
+        up = levels[(i + 1).clamp_max(len(levels) - 1)] * a
+        return down.reshape(w.shape), up.reshape(w.shape)
+
     def codes(self, w: torch.Tensor) -> torch.Tensor:
         """bitsandbytes' own quantization of a [out, in] weight: codes, then scales."""
         import bitsandbytes.functional as F

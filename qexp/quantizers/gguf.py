@@ -52,6 +52,9 @@ class GGUFQuant(GridQuantizer):
             lin.weight.copy_(gguf_fake_quant(lin.weight, self.qtype).to(lin.weight.device))
         return model
 
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        return gguf_fake_quant(w.detach().float().cpu(), self.qtype)
+
     def codes(self, w: torch.Tensor) -> torch.Tensor:
         """The raw GGUF blocks (scales and packed codes) the `gguf` package writes."""
         t = getattr(GGMLQuantizationType, self.qtype.upper())

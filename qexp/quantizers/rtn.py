@@ -69,6 +69,38 @@ class RTN(GridQuantizer):
             lin.weight.copy_(rtn_fake_quant(lin.weight, self.bits, self.group_size, self.symmetric))
         return model
 
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        return rtn_fake_quant(w.detach().float(), self.bits, self.group_size, self.symmetric)
+
+    def neighbours(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out_f, in_f = w.shape
+        g = in_f if self.group_size == -1 else self.group_size
+        pad = (-in_f) % g
+        x = w.detach().float()
+        if pad:
+            x = torch.cat([x, x[:, -1:].expand(out_f, pad)], dim=1)
+        x = x.reshape(out_f, -1, g)
+        if self.symmetric:
+            qmin, qmax = -(2 ** (self.bits - 1) - 1), 2 ** (self.bits - 1) - 1
+            s = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-12)
+            z = torch.zeros_like(s)
+        else:
+            qmin, qmax = 0, 2**self.bits - 1
+            lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+            s = ((hi - lo) / qmax).clamp_min(1e-12)
+            z = torch.round(-lo / s)
+        q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
+        own = (q - z) * s
+        rmin, rmax = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+
+        def at(k: torch.Tensor) -> torch.Tensor:
+            v = (torch.clamp(k, qmin, qmax) - z) * s
+            # a point outside the group's [min, max] would reset the scale: not reachable
+            v = torch.where((v >= rmin) & (v <= rmax), v, own)
+            return v.reshape(out_f, -1)[:, :in_f]
+
+        return at(q - 1), at(q + 1)
+
     def codes(self, w: torch.Tensor) -> torch.Tensor:
         """The de-quantized weights (one-to-one with the integer codes and group scales)."""
         return rtn_fake_quant(w, self.bits, self.group_size, self.symmetric)
