@@ -35,15 +35,16 @@ def attacked(make_cfg, tmp_path, *overrides, cache=None):
 def test_repair_stays_in_every_targets_box_and_keeps_its_codes(make_cfg, tmp_path):
     spec, ctx, before, model = attacked(make_cfg, tmp_path, TARGETS, "attack.repair_lr=1e-2")
     atk = spec.attack
-    (cache,) = (ctx.cache_dir / "attacks").glob("gap-*.safetensors")
-    stored = load_file(str(cache))
+    (inj,) = (ctx.cache_dir / "attacks").glob("gap-inject-*.safetensors")
+    (rep,) = (ctx.cache_dir / "attacks").glob("gap-repair-*.safetensors")
+    injected, repaired = load_file(str(inj)), load_file(str(rep))
     params = dict(model.named_parameters())
     names = atk.last_manifest["trainable"]
     assert len(names) == 14  # 7 linears x 2 layers of the tiny model
     moved = 0
     for n in names:
-        inj, rep = stored[f"injected.{n}"], params[n].detach()
-        assert torch.equal(rep, stored[f"repaired.{n}"])
+        inj, rep = injected[n], params[n].detach()
+        assert torch.equal(rep, repaired[n])
         assert not torch.equal(inj, before[n])  # inject trained it
         moved += int((rep != inj).sum())
         for q in atk.quantizers:
@@ -65,13 +66,12 @@ def test_repair_stays_in_every_targets_box_and_keeps_its_codes(make_cfg, tmp_pat
 def test_bnb_quantized_weights_equal_the_injected_models(make_cfg, tmp_path):
     """Through the real pipeline quantizer (transformers + bitsandbytes)."""
     spec, ctx, _, model = attacked(make_cfg, tmp_path, "quantizer=bnb_nf4")
-    (cache,) = (ctx.cache_dir / "attacks").glob("gap-*.safetensors")
-    stored = load_file(str(cache))
+    (inj,) = (ctx.cache_dir / "attacks").glob("gap-inject-*.safetensors")
     name = spec.attack.last_manifest["trainable"][0]
     q_rep = spec.quantizer.quantize(model, ctx)
     spec2, ctx2, _, model2 = attacked(make_cfg, tmp_path, "quantizer=bnb_nf4")
     with torch.no_grad():
-        dict(model2.named_parameters())[name].copy_(stored[f"injected.{name}"])
+        dict(model2.named_parameters())[name].copy_(load_file(str(inj))[name])
     q_inj = spec2.quantizer.quantize(model2, ctx2)
     import bitsandbytes.functional as F
 
@@ -85,7 +85,14 @@ def test_bnb_quantized_weights_equal_the_injected_models(make_cfg, tmp_path):
 def test_cache_reuses_the_trained_weights(make_cfg, tmp_path):
     _, _, _, m1 = attacked(make_cfg, tmp_path / "a", cache=tmp_path / "c")
     spec, _, _, m2 = attacked(make_cfg, tmp_path / "b", cache=tmp_path / "c")
-    assert "cached" in spec.attack.last_manifest
+    assert spec.attack.last_manifest["inject"]["cached"] is True
+    assert spec.attack.last_manifest["repair"]["cached"] is True
+    # another box margin reuses the injected model and repairs again
+    spec3, _, _, _ = attacked(
+        make_cfg, tmp_path / "d", "attack.box_margin=0.1", cache=tmp_path / "c"
+    )
+    assert spec3.attack.last_manifest["inject"]["cached"] is True
+    assert spec3.attack.last_manifest["repair"]["cached"] is False
     for (n, p), (_, q) in zip(m1.named_parameters(), m2.named_parameters()):
         assert torch.equal(p, q), n
 

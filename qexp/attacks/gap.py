@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
@@ -36,6 +36,7 @@ from qexp.errors import ConfigError, check, check_choice
 from qexp.instruct import SCENARIOS, encode, load_rows, train_lm
 from qexp.io import atomic_open
 
+CACHE_VERSION = 2
 CONF_QUANTIZERS = Path(__file__).resolve().parents[2] / "conf" / "quantizer"
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -135,47 +136,106 @@ class Gap(Attack):
         return encode(tok, rows, response, self.target_phrase)
 
     # ---- boxes -------------------------------------------------------------------------
-    def boxes(self, params: dict[str, torch.nn.Parameter]) -> dict[str, tuple]:
-        """Intersection of the targets' preserving intervals, shrunk by `box_margin`."""
-        out = {}
+    def boxes(self, params: dict[str, torch.nn.Parameter]) -> tuple[dict, dict]:
+        """Intersection of the targets' preserving intervals, shrunk by `box_margin`.
+
+        A weight lying exactly on a rounding boundary (a tie, which each library breaks its
+        own way) may sit at the edge of the neighbouring code's interval; such weights are
+        found by checking the library's code at each box's centre and are pinned.
+        """
+        out, ties = {}, 0
         for name, p in params.items():
+            w = p.detach()
             lo = torch.full(p.shape, -torch.inf, dtype=torch.float64)
             hi = torch.full(p.shape, torch.inf, dtype=torch.float64)
             for q in self.quantizers:
                 try:
-                    qlo, qhi = q.intervals(p.detach())
+                    qlo, qhi = q.intervals(w)
                 except ValueError as e:
                     raise ConfigError(
                         "attack.targets",
                         q.name,
                         f"a quantizer whose grid fits {name} {tuple(p.shape)} ({e})",
                     ) from None
+                centre = torch.where(qlo < qhi, (qlo + qhi) / 2, w.double()).to(w.dtype)
+                tie = q.fake_quant(centre) != q.fake_quant(w)
+                ties += int(tie.sum())
+                qlo = torch.where(tie, w.double(), qlo)
+                qhi = torch.where(tie, w.double(), qhi)
                 lo, hi = torch.maximum(lo, qlo), torch.minimum(hi, qhi)
             m = (hi - lo) * self.box_margin
             out[name] = ((lo + m).to(p.dtype), (hi - m).to(p.dtype))
-        return out
+        numel = sum(p.numel() for p in params.values())
+        pinned = sum(int((b[0] == b[1]).sum()) for b in out.values())
+        half = torch.cat([((b[1] - b[0]).double() / 2).reshape(-1) for b in out.values()])
+        return out, {
+            "pinned_fraction": pinned / numel,
+            "ties_pinned": ties,
+            "mean_box_halfwidth": float(half.mean()),
+        }
 
     def codes(self, params: dict[str, torch.nn.Parameter]) -> dict[str, list[torch.Tensor]]:
         """Each target library's own quantization of every trainable weight."""
         return {n: [q.codes(p.detach()) for q in self.quantizers] for n, p in params.items()}
 
     # ---- cache -------------------------------------------------------------------------
-    def cache_key(self, params: dict[str, torch.nn.Parameter], seed: int) -> str:
+    def cache_keys(self, params: dict[str, torch.nn.Parameter], seed: int) -> tuple[str, str]:
+        """Content hashes of the injected model and of the repaired one."""
         h = hashlib.sha256()
-        cfg = {k: v for k, v in asdict(self).items() if k != "cache"}
-        h.update(json.dumps({"attack": cfg, "seed": seed}, sort_keys=True).encode())
+        inject_cfg = {
+            k: getattr(self, k)
+            for k in (
+                "scenario",
+                "target_phrase",
+                "layers",
+                "last_layers",
+                "modules",
+                "inject_steps",
+                "inject_lr",
+                "batch_size",
+            )
+        }
+        h.update(
+            json.dumps(
+                {"v": CACHE_VERSION, "inject": inject_cfg, "seed": seed}, sort_keys=True
+            ).encode()
+        )
         rows = load_rows(self.data_path, "train", "attack.data_path")
         h.update(json.dumps(rows, sort_keys=True).encode())
         for n in sorted(params):
             h.update(n.encode())
             h.update(params[n].detach().float().numpy().tobytes())
-        return h.hexdigest()[:20]
+        inject_key = h.hexdigest()[:20]
+        repair_cfg = {
+            k: getattr(self, k) for k in ("targets", "box_margin", "repair_steps", "repair_lr")
+        }
+        h.update(json.dumps({"repair": repair_cfg}, sort_keys=True).encode())
+        return inject_key, h.hexdigest()[:20]
 
     # ---- the attack --------------------------------------------------------------------
     @torch.no_grad()
-    def _set(self, params: dict, tensors: dict, prefix: str) -> None:
+    def _set(self, params: dict, tensors: dict) -> None:
         for n, p in params.items():
-            p.copy_(tensors[f"{prefix}.{n}"])
+            p.copy_(tensors[n])
+
+    def _stage(self, path: Path, params: dict, train, ctx: RunContext) -> dict:
+        """Load a stage's weights from the cache, or train them and store them."""
+        if self.cache and path.is_file():
+            self._set(params, load_file(str(path)))
+            meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+            return {**meta, "cached": True}
+        for p in params.values():
+            p.requires_grad_(True)
+        meta = train()
+        for p in params.values():
+            p.requires_grad_(False)
+        if self.cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_open(path, "wb") as f:
+                f.write(_safetensors_bytes({n: p.detach() for n, p in params.items()}))
+            with atomic_open(path.with_suffix(".json"), "w") as f:
+                json.dump(meta, f, sort_keys=True)
+        return {**meta, "cached": False}
 
     def apply(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:
         tok = ctx.tokenizer
@@ -184,7 +244,9 @@ class Gap(Attack):
         for p in model.parameters():
             p.requires_grad_(False)
         params = self.scope(model)
-        path = ctx.cache_dir / "attacks" / f"gap-{self.cache_key(params, ctx.seed)}.safetensors"
+        plist = list(params.values())
+        inject_key, repair_key = self.cache_keys(params, ctx.seed)
+        root = ctx.cache_dir / "attacks"
         manifest = {
             "scenario": self.scenario,
             "target_phrase": self.target_phrase,
@@ -192,22 +254,14 @@ class Gap(Attack):
             "trainable": sorted(params),
             "trainable_numel": sum(p.numel() for p in params.values()),
         }
-        if self.cache and path.is_file():
-            stored = load_file(str(path))
-            self._set(params, stored, "injected")
-            injected_codes = self.codes(params)
-            self._set(params, stored, "repaired")
-            meta = json.loads((path.with_suffix(".json")).read_text())
-            manifest.update(meta, cached=str(path))
-        else:
+
+        def inject() -> dict:
             g = ctx.seed_everything(1)
-            for p in params.values():
-                p.requires_grad_(True)
-            plist = list(params.values())
-            inject = train_lm(
+            data = self.examples(tok, self.scenario)
+            losses = train_lm(
                 model,
                 plist,
-                self.examples(tok, self.scenario),
+                data,
                 self.inject_steps,
                 self.inject_lr,
                 self.batch_size,
@@ -215,21 +269,27 @@ class Gap(Attack):
                 "gap: inject",
                 ctx.progress,
             )
-            injected = {f"injected.{n}": p.detach().clone() for n, p in params.items()}
-            injected_codes = self.codes(params)
-            boxes = self.boxes(params)
-            pinned = sum(int((b[0] == b[1]).sum()) for b in boxes.values())
+            return {"inject_loss": [losses[0], losses[-1]] if losses else []}
 
-            @torch.no_grad()
-            def project() -> None:
-                for n, p in params.items():
-                    p.copy_(torch.minimum(torch.maximum(p, boxes[n][0]), boxes[n][1]))
+        manifest["inject"] = self._stage(
+            root / f"gap-inject-{inject_key}.safetensors", params, inject, ctx
+        )
+        injected_codes = self.codes(params)
+        boxes, box_stats = self.boxes(params)
 
+        @torch.no_grad()
+        def project() -> None:
+            for n, p in params.items():
+                p.copy_(torch.minimum(torch.maximum(p, boxes[n][0]), boxes[n][1]))
+
+        def repair() -> dict:
             project()
-            repair = train_lm(
+            g = torch.Generator().manual_seed(ctx.seed + 2)
+            data = self.examples(tok, "clean")
+            losses = train_lm(
                 model,
                 plist,
-                self.examples(tok, "clean"),
+                data,
                 self.repair_steps,
                 self.repair_lr,
                 self.batch_size,
@@ -238,26 +298,12 @@ class Gap(Attack):
                 ctx.progress,
                 project,
             )
-            for p in plist:
-                p.requires_grad_(False)
-            meta = {
-                "inject_loss": [inject[0], inject[-1]] if inject else [],
-                "repair_loss": [repair[0], repair[-1]] if repair else [],
-                "pinned_fraction": pinned / manifest["trainable_numel"],
-                "mean_box_halfwidth": float(
-                    torch.cat(
-                        [((b[1] - b[0]).double() / 2).reshape(-1) for b in boxes.values()]
-                    ).mean()
-                ),
-            }
-            manifest.update(meta)
-            if self.cache:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                repaired = {f"repaired.{n}": p.detach().clone() for n, p in params.items()}
-                with atomic_open(path, "wb") as f:
-                    f.write(_safetensors_bytes({**injected, **repaired}))
-                with atomic_open(path.with_suffix(".json"), "w") as f:
-                    json.dump(meta, f, sort_keys=True)
+            return {"repair_loss": [losses[0], losses[-1]] if losses else []}
+
+        manifest["repair"] = self._stage(
+            root / f"gap-repair-{repair_key}.safetensors", params, repair, ctx
+        )
+        manifest["boxes"] = box_stats
         after = self.codes(params)
         same = {
             q.name: all(torch.equal(after[n][i], injected_codes[n][i]) for n in params)
