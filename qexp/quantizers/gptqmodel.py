@@ -33,6 +33,7 @@ from qexp.errors import ConfigError, check, check_choice
 from qexp.io import atomic_write_text
 from qexp.quantizers.base import Quantizer, target_linears
 from qexp.quantizers.calib import Calibration
+from qexp.quantizers.readback import copy_checked, copy_rest, relative_error
 
 METHODS = ("gptq", "awq", "gguf")
 GGUF_KQUANTS = ("q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
@@ -203,26 +204,13 @@ class GPTQModelQuant(Quantizer):
             for cand in (w, w.T):
                 if cand.shape == lin.weight.shape:
                     y = torch.nn.functional.linear(x, cand, bias)
-                    scored.append((float((y - y_lib).norm() / y_lib.norm().clamp_min(1e-12)), cand))
+                    scored.append((relative_error(y, y_lib), cand))
             if not scored:
                 raise RuntimeError(f"{name}: de-quantized shape {tuple(w.shape)} does not fit")
             rel, best = min(scored, key=lambda t: t[0])
-            if not rel <= self.kernel_tol:
-                raise RuntimeError(
-                    f"{name}: the de-quantized weight does not reproduce "
-                    f"GPTQModel's kernel (relative error {rel:.3g} > kernel_tol "
-                    f"{self.kernel_tol}); refusing to evaluate a different model"
-                )
-            lin.weight.copy_(best.to(lin.weight.dtype))
-            if bias is not None:
-                lin.bias.copy_(bias)
+            copy_checked(lin, best, bias, rel, self.kernel_tol, name, "GPTQModel")
             errs[name] = rel
-        if not errs:
-            raise RuntimeError("GPTQModel quantized no module; nothing to evaluate")
-        own = dict(model.named_parameters())
-        for name, p in qmodel.named_parameters():
-            if name.rpartition(".")[0] not in quantized and name in own:
-                own[name].copy_(p.to(own[name].dtype))
+        copy_rest(qmodel, model, quantized, "GPTQModel")
         return errs
 
 

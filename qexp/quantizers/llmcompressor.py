@@ -39,6 +39,7 @@ from qexp.errors import ConfigError, check, check_choice
 from qexp.io import atomic_write_text
 from qexp.quantizers.base import Quantizer, target_linears
 from qexp.quantizers.calib import Calibration
+from qexp.quantizers.readback import copy_checked, copy_rest, relative_error
 
 METHODS = ("gptq", "awq")
 GROUPS = (32, 64, 128, 256)
@@ -266,23 +267,10 @@ class LLMCompressorQuant(Quantizer):
             y_lib = mod(x.to(mod.weight.dtype)).float()
             bias = None if mod.bias is None else mod.bias.float()
             y = torch.nn.functional.linear(x, w.to(device), bias)
-            rel = float((y - y_lib).norm() / y_lib.norm().clamp_min(1e-12))
-            if not rel <= self.kernel_tol:
-                raise RuntimeError(
-                    f"{name}: the de-quantized weight does not reproduce llm-compressor's "
-                    f"quantized forward (relative error {rel:.3g} > kernel_tol "
-                    f"{self.kernel_tol}); refusing to evaluate a different model"
-                )
-            lin.weight.copy_(w.to(lin.weight.dtype))
-            if bias is not None:
-                lin.bias.copy_(bias)
+            rel = relative_error(y, y_lib)
+            copy_checked(lin, w, bias, rel, self.kernel_tol, name, "llm-compressor")
             errs[name] = rel
-        if not errs:
-            raise RuntimeError("llm-compressor quantized no module; nothing to evaluate")
-        own = dict(model.named_parameters())
-        for name, p in qmodel.named_parameters():
-            if name.rpartition(".")[0] not in quantized and name in own:
-                own[name].copy_(p.to(own[name].dtype))
+        copy_rest(qmodel, model, quantized, "llm-compressor")
         return errs
 
 
