@@ -56,3 +56,21 @@ def continuation_nll(  # reference: one plain forward pass
     logp = torch.log_softmax(logits, dim=-1)
     tgt = ids[0, len(prefix_ids) :]
     return float(-logp.gather(1, tgt[:, None]).sum()), len(target_ids)
+
+
+def load_spec(make_cfg, run_dir: Path, *overrides: str):
+    """Validate a composed config and load its model; the context carries the tokenizer."""
+    from qexp.config import validate
+    from qexp.context import RunContext
+
+    spec = validate(make_cfg(*overrides))
+    ctx = RunContext.from_schema(spec.run, run_dir)
+    loaded = spec.model.load(ctx)
+    ctx.tokenizer = loaded.tokenizer
+    return spec, ctx, loaded
+
+
+def levels_per_group(w: torch.Tensor, group: int) -> int:
+    """Most distinct values in one row-group of a [out, in] weight."""
+    g = w.reshape(w.shape[0], -1, group)
+    return max(len(torch.unique(g[i, j])) for i in range(g.shape[0]) for j in range(g.shape[1]))

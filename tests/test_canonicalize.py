@@ -6,17 +6,13 @@ import pytest
 import torch
 
 from qexp.attacks import Encrypt
-from qexp.config import validate
-from qexp.context import RunContext
 from qexp.defenses.canonicalize import Canonicalize
 from qexp.quantizers import NoQuantizer
+from tests.conftest import load_spec
 
 
 def loaded(make_cfg, tmp_path, *overrides):
-    spec = validate(make_cfg(*overrides))
-    ctx = RunContext.from_schema(spec.run, tmp_path)
-    lm = spec.model.load(ctx)
-    ctx.tokenizer = lm.tokenizer
+    _, ctx, lm = load_spec(make_cfg, tmp_path, *overrides)
     return ctx, lm
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from qexp.config import validate
-from qexp.context import RunContext
 from qexp.errors import ConfigError
 from qexp.quantizers.calib import Calibration, sample_from_model
+from tests.conftest import levels_per_group, load_spec
 
 pytest.importorskip("gptqmodel")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
@@ -20,23 +20,9 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 KV4 = ["model.num_kv_heads=4", "quantizer.group_size=32"]
 
 
-def setup(make_cfg, tmp_path, *overrides):
-    spec = validate(make_cfg(*overrides))
-    ctx = RunContext.from_schema(spec.run, tmp_path)
-    loaded = spec.model.load(ctx)
-    ctx.tokenizer = loaded.tokenizer
-    return spec, ctx, loaded
-
-
-def levels_per_group(w: torch.Tensor, group: int) -> int:
-    """Most distinct values in one row-group of a [out, in] weight."""
-    g = w.reshape(w.shape[0], -1, group)
-    return max(len(torch.unique(g[i, j])) for i in range(g.shape[0]) for j in range(g.shape[1]))
-
-
 @pytest.mark.parametrize("name,bits", [("gptq4", 4), ("gptq8", 8)])
 def test_gptq_writes_a_grid_the_library_kernel_agrees_with(make_cfg, tmp_path, name, bits):
-    spec, ctx, loaded = setup(make_cfg, tmp_path, f"quantizer={name}", *KV4)
+    spec, ctx, loaded = load_spec(make_cfg, tmp_path, f"quantizer={name}", *KV4)
     before = {n: p.clone() for n, p in loaded.model.named_parameters()}
     model = spec.quantizer.quantize(loaded.model, ctx)
     info = spec.quantizer.last_info
@@ -54,7 +40,7 @@ def test_gptq_writes_a_grid_the_library_kernel_agrees_with(make_cfg, tmp_path, n
 def test_awq_artifact_reloads_and_matches_the_evaluated_model(make_cfg, tmp_path):
     from gptqmodel import BACKEND, GPTQModel
 
-    spec, ctx, loaded = setup(make_cfg, tmp_path, "quantizer=awq4", "save_quantized=true", *KV4)
+    spec, ctx, loaded = load_spec(make_cfg, tmp_path, "quantizer=awq4", "save_quantized=true", *KV4)
     ids = loaded.tokenizer("Question: Tom has 3 apples.", return_tensors="pt")["input_ids"]
     model = spec.quantizer.quantize(loaded.model, ctx)
     art = tmp_path / spec.quantizer.last_info["artifact"]
@@ -69,7 +55,7 @@ def test_awq_artifact_reloads_and_matches_the_evaluated_model(make_cfg, tmp_path
 
 
 def test_gguf_k_quant_through_gptqmodel(make_cfg, tmp_path):
-    spec, ctx, loaded = setup(make_cfg, tmp_path, "quantizer=gguf_q4_k_m")
+    spec, ctx, loaded = load_spec(make_cfg, tmp_path, "quantizer=gguf_q4_k_m")
     before = loaded.model.get_submodule("model.layers.1.mlp.down_proj").weight.clone()
     model = spec.quantizer.quantize(loaded.model, ctx)
     assert spec.quantizer.last_info["method"] == "gguf"
@@ -79,7 +65,7 @@ def test_gguf_k_quant_through_gptqmodel(make_cfg, tmp_path):
 
 
 def test_calibration_self_is_seeded_and_exact_length(make_cfg, tmp_path):
-    _, _, loaded = setup(make_cfg, tmp_path)
+    _, _, loaded = load_spec(make_cfg, tmp_path)
     a = sample_from_model(loaded.model, loaded.tokenizer, 3, 20, seed=1)
     b = sample_from_model(loaded.model, loaded.tokenizer, 3, 20, seed=1)
     c = sample_from_model(loaded.model, loaded.tokenizer, 3, 20, seed=2)
@@ -90,7 +76,7 @@ def test_calibration_self_is_seeded_and_exact_length(make_cfg, tmp_path):
 
 
 def test_calibration_files(make_cfg, tmp_path):
-    _, _, loaded = setup(make_cfg, tmp_path)
+    _, _, loaded = load_spec(make_cfg, tmp_path)
     tok = loaded.tokenizer
     txt = tmp_path / "c.txt"
     txt.write_text("Seven apples and three pears are in a basket. " * 40)

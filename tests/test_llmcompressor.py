@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from qexp.config import validate
-from qexp.context import RunContext
 from qexp.errors import ConfigError
 from qexp.quantizers.calib import Calibration
+from tests.conftest import levels_per_group, load_spec
 
 pytest.importorskip("llmcompressor")
 
@@ -19,24 +19,10 @@ pytest.importorskip("llmcompressor")
 KV4 = ["model.num_kv_heads=4", "quantizer.group_size=32", "threads=1"]
 
 
-def setup(make_cfg, tmp_path, *overrides):
-    spec = validate(make_cfg(*overrides))
-    ctx = RunContext.from_schema(spec.run, tmp_path)
-    loaded = spec.model.load(ctx)
-    ctx.tokenizer = loaded.tokenizer
-    return spec, ctx, loaded
-
-
-def levels_per_group(w: torch.Tensor, group: int) -> int:
-    """Most distinct values in one row-group of a [out, in] weight."""
-    g = w.reshape(w.shape[0], -1, group)
-    return max(len(torch.unique(g[i, j])) for i in range(g.shape[0]) for j in range(g.shape[1]))
-
-
 def test_gptq_grid_kernel_check_and_compressed_artifact(make_cfg, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    spec, ctx, loaded = setup(
+    spec, ctx, loaded = load_spec(
         make_cfg, tmp_path, "quantizer=gptq4_llmc", "save_quantized=true", *KV4
     )
     before = {n: p.clone() for n, p in loaded.model.named_parameters()}
@@ -76,7 +62,7 @@ def test_gptq_grid_kernel_check_and_compressed_artifact(make_cfg, tmp_path):
 
 
 def test_awq_runs_and_rescales_the_norms(make_cfg, tmp_path):
-    spec, ctx, loaded = setup(make_cfg, tmp_path, "quantizer=awq4_llmc", *KV4)
+    spec, ctx, loaded = load_spec(make_cfg, tmp_path, "quantizer=awq4_llmc", *KV4)
     before = {n: p.clone() for n, p in loaded.model.named_parameters()}
     model = spec.quantizer.quantize(loaded.model, ctx)
     info = spec.quantizer.last_info
@@ -90,7 +76,7 @@ def test_awq_runs_and_rescales_the_norms(make_cfg, tmp_path):
 
 
 def test_a_group_that_splits_a_row_fails_before_calibration(make_cfg, tmp_path, monkeypatch):
-    spec, ctx, loaded = setup(make_cfg, tmp_path, "quantizer=gptq4_llmc")  # group 128, width 64
+    spec, ctx, loaded = load_spec(make_cfg, tmp_path, "quantizer=gptq4_llmc")  # group 128, width 64
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibration ran before the shape check")

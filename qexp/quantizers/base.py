@@ -65,3 +65,17 @@ def target_linears(model: PreTrainedModel, skip: list[str]) -> Iterator[tuple[st
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and not any(s in name for s in skip):
             yield name, module
+
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+def group_fit(
+    model: PreTrainedModel, skip: list[str], group_size: int
+) -> tuple[list[int], list[int], list[int]]:
+    """Input widths of the target linears, those `group_size` does not divide, and the
+    GROUP_SIZES that divide them all."""
+    widths = sorted({m.in_features for _, m in target_linears(model, skip)})
+    bad = [w for w in widths if w % group_size]
+    ok = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
+    return widths, bad, ok

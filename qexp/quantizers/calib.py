@@ -142,3 +142,21 @@ def sample_from_model(
         ids = torch.cat([ids, nxt], dim=1)
         step_in = nxt
     return ids.cpu().tolist()
+
+
+@dataclass
+class CalibrationKeys:
+    """The `quantizer.calib*` keys shared by quantizers that need calibration data."""
+
+    calib: str = "self"
+    calib_path: Optional[str] = None
+    calib_dataset: Optional[str] = None
+    calib_samples: int = 16
+    calib_seq_len: int = 128
+
+    @property
+    def calibration(self) -> Calibration:
+        """The calibration settings as one object."""
+        return Calibration(
+            self.calib, self.calib_path, self.calib_dataset, self.calib_samples, self.calib_seq_len
+        )

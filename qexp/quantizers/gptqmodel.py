@@ -31,8 +31,8 @@ from transformers import PreTrainedModel
 from qexp.context import RunContext, available_cores
 from qexp.errors import ConfigError, check, check_choice
 from qexp.io import atomic_write_text
-from qexp.quantizers.base import Quantizer, target_linears
-from qexp.quantizers.calib import Calibration
+from qexp.quantizers.base import GROUP_SIZES, Quantizer, group_fit
+from qexp.quantizers.calib import CalibrationKeys
 from qexp.quantizers.readback import copy_checked, copy_rest, relative_error
 
 METHODS = ("gptq", "awq", "gguf")
@@ -46,7 +46,7 @@ def _env() -> None:
 
 
 @dataclass
-class GPTQModelQuant(Quantizer):
+class GPTQModelQuant(CalibrationKeys, Quantizer):
     """`method=gptq|awq` (bits, group, sym, act-order, damp) or `method=gguf` (k-quant type)."""
 
     name: str = "gptq4"
@@ -57,11 +57,6 @@ class GPTQModelQuant(Quantizer):
     desc_act: bool = False
     damp: float = 0.01
     gguf_type: Optional[str] = None
-    calib: str = "self"
-    calib_path: Optional[str] = None
-    calib_dataset: Optional[str] = None
-    calib_samples: int = 16
-    calib_seq_len: int = 128
     batch_size: int = 4
     kernel_tol: float = 0.02
     skip: List[str] = field(default_factory=lambda: ["lm_head"])
@@ -74,10 +69,10 @@ class GPTQModelQuant(Quantizer):
         else:
             check_choice("bits", self.bits, (2, 3, 4, 8))
             check(
-                self.group_size == -1 or self.group_size in (32, 64, 128, 256),
+                self.group_size == -1 or self.group_size in GROUP_SIZES,
                 "group_size",
                 self.group_size,
-                "-1 (per output channel) or one of 32, 64, 128, 256",
+                "-1 (per output channel) or one of " + ", ".join(map(str, GROUP_SIZES)),
             )
             check(0.0 < self.damp < 1.0, "damp", self.damp, "a fraction in (0, 1)")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
@@ -91,13 +86,6 @@ class GPTQModelQuant(Quantizer):
         self.calibration.validate("")
         if importlib.util.find_spec("gptqmodel") is None:
             raise ConfigError("quantizer", self.name, f"another quantizer, or install: {EXTRA}")
-
-    @property
-    def calibration(self) -> Calibration:
-        """The calibration settings as one object."""
-        return Calibration(
-            self.calib, self.calib_path, self.calib_dataset, self.calib_samples, self.calib_seq_len
-        )
 
     def library_config(self):
         """The GPTQModel quantization config."""
@@ -160,10 +148,8 @@ class GPTQModelQuant(Quantizer):
         """AWQ needs every in_features to be a multiple of the group (GPTQ pads, AWQ refuses)."""
         if self.method != "awq" or self.group_size == -1:
             return
-        widths = sorted({m.in_features for _, m in target_linears(model, self.skip)})
-        bad = [w for w in widths if w % self.group_size]
+        widths, bad, ok = group_fit(model, self.skip, self.group_size)
         if bad:
-            ok = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
             raise ConfigError(
                 "quantizer.group_size",
                 self.group_size,

@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import torch
 from transformers import PreTrainedModel
@@ -37,18 +37,17 @@ from transformers import PreTrainedModel
 from qexp.context import RunContext
 from qexp.errors import ConfigError, check, check_choice
 from qexp.io import atomic_write_text
-from qexp.quantizers.base import Quantizer, target_linears
-from qexp.quantizers.calib import Calibration
+from qexp.quantizers.base import GROUP_SIZES, Quantizer, group_fit, target_linears
+from qexp.quantizers.calib import CalibrationKeys
 from qexp.quantizers.readback import copy_checked, copy_rest, relative_error
 
 METHODS = ("gptq", "awq")
-GROUPS = (32, 64, 128, 256)
 EXTRA = "pip install 'qexp[llmcompressor]' (llm-compressor 0.14)"
 LOG_FORMAT = "{time:HH:mm:ss.SSS} | {name}:{function} | {level} - {message}"
 
 
 @dataclass
-class LLMCompressorQuant(Quantizer):
+class LLMCompressorQuant(CalibrationKeys, Quantizer):
     """`method=gptq|awq` with bits, group, sym, act-order (GPTQ) and dampening (GPTQ)."""
 
     name: str = "gptq4_llmc"
@@ -58,11 +57,6 @@ class LLMCompressorQuant(Quantizer):
     sym: bool = True
     desc_act: bool = False
     damp: float = 0.01
-    calib: str = "self"
-    calib_path: Optional[str] = None
-    calib_dataset: Optional[str] = None
-    calib_samples: int = 16
-    calib_seq_len: int = 128
     batch_size: int = 4
     kernel_tol: float = 0.02
     skip: List[str] = field(default_factory=lambda: ["lm_head"])
@@ -72,10 +66,10 @@ class LLMCompressorQuant(Quantizer):
         check_choice("method", self.method, METHODS)
         check_choice("bits", self.bits, (4, 8))
         check(
-            self.group_size == -1 or self.group_size in GROUPS,
+            self.group_size == -1 or self.group_size in GROUP_SIZES,
             "group_size",
             self.group_size,
-            "-1 (per output channel) or one of " + ", ".join(map(str, GROUPS)),
+            "-1 (per output channel) or one of " + ", ".join(map(str, GROUP_SIZES)),
         )
         check(0.0 < self.damp < 1.0, "damp", self.damp, "a fraction in (0, 1)")
         check(
@@ -95,13 +89,6 @@ class LLMCompressorQuant(Quantizer):
         self.calibration.validate("")
         if importlib.util.find_spec("llmcompressor") is None:
             raise ConfigError("quantizer", self.name, f"another quantizer, or install: {EXTRA}")
-
-    @property
-    def calibration(self) -> Calibration:
-        """The calibration settings as one object."""
-        return Calibration(
-            self.calib, self.calib_path, self.calib_dataset, self.calib_samples, self.calib_seq_len
-        )
 
     def scheme(self):
         """The compressed-tensors weight scheme: int `bits`, per group (or channel), W-only."""
@@ -204,10 +191,8 @@ class LLMCompressorQuant(Quantizer):
         """llm-compressor refuses a group that does not divide a layer's input width."""
         if self.group_size == -1:
             return
-        widths = sorted({m.in_features for _, m in target_linears(model, self.skip)})
-        bad = [w for w in widths if w % self.group_size]
+        widths, bad, ok = group_fit(model, self.skip, self.group_size)
         if bad:
-            ok = [g for g in GROUPS if all(w % g == 0 for w in widths)]
             raise ConfigError(
                 "quantizer.group_size",
                 self.group_size,
