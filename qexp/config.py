@@ -18,11 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from qexp import CONDITIONS
+from qexp.cache import CACHE_MODES, normalize_mode
 from qexp.errors import ConfigError, check, check_choice
 from qexp.similarity import SimilaritySettings
 
 GROUPS = ("model", "attack", "defense", "quantizer", "benchmark", "logger")
 DTYPES = ("float32", "bfloat16", "float16")
+CACHE_WEIGHT_STAGES = ("attack", "defend", "quantize")
 
 
 @dataclass
@@ -37,6 +39,8 @@ class RunSchema:
     cache_dir: str = "~/.cache/qexp"
     progress: bool = True
     save_quantized: bool = False
+    cache: str = "on"
+    cache_weights: List[str] = field(default_factory=lambda: ["attack", "quantize"])
     similarity: SimilaritySettings = field(default_factory=SimilaritySettings)
 
     def __post_init__(self) -> None:
@@ -52,6 +56,9 @@ class RunSchema:
         ok = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
         check(ok, "device", self.device, "auto, cpu, cuda or cuda:N")
         check_choice("dtype", self.dtype, DTYPES)
+        check_choice("cache", self.cache, CACHE_MODES)
+        for s in self.cache_weights:
+            check_choice("cache_weights", s, CACHE_WEIGHT_STAGES)
         check(
             self.threads is None or self.threads >= 1,
             "threads",
@@ -137,6 +144,8 @@ def validate(cfg: DictConfig) -> Spec:
         for k, v in cfg.items()
         if k not in GROUPS and k not in ("hydra", "experiment")
     }
+    if "cache" in top:
+        top["cache"] = normalize_mode(top["cache"])
     run = build(RunSchema, top, "")
     plugins = {g: build_plugin(g, cfg[g]) for g in GROUPS}
     spec = Spec(run=run, **plugins)

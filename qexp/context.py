@@ -26,6 +26,8 @@ class RunContext:
     run_dir: Path
     progress: bool = True
     save_quantized: bool = False
+    cache: str = "on"  # on | off | refresh (qexp/cache.py)
+    cache_weights: tuple[str, ...] = ("attack", "quantize")
     # set by the pipeline: the branch being processed and its tokenizer (for calibration)
     branch: str = "original"
     tokenizer: Optional[PreTrainedTokenizerBase] = None
@@ -46,6 +48,8 @@ class RunContext:
             run_dir=Path(run_dir),
             progress=run.progress,
             save_quantized=run.save_quantized,
+            cache=run.cache,
+            cache_weights=tuple(run.cache_weights),
         )
 
     def seed_everything(self, offset: int = 0) -> torch.Generator:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import platform
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,8 @@ class Results:
     defense_stats: dict[str, dict] = field(default_factory=dict)
     quantization: dict[str, dict] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # per stage and condition: computed (cache off), stored (computed, now cached) or hit
+    cache: dict[str, str] = field(default_factory=dict)
     status: str = "running"
     error: str | None = None
 
@@ -83,9 +87,15 @@ class Results:
             atomic_write_jsonl(self.run_dir / "generations" / f"{condition}.jsonl", records)
         self.save()
 
-    def timed(self, stage: str, seconds: float) -> None:
-        """Add `seconds` to a stage's wall time."""
-        self.stage_seconds[stage] = round(self.stage_seconds.get(stage, 0.0) + seconds, 3)
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Add the wall time of the block to stage_seconds[name]."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.stage_seconds[name] = round(self.stage_seconds.get(name, 0.0) + dt, 3)
 
     def save(self) -> None:
         """Atomically (re)write results.json."""
@@ -97,6 +107,7 @@ class Results:
             "defense_stats": self.defense_stats,
             "quantization": self.quantization,
             "stage_seconds": self.stage_seconds,
+            "cache": self.cache,
             "status": self.status,
         }
         if self.error:

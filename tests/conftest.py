@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
-# A fast run on a tiny random model: 4 items, 8 new tokens, no W&B.
+# A fast run on a tiny random model: 4 items, 8 new tokens, no W&B, no stage cache.
 TINY = [
     "model=tiny_llama",
     "logger=none",
@@ -23,6 +23,7 @@ TINY = [
     "benchmark.max_new_tokens=8",
     "benchmark.batch_size=2",
     "progress=false",
+    "cache=off",  # tests stay independent; tests/test_cache.py turns it on
 ]
 
 

@@ -20,10 +20,10 @@ TARGETS = "attack.targets=[bnb_int8,bnb_nf4,gguf_q4_0]"
 FAST = ["attack=gap", "attack.inject_steps=6", "attack.repair_steps=6", "attack.batch_size=4"]
 
 
-def attacked(make_cfg, tmp_path, *overrides, cache=None):
+def attacked(make_cfg, tmp_path, *overrides, cache=None, mode="on"):
     """Attack a fresh tiny model; the gap cache lives in `cache` (default: a fresh dir)."""
     cache = cache or tmp_path / "cache"
-    spec = validate(make_cfg(*FAST, *overrides, f"cache_dir={cache}"))
+    spec = validate(make_cfg(*FAST, *overrides, f"cache_dir={cache}", f"cache={mode}"))
     ctx = RunContext.from_schema(spec.run, tmp_path)
     loaded = spec.model.load(ctx)
     ctx.tokenizer = loaded.tokenizer
@@ -95,6 +95,9 @@ def test_cache_reuses_the_trained_weights(make_cfg, tmp_path):
     assert spec3.attack.last_manifest["repair"]["cached"] is False
     for (n, p), (_, q) in zip(m1.named_parameters(), m2.named_parameters()):
         assert torch.equal(p, q), n
+    # the top-level cache=off disables this cache too
+    spec4, _, _, _ = attacked(make_cfg, tmp_path / "e", cache=tmp_path / "c", mode="off")
+    assert spec4.attack.last_manifest["inject"]["cached"] is False
 
 
 def test_gap_pipeline_reports_rates(make_cfg, tmp_path):

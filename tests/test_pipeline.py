@@ -48,6 +48,7 @@ def test_results_schema(make_cfg, tmp_path):
         "defense_stats",
         "quantization",
         "stage_seconds",
+        "cache",
         "status",
     }
     assert set(body["conditions"]) == {"original", "original_q"}
@@ -56,6 +57,11 @@ def test_results_schema(make_cfg, tmp_path):
     assert body["provenance"]["model_source"] == "tiny:llama"
     assert {"torch", "transformers", "qexp", "dtype", "device"} <= set(body["provenance"])
     assert {"load_original", "evaluate_original", "quantize_original"} <= set(body["stage_seconds"])
+    assert body["cache"] == {
+        "original": "computed",
+        "original/quantize": "computed",
+        "original_q": "computed",
+    }
     assert not list(tmp_path.glob(".*.tmp")), "temp files left behind"
 
 

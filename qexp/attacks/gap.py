@@ -220,7 +220,8 @@ class Gap(Attack):
 
     def _stage(self, path: Path, params: dict, train, ctx: RunContext) -> dict:
         """Load a stage's weights from the cache, or train them and store them."""
-        if self.cache and path.is_file():
+        # top-level cache=off disables this cache too; cache=refresh retrains and overwrites
+        if self.cache and ctx.cache == "on" and path.is_file():
             self._set(params, load_file(str(path)))
             meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
             return {**meta, "cached": True}
@@ -229,7 +230,7 @@ class Gap(Attack):
         meta = train()
         for p in params.values():
             p.requires_grad_(False)
-        if self.cache:
+        if self.cache and ctx.cache != "off":
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_open(path, "wb") as f:
                 f.write(_safetensors_bytes({n: p.detach() for n, p in params.items()}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -27,6 +28,10 @@ class ModelSource(ABC):
     @abstractmethod
     def load(self, ctx: RunContext) -> LoadedModel:
         """Return a new model instance on ctx.device in ctx.dtype."""
+
+    def fingerprint(self) -> Any:
+        """What identifies the weights beyond the config (files' digests); for the cache key."""
+        return None
 
 
 def finish_loading(

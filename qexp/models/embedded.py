@@ -98,6 +98,9 @@ class EmbeddedGGUFModel(ModelSource):
             convert_gguf(self.path, out, self.eos_token, self.pad_token)
         return out
 
+    def fingerprint(self) -> str:
+        return file_digest(self.path)
+
     def load(self, ctx: RunContext) -> LoadedModel:
         loaded = load_pretrained(str(self.checkpoint_dir(ctx)), ctx)
         loaded.source = f"{self.package}/{self.filename}"

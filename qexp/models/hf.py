@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -64,6 +64,16 @@ class HFModel(ModelSource):
                 self.id,
                 "a hub id org/name or a local checkpoint directory",
             )
+
+    def fingerprint(self) -> Any:
+        """Local dirs: each file's name, size and mtime; hub ids: the revision (pin one, e.g.
+        a commit hash, so that a cached stage cannot outlive an upstream change)."""
+        if not looks_like_path(self.id):
+            return self.revision
+        root = Path(self.id).expanduser()
+        return sorted(
+            (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in root.iterdir() if p.is_file()
+        )
 
     def load(self, ctx: RunContext) -> LoadedModel:
         ident = str(Path(self.id).expanduser()) if looks_like_path(self.id) else self.id

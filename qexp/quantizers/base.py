@@ -21,6 +21,9 @@ class Quantizer(ABC):
     last_info: dict = {}
     # whether `save_quantized=true` writes the library's native artifact to quantized/<branch>/
     saves_artifact: bool = False
+    # whether the quantized model has the input's parameters (de-quantized weights), so the
+    # stage cache can store it; False for library modules such as bitsandbytes' Linear4bit
+    plain_output: bool = True
 
     @abstractmethod
     def quantize(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:

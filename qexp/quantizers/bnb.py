@@ -33,6 +33,7 @@ class BitsAndBytes(GridQuantizer):
     compute_dtype: str = "float32"
     skip: List[str] = field(default_factory=lambda: ["lm_head"])
     saves_artifact = True
+    plain_output = False  # Linear8bitLt / Linear4bit modules
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, MODES)

@@ -1,0 +1,61 @@
+"""Hydra callback: make failed jobs of a parallel sweep fail the sweep's exit status.
+
+qexp's `main()` exits 1 when a job of its own process failed (qexp.__main__.FAILED). With a
+launcher that runs jobs in other processes (joblib, Ray, submitit/Slurm) that list stays
+empty in the launching process, so this callback, which the launcher configs in
+conf/hydra/launcher/ add as `hydra.callbacks.qexp_failed_jobs`, reads the sweep's
+results.json files at the end instead: any written during this sweep whose status is not
+"complete" is reported and the process exits 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+def _results(sweep_dir: Path) -> Dict[Path, int]:
+    """results.json of every job dir directly under sweep_dir, with its mtime (ns)."""
+    out: Dict[Path, int] = {}
+    for path in sweep_dir.glob("*/results.json"):
+        with contextlib.suppress(OSError):  # removed meanwhile
+            out[path] = path.stat().st_mtime_ns
+    return out
+
+
+def _job_order(path: Path) -> tuple:
+    num, _, rest = path.parent.name.partition("_")
+    return (int(num), rest) if num.isdigit() else (sys.maxsize, path.parent.name)
+
+
+class FailedJobs(Callback):
+    """Exit 1 after a sweep in which a job wrote a results.json that is not complete."""
+
+    def __init__(self) -> None:
+        self._before: Dict[Path, int] = {}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._before = _results(Path(str(config.hydra.sweep.dir)))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        failed = []
+        for path, mtime in sorted(_results(Path(str(config.hydra.sweep.dir))).items()):
+            if self._before.get(path) == mtime:  # not written by this sweep (skipped, other)
+                continue
+            try:
+                status = json.loads(path.read_text(encoding="utf-8")).get("status")
+            except (OSError, ValueError):
+                status = "unreadable"
+            if status != "complete":
+                failed.append(path)
+        if failed:
+            failed.sort(key=_job_order)
+            names = ", ".join(p.parent.name for p in failed)
+            print(f"qexp: {len(failed)} job(s) failed: {names}", file=sys.stderr)
+            sys.exit(1)

@@ -1,0 +1,132 @@
+"""A branch's model, built lazily through its cached stages (qexp/cache.py).
+
+A branch is load -> [attack] -> [defend -> quantize]. Each step's output is keyed by its
+config, the upstream key and the seed. The model is only built when something needs it: an
+evaluation whose result is cached needs nothing but the side results (stats, files) of the
+steps before it, and a step whose weights are cached is loaded instead of run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from transformers import PreTrainedModel
+
+from qexp.cache import Entry, StageCache, digest, snapshot, written_since
+from qexp.context import RunContext
+from qexp.models import LoadedModel
+from qexp.results import Results
+
+
+@dataclass
+class Step:
+    """One model stage of a branch (attack, defend or quantize)."""
+
+    name: str
+    config: Any  # what, beside the upstream key and the seed, determines the output
+    apply: Callable[[PreTrainedModel], PreTrainedModel]
+    side: Callable[[], dict]  # its side results (stats) to keep with the cache entry
+    restore: Callable[[dict], None]  # put cached side results back into Results
+    plain_output: bool = True  # the output has the loaded model's parameters (storable)
+    cacheable: bool = True  # False: always run (e.g. it writes an artifact the user asked for)
+
+
+class Chain:
+    """The model of one branch: loaded on demand, then advanced through the steps."""
+
+    def __init__(
+        self,
+        load: Callable[[], LoadedModel],
+        root_key: str,
+        ctx: RunContext,
+        results: Results,
+        cache: StageCache,
+        branch: str,
+    ) -> None:
+        self.load, self.ctx, self.results = load, ctx, results
+        self.cache, self.branch = cache, branch
+        self.steps: list[Step] = []
+        self.keys = [root_key]
+        self.loaded: Optional[LoadedModel] = None
+        self.done = 0  # steps applied to self.loaded
+
+    @property
+    def key(self) -> str:
+        """The key of the model state after every step added so far."""
+        return self.keys[-1]
+
+    def add(self, step: Step) -> None:
+        """Append a step (its key chains from the current one)."""
+        self.steps.append(step)
+        self.keys.append(digest(step.name, self.key, step.config, self.ctx.seed))
+
+    def _entry(self, i: int) -> Optional[Entry]:
+        step = self.steps[i]
+        return self.cache.get(step.name, self.keys[i + 1]) if step.cacheable else None
+
+    def _mark(self, i: int, how: str) -> None:
+        self.results.cache[f"{self.branch}/{self.steps[i].name}"] = how
+
+    def restore(self) -> bool:
+        """Restore the side results of the steps not applied yet from their cache entries;
+        False (nothing restored) if any entry is missing."""
+        entries = [self._entry(i) for i in range(self.done, len(self.steps))]
+        if any(e is None for e in entries):
+            return False
+        for i, e in enumerate(entries, start=self.done):
+            self._restore(i, e)
+        return True
+
+    def _restore(self, i: int, entry: Entry) -> None:
+        self.steps[i].restore(entry.meta["side"])
+        entry.restore_files(self.ctx.run_dir)
+        self._mark(i, "hit")
+
+    def model(self) -> LoadedModel:
+        """The model after every step: cached weights where stored, computed otherwise."""
+        if self.loaded is None:
+            with self.results.stage(f"load_{self.branch}"):
+                self.loaded = self.load()
+            self.ctx.tokenizer = self.loaded.tokenizer
+        self._jump()
+        for i in range(self.done, len(self.steps)):
+            self._run(i)
+        return self.loaded
+
+    def _jump(self) -> None:
+        """Load the furthest step whose weights are cached, restoring the steps before it."""
+        for j in reversed(range(self.done, len(self.steps))):
+            entries = [self._entry(i) for i in range(self.done, j + 1)]
+            if all(e is not None for e in entries) and entries[-1].has_model:
+                with self.results.stage(f"{self.steps[j].name}_{self.branch}"):
+                    entries[-1].load_into(self.loaded.model)
+                for i, e in enumerate(entries, start=self.done):
+                    self._restore(i, e)
+                self.done = j + 1
+                return
+
+    def _run(self, i: int) -> None:
+        step, key = self.steps[i], self.keys[i + 1]
+        cache = self.cache if step.cacheable else StageCache(self.cache.root, "off")
+        with cache.lock(step.name, key):
+            entry = cache.get(step.name, key)  # another job may have just stored it
+            with self.results.stage(f"{step.name}_{self.branch}"):
+                if entry is not None and entry.has_model:
+                    entry.load_into(self.loaded.model)
+                    self._restore(i, entry)
+                else:
+                    before = snapshot(self.ctx.run_dir)
+                    self.ctx.seed_everything()
+                    self.loaded.model = step.apply(self.loaded.model)
+                    store = step.plain_output and step.name in self.ctx.cache_weights
+                    cache.put(
+                        step.name,
+                        key,
+                        {"side": step.side(), "files": written_since(before, self.ctx.run_dir)},
+                        self.loaded.model if store else None,
+                        self.ctx.run_dir,
+                    )
+                    self._mark(i, "computed" if cache.mode == "off" else "stored")
+        self.done = i + 1

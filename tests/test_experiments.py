@@ -1,0 +1,85 @@
+"""Every conf/experiment/*.yaml runs as a sweep (`python -m qexp -m experiment=<name>`) on a
+tiny model, with the stage cache on, and every job of it completes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import CONF, FIXTURES, ROOT
+
+pytestmark = pytest.mark.slow
+TINY = [
+    "model=tiny_llama",
+    "logger=none",
+    "progress=false",
+    "benchmark.limit=2",
+    "benchmark.max_new_tokens=4",
+    "similarity.bertscore=false",
+]
+ENCRYPT = ["attack.kappa_one_layers=0"]
+# what a 2-layer random model needs beyond TINY (GPTQModel: as many kv heads as heads)
+EXTRA = {
+    "encrypt_ablation": ENCRYPT,
+    "encrypt_eps": ENCRYPT,
+    "encrypt_gamma": ENCRYPT,
+    "encrypt_kappa": ENCRYPT,
+    "noise_grid": [],
+    "paper_svamp": [*ENCRYPT, "model.num_kv_heads=4", "quantizer.group_size=32"],
+    "paper_aime": [
+        *ENCRYPT,
+        f"benchmark.path={FIXTURES / 'aime_small.jsonl'}",
+        "benchmark.source=file",
+        "benchmark.chat_template=false",
+    ],
+}
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def sweep_size(name: str, overrides: list[str]) -> int:
+    """Jobs in the experiment's sweep, minus parameters fixed on the command line."""
+    params = yaml.safe_load((CONF / "experiment" / f"{name}.yaml").read_text())["hydra"]
+    fixed = {o.split("=")[0] for o in overrides}
+    n = 1
+    for key, values in params["sweeper"]["params"].items():
+        if key not in fixed:
+            n *= len(str(values).replace("],[", "]|[").split("|" if "[" in str(values) else ","))
+    return n
+
+
+def test_every_experiment_is_tested():
+    assert set(EXPERIMENTS) == set(EXTRA)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_sweep_runs(name, tmp_path, cache_dir):
+    overrides = [*TINY, *EXTRA[name]]
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qexp",
+            "-m",
+            f"experiment={name}",
+            *overrides,
+            f"hydra.sweep.dir={tmp_path}",
+            "cache=on",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "QEXP_CACHE_DIR": str(cache_dir)},
+        timeout=900,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    jobs = sorted(f.parent for f in tmp_path.rglob("results.json"))
+    assert all(d.parent == tmp_path for d in jobs)  # one dir per job, not nested by paths
+    assert len(jobs) == sweep_size(name, overrides)
+    for d in jobs:
+        body = json.loads((d / "results.json").read_text())
+        assert body["status"] == "complete", (d.name, body.get("error"))
+        assert set(body["conditions"]) == set(body["config"]["conditions"])
+        assert body["config"]["model"]["name"] == "tiny_llama"
