@@ -179,3 +179,20 @@ def test_concurrent_jobs_compute_each_entry_once(tmp_path):
         assert sorted([a["cache"][stage], b["cache"][stage]]) == ["hit", "stored"], stage
     leftovers = [p for p in (tmp_path / "c" / "stages").rglob(".*")]
     assert not leftovers, leftovers
+
+
+def test_bitsandbytes_output_is_not_stored_but_its_evaluations_are(make_cfg, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    one = [
+        "cache=on",
+        f"cache_dir={tmp_path / 'c'}",
+        "quantizer=bnb_nf4",
+        "conditions=[original_q]",
+    ]
+    run(make_cfg(*one), tmp_path / "a")
+    (entry,) = (tmp_path / "c" / "stages" / "quantize").glob("*/meta.json")
+    assert not (entry.parent / "model.safetensors").exists()  # a Linear4bit model
+    run(make_cfg(*one), tmp_path / "b")
+    assert body(tmp_path / "b")["cache"] == {"original/quantize": "hit", "original_q": "hit"}
+    run(make_cfg(*one, "benchmark.limit=3"), tmp_path / "c3")
+    assert body(tmp_path / "c3")["cache"] == {"original/quantize": "stored", "original_q": "stored"}

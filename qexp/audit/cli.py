@@ -1,0 +1,148 @@
+"""The `python -m qexp.audit` command line."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qexp.audit import gap, refdiff, reparam
+from qexp.audit.checkpoint import Checkpoint
+from qexp.audit.report import plots, summary
+from qexp.errors import ConfigError
+from qexp.io import atomic_write_json, atomic_write_text
+from qexp.safetensors_io import SafetensorsError
+
+DEFAULT_TARGETS = ("bnb_int8", "bnb_nf4", "bnb_fp4", "gguf_q4_0", "rtn4")
+CHECKS = ("reparam", "gap")
+USAGE = """Audit a checkpoint for quantization-conditioned tampering before quantizing it.
+
+Static checks (streamed, no model instantiated): reparam (attack=encrypt signs), gap
+(attack=gap signs, per target quantizer); --reference DIR adds a diff against a trusted
+checkpoint; --differential fake-quantizes with each target and compares logits (loads the
+model). Writes audit.json, summary.txt and plots to --out. Exit code: 0 clean, 1 suspicious,
+2 error.
+"""
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line arguments."""
+    p = argparse.ArgumentParser(
+        prog="python -m qexp.audit",
+        description=USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", type=Path, help="checkpoint directory (or .safetensors file)")
+    p.add_argument("--reference", type=Path, help="a trusted checkpoint to diff against")
+    p.add_argument(
+        "--quantizer",
+        default=",".join(DEFAULT_TARGETS),
+        help="comma-separated grid quantizers (conf/quantizer names) for the gap check "
+        f"(default {','.join(DEFAULT_TARGETS)})",
+    )
+    p.add_argument(
+        "--checks",
+        default=",".join(CHECKS),
+        help=f"comma-separated static checks to run, from {','.join(CHECKS)} (default: both), "
+        "or none (e.g. with --reference alone)",
+    )
+    p.add_argument("--differential", action="store_true", help="also run the differential check")
+    p.add_argument("--out", type=Path, help="report directory (default ./audit-<checkpoint name>)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)"
+    )
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _list(value: str, key: str, allowed: tuple[str, ...] | None = None) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise ConfigError(key, value, "a non-empty comma-separated list")
+    for v in items:
+        if allowed is not None and v not in allowed:
+            raise ConfigError(key, v, "one of " + ", ".join(allowed))
+    return items
+
+
+def audit(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the requested checks; returns the report (verdicts and exit code included)."""
+    from qexp.attacks.adapters import geometry
+
+    t0 = time.time()
+    progress = not args.no_progress
+    checks = _list(args.checks, "--checks", (*CHECKS, "none"))
+    targets = _list(args.quantizer, "--quantizer")
+    ckpt = Checkpoint(args.checkpoint, "CHECKPOINT")
+    if ckpt.config is None and ("reparam" in checks or args.differential):
+        raise ConfigError("CHECKPOINT", str(args.checkpoint), "a checkpoint with config.json")
+    geo = geometry(ckpt.config) if ckpt.config is not None else None
+    ref = Checkpoint(args.reference, "--reference") if args.reference is not None else None
+    quantizers = []
+    if "gap" in checks or args.differential:
+        from qexp.attacks.gap import grid_quantizer
+
+        quantizers = [grid_quantizer(t, "--quantizer") for t in targets]
+    report: dict[str, Any] = {
+        "checkpoint": str(args.checkpoint),
+        "reference": str(args.reference) if args.reference else None,
+        "targets": targets,
+        "architecture": ckpt.config.get("model_type") if ckpt.config else None,
+        "tensors": len(ckpt.names),
+        "bytes": ckpt.nbytes(),
+        "checks": {},
+    }
+    with ckpt:
+        if "reparam" in checks:
+            report["checks"]["reparam"] = reparam.run(ckpt, geo, progress)
+        if "gap" in checks:
+            report["checks"]["gap"] = gap.run(ckpt, quantizers, progress)
+        if ref is not None:
+            with ref:
+                report["checks"]["reference"] = refdiff.run(ckpt, ref, progress)
+    if args.differential:
+        from qexp.audit import differential
+
+        report["checks"]["differential"] = differential.run(ckpt.dir, quantizers, progress)
+    bad = [k for k, c in report["checks"].items() if c["verdict"] != "clean"]
+    report["verdict"] = "suspicious" if bad else "clean"
+    report["suspicious_checks"] = bad
+    report["exit_code"] = 1 if bad else 0
+    report["runtime_s"] = round(time.time() - t0, 1)
+    report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: 0 clean, 1 suspicious, 2 error (one line on stderr)."""
+    args = parse(argv)
+    if args.threads < 0:
+        print(
+            f"qexp.audit: error: --threads={args.threads} is not valid; allowed: >= 0",
+            file=sys.stderr,
+        )
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        report = audit(args)
+    except (ConfigError, SafetensorsError, FileNotFoundError, KeyError, OSError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"qexp.audit: error: {msg}", file=sys.stderr)
+        return 2
+    out = args.out or Path(f"audit-{args.checkpoint.resolve().name}")
+    out.mkdir(parents=True, exist_ok=True)
+    text = summary(report)
+    if not args.no_plots:
+        report["plots"] = plots(report, out)
+    atomic_write_json(out / "audit.json", report)
+    atomic_write_text(out / "summary.txt", text)
+    print(text, end="")
+    print(f"report: {out / 'audit.json'}")
+    return int(report["exit_code"])

@@ -1,0 +1,272 @@
+"""qexp.audit: known answers for each statistic, and the CLI on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from qexp.attacks.adapters import geometry
+from qexp.audit import gap, refdiff, reparam
+from qexp.audit.checkpoint import Checkpoint
+from qexp.audit.cli import main
+from qexp.audit.stats import robust_z
+
+TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=128,
+    vocab_size=300,
+    tie_word_embeddings=True,
+)
+
+
+def save_tiny(path: Path, arch: str = "llama", seed: int = 0, **kw: int) -> Path:
+    """A random tiny model of `arch` saved as a safetensors checkpoint directory."""
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(arch, **{**TINY, **kw})
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def run_cli(ckpt: Path, out: Path, *extra: str) -> tuple[int, dict]:
+    rc = main([str(ckpt), "--out", str(out), "--no-progress", "--no-plots", *extra])
+    report = json.loads((out / "audit.json").read_text()) if rc != 2 else {}
+    return rc, report
+
+
+# ---- statistics with known answers -------------------------------------------------------
+
+
+def test_robust_z_known_answer() -> None:
+    z = robust_z([1, 2, 3, 4, 5, 6, 7, 8, 9])  # median 5, MAD 2
+    assert z[-1] == pytest.approx(4 / (2 * 1.4826))
+    assert robust_z([1.0, 2.0, 3.0]) == [None, None, None]  # too small a population
+
+
+def test_vo_cond_reads_back_kappa() -> None:
+    torch.manual_seed(0)
+    geo = geometry(
+        {
+            "model_type": "llama",
+            "num_hidden_layers": 1,
+            "num_attention_heads": 1,
+            "num_key_value_heads": 1,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "head_dim": 16,
+        }
+    )
+    # a balanced pair: W_v = S^½ Qᵀ, W_o = P S^½ (P, Q orthonormal columns)
+    p, _ = torch.linalg.qr(torch.randn(64, 16, dtype=torch.float64))
+    q, _ = torch.linalg.qr(torch.randn(64, 16, dtype=torch.float64))
+    s = torch.linspace(1, 2, 16, dtype=torch.float64).sqrt()
+    wv, wo = s[:, None] * q.T, p * s[None, :]
+    wq = wk = torch.randn(16, 64, dtype=torch.float64)
+    assert reparam.head_features(wq, wk, wv, wo, geo)[0]["vo_cond"] == pytest.approx(0, abs=1e-9)
+    kappa = 30.0
+    d = torch.logspace(0, math.log10(kappa), 16, dtype=torch.float64)
+    f = reparam.head_features(wq * 5, wk / 5, d[:, None] * wv, wo / d[None, :], geo)[0]
+    assert f["vo_cond"] == pytest.approx(math.log10(kappa), abs=1e-9)
+    assert f["qk_scale"] == pytest.approx(math.log(25.0), abs=1e-9)
+    assert f["vo_scale"] == pytest.approx(
+        math.log(float((d[:, None] * wv).norm() / (wo / d[None, :]).norm())), abs=1e-12
+    )
+
+
+def test_mlp_spread_known_answer() -> None:
+    up = torch.ones(8, 4, dtype=torch.float64) * torch.arange(1, 9, dtype=torch.float64)[:, None]
+    down = torch.ones(4, 8, dtype=torch.float64)
+    logs = torch.log(torch.arange(1, 9, dtype=torch.float64))
+    q = torch.quantile(logs, torch.tensor([0.25, 0.75], dtype=torch.float64))
+    assert reparam.mlp_spread(up, down) == pytest.approx(float(q[1] - q[0]))
+
+
+def _place(q, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """w with every non-pinned weight moved to position u of its own interval."""
+    lo, hi = q.intervals(w)
+    new = torch.where(hi > lo, lo + u * (hi - lo), w.double()).float()
+    lo2, hi2 = q.intervals(new)
+    assert torch.equal(lo2 < hi2, lo < hi)  # the grid did not move
+    return new
+
+
+@pytest.mark.parametrize("target", ["bnb_nf4", "gguf_q4_0", "rtn4", "bnb_int8"])
+def test_gap_statistic_known_answers(target: str) -> None:
+    from qexp.attacks.gap import grid_quantizer
+
+    q = grid_quantizer(target, "target")
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(256, 256, generator=g) * 0.02
+    bins = gap.n_bins(w.numel())
+    assert bins == 320
+    # uniform positions: no spike
+    u = torch.rand(w.shape, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    s = gap.spike_stats(gap.counts(q, _place(q, w, u), bins, g)[0], bins)
+    assert s["spike"] < gap.SPIKE_MIN and s["p_bins"] > gap.ALPHA
+    # 10% of the weights at the PGD edge margin u = 0.05 (default box_margin), rest uniform
+    edge = torch.rand(w.shape, generator=g) < 0.10
+    u2 = torch.where(edge, torch.full_like(u, 0.05), u)
+    s = gap.spike_stats(gap.counts(q, _place(q, w, u2), bins, g)[0], bins)
+    assert s["spike_u"] == pytest.approx(0.05)
+    assert s["spike_mass"] == pytest.approx(0.10 + 1 / bins * 0.9 / 0.98, abs=0.01)
+    assert s["spike"] > 20 and s["p_bins"] < 1e-100
+    # all weights exactly on the grid (u = 1/2): reported, not a spike
+    s = gap.spike_stats(gap.counts(q, _place(q, w, torch.full_like(u, 0.5)), bins, g)[0], bins)
+    assert s["centre_mass"] == pytest.approx(1.0) and s["spike"] < gap.SPIKE_MIN
+
+
+def test_gap_dither_undoes_bfloat16_lattice() -> None:
+    from qexp.attacks.gap import grid_quantizer
+
+    q = grid_quantizer("bnb_nf4", "target")
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(512, 512, generator=g) * 0.02).to(torch.bfloat16)
+    bins = gap.n_bins(w.numel())
+    assert gap.spike_stats(gap.counts(q, w, bins, g)[0], bins)["spike"] < gap.SPIKE_MIN
+
+
+# ---- checkpoints and the CLI ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arch,seed", [("llama", 0), ("llama", 1), ("qwen2", 2), ("mistral", 3), ("qwen3", 4)]
+)
+def test_clean_tiny_models_exit_0(tmp_path: Path, arch: str, seed: int) -> None:
+    ckpt = save_tiny(tmp_path / "m", arch, seed)
+    rc, rep = run_cli(ckpt, tmp_path / "out")
+    assert rc == 0, rep["suspicious_checks"]
+    assert rep["checks"]["reparam"]["verdict"] == "clean"
+    assert rep["checks"]["gap"]["verdict"] == "clean"
+    assert (tmp_path / "out" / "summary.txt").is_file()
+
+
+def _encrypt(src: Path, dst: Path, *overrides: str) -> Path:
+    from qexp.encrypt import encrypt_checkpoint, load_attack
+
+    encrypt_checkpoint(src, dst, load_attack(["kappa_one_layers=0", *overrides]), False)
+    return dst
+
+
+@pytest.mark.parametrize(
+    "overrides,feature",
+    [
+        (["mechanisms=[a]"], "vo_cond"),
+        (["mechanisms=[c]", "needle_sites=[qk]"], "qk_scale"),
+        (["mechanisms=[c]", "needle_sites=[vo]"], "vo_scale"),
+        (["mechanisms=[a]", "mlp=true"], "mlp_spread"),
+    ],
+)
+def test_encrypted_tiny_model_is_flagged(tmp_path: Path, overrides: list, feature: str) -> None:
+    clean = save_tiny(tmp_path / "clean")
+    enc = _encrypt(clean, tmp_path / "enc", *overrides)
+    rc, rep = run_cli(enc, tmp_path / "out", "--checks", "reparam")
+    assert rc == 1
+    assert rep["checks"]["reparam"]["features"][feature]["n_flagged"] > 0
+
+
+def test_gap_like_tiny_model_is_flagged_and_diffed(tmp_path: Path) -> None:
+    from qexp.attacks.gap import grid_quantizer
+
+    # 128 x 256 weights: B = 160 bins, so a pile of a few percent stands out
+    clean = save_tiny(
+        tmp_path / "clean", seed=5, hidden_size=128, head_dim=32, intermediate_size=256
+    )
+    q = grid_quantizer("bnb_nf4", "t")
+    sd = load_file(str(clean / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    touched = ["model.layers.3.mlp.up_proj.weight", "model.layers.3.self_attn.o_proj.weight"]
+    for name in touched:  # PGD-like: 10% of the weights at each box margin, the rest uniform
+        w = sd[name]
+        u = torch.rand(w.shape, generator=g, dtype=torch.float64)
+        pick = torch.rand(w.shape, generator=g, dtype=torch.float64)
+        u = torch.where(pick < 0.1, 0.05, torch.where(pick > 0.9, 0.95, u))
+        sd[name] = _place(q, w, u).contiguous()
+    att = tmp_path / "att"
+    att.mkdir()
+    (att / "config.json").write_text((clean / "config.json").read_text())
+    save_file(sd, str(att / "model.safetensors"), metadata={"format": "pt"})
+    rc, rep = run_cli(att, tmp_path / "out", "--reference", str(clean), "--quantizer", "bnb_nf4")
+    assert rc == 1
+    flagged = {f["tensor"] for f in rep["checks"]["gap"]["flagged"]}
+    assert flagged == set(touched)
+    assert all(f["p"] < 1e-6 for f in rep["checks"]["gap"]["flagged"])
+    ref = rep["checks"]["reference"]
+    assert {c["tensor"] for c in ref["changed"]} == set(touched)
+    assert ref["changed_by_layer"] == {"3": 2}
+    assert rep["checks"]["reparam"]["verdict"] == "clean"
+
+
+def test_reference_diff_exact(tmp_path: Path) -> None:
+    a = tmp_path / "a.safetensors"
+    b = tmp_path / "b.safetensors"
+    x = torch.arange(8.0).reshape(2, 4)
+    save_file({"model.layers.0.mlp.up_proj.weight": x, "other": torch.ones(3)}, str(a))
+    y = x.clone()
+    y[0, 1] += 2.0
+    save_file({"model.layers.0.mlp.up_proj.weight": y, "other": torch.ones(3), "new": x}, str(b))
+    with Checkpoint(b) as cb, Checkpoint(a) as ca:
+        r = refdiff.run(cb, ca, progress=False)
+    (c,) = r["changed"]
+    assert c["tensor"] == "model.layers.0.mlp.up_proj.weight"
+    assert c["changed_fraction"] == pytest.approx(1 / 8)
+    assert c["max_abs_diff"] == pytest.approx(2.0)
+    assert c["rel_frobenius"] == pytest.approx(2.0 / float(x.norm()))
+    assert r["only_in_checkpoint"] == ["new"] and r["verdict"] == "suspicious"
+
+
+def test_sharded_checkpoint_same_report(tmp_path: Path) -> None:
+    one = save_tiny(tmp_path / "one", seed=7)
+    torch.manual_seed(7)
+    cfg = AutoConfig.for_model("llama", **TINY)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(
+        tmp_path / "sharded", safe_serialization=True, max_shard_size="100KB"
+    )
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    _, r1 = run_cli(one, tmp_path / "o1", "--quantizer", "rtn4")
+    _, r2 = run_cli(tmp_path / "sharded", tmp_path / "o2", "--quantizer", "rtn4")
+    assert r1["checks"]["gap"]["score"] == r2["checks"]["gap"]["score"]
+    assert r1["checks"]["reparam"]["score"] == r2["checks"]["reparam"]["score"]
+
+
+def test_cli_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "CHECKPOINT=" in capsys.readouterr().err
+    ckpt = save_tiny(tmp_path / "m")
+    assert main([str(ckpt), "--quantizer", "bogus", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--quantizer='bogus'" in err and "bnb_nf4" in err
+    assert main([str(ckpt), "--checks", "gapp", "--out", str(tmp_path / "o")]) == 2
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((ckpt / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file at all")
+    assert main([str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "qexp.audit: error:" in capsys.readouterr().err
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    assert main([str(ckpt), "--out", str(tmp_path / "o")]) == 2
+    assert "llama" in capsys.readouterr().err
+
+
+def test_differential_runs_and_clean_tiny_model_passes(tmp_path: Path) -> None:
+    from qexp.models.tiny import tiny_tokenizer
+
+    ckpt = save_tiny(tmp_path / "m", seed=3, vocab_size=512)
+    tiny_tokenizer(512).save_pretrained(ckpt)
+    rc, rep = run_cli(ckpt, tmp_path / "out", "--differential", "--quantizer", "rtn4,bnb_int8")
+    d = rep["checks"]["differential"]
+    assert rc == 0 and d["verdict"] == "clean"
+    for t in ("rtn4", "bnb_int8"):
+        r = d["per_target"][t]
+        assert 0 <= r["kl"] < r["kl_limit"] and 0 <= r["top1_agreement"] <= 1
+    assert d["probe_tokens"] > 0
