@@ -10,20 +10,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.conftest import TINY as CONFTEST_TINY
 
 # fast jobs: tiny random model, 4 items, 8 tokens, one thread per job, no similarity encoders
-TINY = [
-    "model=tiny_llama",
-    "logger=none",
-    "benchmark.limit=4",
-    "benchmark.max_new_tokens=8",
-    "benchmark.batch_size=2",
-    "progress=false",
-    "cache=off",
-    "threads=1",
-    "similarity.enabled=false",
-    "conditions=[original,original_q]",
-]
+TINY = [*CONFTEST_TINY, "threads=1", "similarity.enabled=false", "conditions=[original,original_q]"]
 
 
 def qexp(*args, cache_dir, env=None):
