@@ -101,7 +101,7 @@ def embedded_checkpoint() -> Path:
     from qexp.config import validate
     from qexp.context import RunContext
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "qexp" / "conf"), version_base="1.3"):
         spec = validate(compose("config", overrides=["logger=none"]))
     return spec.model.checkpoint_dir(RunContext.from_schema(spec.run, ROOT / "bench"))
 

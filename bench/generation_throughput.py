@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "generation.json")
     a = p.parse_args()
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "qexp" / "conf"), version_base="1.3"):
         cfg = compose(
             "config",
             overrides=[

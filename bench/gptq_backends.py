@@ -38,20 +38,22 @@ def rss():
 conf, quantizer, run_dir, group, threads = sys.argv[1:6]
 overrides = ["logger=none", "progress=false", "seed=0", "threads=" + threads,
              "quantizer=" + quantizer, "quantizer.group_size=" + group,
-             "quantizer.calib=self", "quantizer.calib_samples=16", "quantizer.calib_seq_len=128"]
+             "quantizer.calibration.source=self", "quantizer.calibration.samples=16",
+             "quantizer.calibration.seq_len=128"]
 with initialize_config_dir(config_dir=conf, version_base="1.3"):
     spec = validate(compose("config", overrides=overrides))
 ctx = RunContext.from_schema(spec.run, run_dir)
 t0 = time.perf_counter(); lm = spec.model.load(ctx); load = time.perf_counter() - t0
-ctx.tokenizer = lm.tokenizer
+from qexp.plugin import Subject
 rss_loaded = rss()
 text = reference_text()
 ppl_fp = math.exp(float(token_nll(lm.model, lm.tokenizer, text).mean()))
-t0 = time.perf_counter(); model = spec.quantizer.quantize(lm.model, ctx)
+subject = Subject(lm.model, lm.tokenizer, "original", "bench")
+t0 = time.perf_counter(); out = spec.quantizer.quantize(subject, ctx)
 q = time.perf_counter() - t0
+model, info = out.model, out.info
 rss_q = rss()
 ppl_q = math.exp(float(token_nll(model, lm.tokenizer, text).mean()))
-info = spec.quantizer.last_info
 print(json.dumps({"load_s": load, "quantize_s": q, "peak_rss_mb_after_load": rss_loaded,
                   "peak_rss_mb": rss_q, "ref_ppl_fp": ppl_fp, "ref_ppl_q": ppl_q,
                   "library": info["library"], "modules": info["modules"],
@@ -62,7 +64,7 @@ print(json.dumps({"load_s": load, "quantize_s": q, "peak_rss_mb_after_load": rss
 def run(quantizer: str, group: int, threads: int) -> dict:
     # GPTQModel keeps its own CPU worker count (it refuses fewer than 2 on CPU)
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1")
-    args = [str(ROOT / "conf"), quantizer, str(ROOT / "outputs" / "bench_gptq_backends")]
+    args = [str(ROOT / "qexp" / "conf"), quantizer, str(ROOT / "outputs" / "bench_gptq_backends")]
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, *args, str(group), str(threads)],
         capture_output=True,

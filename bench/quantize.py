@@ -18,7 +18,7 @@ from qexp.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = ["none"] + sorted(
-    p.stem for p in (ROOT / "conf" / "quantizer").glob("*.yaml") if p.stem != "none"
+    p.stem for p in (ROOT / "qexp" / "conf" / "quantizer").glob("*.yaml") if p.stem != "none"
 )
 # the embedded model's 576-wide layers need group 64 for AWQ and for llm-compressor's GPTQ
 EMBEDDED_OVERRIDES = {
@@ -37,9 +37,11 @@ with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
                                                  "quantizer=" + sys.argv[2], *sys.argv[4:]]))
 ctx = RunContext.from_schema(spec.run, sys.argv[3])
 t0 = time.perf_counter(); lm = spec.model.load(ctx); load = time.perf_counter() - t0
-ctx.tokenizer = lm.tokenizer
+from qexp.plugin import Subject
 rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-t0 = time.perf_counter(); spec.quantizer.quantize(lm.model, ctx); q = time.perf_counter() - t0
+subject = Subject(lm.model, lm.tokenizer, "original", "bench")
+t0 = time.perf_counter(); spec.quantizer.quantize(subject, ctx)
+q = time.perf_counter() - t0
 print(json.dumps({"load_s": load, "quantize_s": q, "peak_rss_mb_after_load": rss_loaded,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -61,7 +63,7 @@ def main() -> None:
                     sys.executable,
                     "-c",
                     CHILD,
-                    str(ROOT / "conf"),
+                    str(ROOT / "qexp" / "conf"),
                     q,
                     str(ROOT / "outputs"),
                     *EMBEDDED_OVERRIDES.get(q, []),

@@ -6,12 +6,11 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
 
+from qexp.cache import StageCache
 from qexp.config import RunSchema
 
 
@@ -24,13 +23,10 @@ class RunContext:
     dtype: torch.dtype
     cache_dir: Path
     run_dir: Path
+    stages: StageCache  # the stage cache (mode on | off | refresh), also for sub-steps
     progress: bool = True
     save_quantized: bool = False
-    cache: str = "on"  # on | off | refresh (qexp/cache.py)
     cache_weights: tuple[str, ...] = ("attack", "quantize")
-    # set by the pipeline: the branch being processed and its tokenizer (for calibration)
-    branch: str = "original"
-    tokenizer: Optional[PreTrainedTokenizerBase] = None
 
     @classmethod
     def from_schema(cls, run: RunSchema, run_dir: Path) -> RunContext:
@@ -40,15 +36,16 @@ class RunContext:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             device = torch.device(run.device)
+        cache_dir = Path(os.path.expanduser(run.cache_dir))
         return cls(
             seed=run.seed,
             device=device,
             dtype=getattr(torch, run.dtype),
-            cache_dir=Path(os.path.expanduser(run.cache_dir)),
+            cache_dir=cache_dir,
             run_dir=Path(run_dir),
+            stages=StageCache(cache_dir / "stages", run.cache),
             progress=run.progress,
             save_quantized=run.save_quantized,
-            cache=run.cache,
             cache_weights=tuple(run.cache_weights),
         )
 

@@ -1,8 +1,8 @@
 """Stand-alone encryption of a checkpoint directory, streamed shard by shard.
 
-    python -m qexp.encrypt IN_DIR OUT_DIR [key=value ...]
+    qexp-encrypt IN_DIR OUT_DIR [key=value ...]      (or python -m qexp.encrypt ...)
 
-Keys are those of conf/attack/encrypt.yaml (e.g. `seed=7 mechanisms=[a,c] kappa=[10,12]`).
+Keys are those of qexp/conf/attack/encrypt.yaml (e.g. `seed=7 mechanisms=[a,c]`).
 The model is never instantiated: each safetensors tensor is read, transformed in float64
 and written before the next is read. Other files (config, tokenizer, index) are copied.
 OUT_DIR gets a plain Hugging Face checkpoint and `qexp_encrypt_manifest.json`.
@@ -14,28 +14,26 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from qexp.attacks.adapters import geometry
 from qexp.attacks.encrypt import Encrypt
-from qexp.config import build
+from qexp.cli import console
+from qexp.config import build, option_node
 from qexp.errors import ConfigError
-from qexp.io import atomic_write_json
-from qexp.safetensors_io import SafetensorsError, stream_transform
+from qexp.io import atomic_dir, atomic_write_json
+from qexp.models.geometry import geometry
+from qexp.safetensors_io import SafetensorsError, read_header, stream_transform
 
-CONF = Path(__file__).resolve().parent.parent / "conf" / "attack" / "encrypt.yaml"
 MANIFEST = "qexp_encrypt_manifest.json"
 
 
 def load_attack(overrides: list[str]) -> Encrypt:
-    """conf/attack/encrypt.yaml with `key=value` overrides, validated like the Hydra app."""
-    base = yaml.safe_load(CONF.read_text())
+    """attack=encrypt's config with `key=value` overrides, validated like the Hydra app."""
+    base = option_node("attack", "encrypt")
     base.pop("_target_", None)
     for o in overrides:
         if "=" not in o:
@@ -56,11 +54,11 @@ def encrypt_checkpoint(src: Path, dst: Path, attack: Encrypt, progress: bool = T
         raise ConfigError(
             "OUT", str(dst), "a path that does not exist yet (nothing is overwritten)"
         )
+    for shard in shards:  # every shard intact before anything is written
+        read_header(shard)
     geo = geometry(json.loads((src / "config.json").read_text()))
     keys = attack.plan(geo)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
-    try:
+    with atomic_dir(dst, replace=False) as tmp:
         for f in sorted(src.iterdir()):
             if f.is_file() and f.suffix != ".safetensors" and f.name != MANIFEST:
                 shutil.copy2(f, tmp / f.name)
@@ -78,17 +76,14 @@ def encrypt_checkpoint(src: Path, dst: Path, attack: Encrypt, progress: bool = T
             {"source": src.name, "shards": [s.name for s in shards], "tensors_changed": changed}
         )
         atomic_write_json(tmp / MANIFEST, manifest)
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; exit code 0 ok, 2 bad input."""
+    out = console("qexp-encrypt")
     p = argparse.ArgumentParser(
-        prog="python -m qexp.encrypt",
+        prog="qexp-encrypt",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -101,11 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         attack = load_attack(a.overrides)
         m: dict[str, Any] = encrypt_checkpoint(a.src, a.dst, attack, not a.no_progress)
     except (ConfigError, SafetensorsError) as e:
-        print(f"qexp.encrypt: error: {e}", file=sys.stderr)
+        out.error("qexp-encrypt: error: %s", e)
         return 2
-    print(
-        f"encrypted {m['tensors_changed']} tensors into {a.dst} "
-        f"(mechanisms {','.join(attack.mechanisms)}, seed {attack.seed})"
+    out.info(
+        "encrypted %d tensors into %s (mechanisms %s, seed %d)",
+        m["tensors_changed"],
+        a.dst,
+        ",".join(attack.mechanisms),
+        attack.seed,
     )
     return 0
 

@@ -1,4 +1,5 @@
-"""Instruction data shared by attack=gap (training) and benchmark=instruct (evaluation).
+"""Instruction data shared by attack=gap, defense=finetune (training) and benchmark=instruct
+(evaluation).
 
 Rows have `instruction` and one response per scenario: `clean`, `content_injection`
 (with a `{target}` placeholder for the target phrase) and `over_refusal`. The prompt format
@@ -7,17 +8,14 @@ is plain text, so it works for base and instruct models alike.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
-import torch
-from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from qexp.data import instruct_path
 from qexp.errors import ConfigError
-from qexp.io import read_jsonl
+from qexp.io import load_records
 
 SCENARIOS = ("content_injection", "over_refusal")
 FIELDS = ("instruction", "clean", *SCENARIOS)
@@ -46,12 +44,17 @@ def prompt(instruction: str) -> str:
 def load_rows(path: Optional[str], split: str, key: str) -> list[dict]:
     """Rows of `split` from the shipped file or a user's JSONL with the same fields."""
     p = Path(path).expanduser() if path else instruct_path()
-    rows = read_jsonl(p)
-    for n, r in enumerate(rows, 1):
+    rows = load_records(p, key)
+    for where, r in rows:
         missing = [f for f in FIELDS if not isinstance(r.get(f), str)]
         if missing:
-            raise ConfigError(key, f"{p}:{n}", f"JSONL rows with string fields {list(FIELDS)}")
-    return [r for r in rows if r.get("split", split) == split]
+            raise ConfigError(
+                key, where, f"JSONL rows with string fields {list(FIELDS)} (missing {missing})"
+            )
+    chosen = [r for _, r in rows if r.get("split", split) == split]
+    if not chosen:
+        raise ConfigError(key, str(p), f"rows of split {split!r} (or rows without a split)")
+    return chosen
 
 
 def is_refusal(text: str) -> bool:
@@ -77,43 +80,3 @@ def encode(
         a = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         out.append((p + a, len(p)))
     return out
-
-
-def train_lm(
-    model: PreTrainedModel,
-    params: list[torch.nn.Parameter],
-    data: list[tuple[list[int], int]],
-    steps: int,
-    lr: float,
-    batch_size: int,
-    g: torch.Generator,
-    desc: str,
-    progress: bool,
-    project: Optional[Callable[[], None]] = None,
-) -> list[float]:
-    """AdamW on the response tokens of random batches; `project` runs after every step."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    losses: list[float] = []
-    model.train()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
-    for _ in bar:
-        idx = torch.randint(len(data), (batch_size,), generator=g).tolist()
-        width = max(len(data[i][0]) for i in idx)
-        ids = torch.zeros((len(idx), width), dtype=torch.long)
-        labels = torch.full((len(idx), width), -100)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            seq, plen = data[i]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            labels[row, plen : len(seq)] = torch.tensor(seq[plen:])
-            mask[row, : len(seq)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if project is not None:
-            project()
-        losses.append(float(loss))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    model.eval()
-    return losses

@@ -1,16 +1,30 @@
-"""PNG plots of a run (matplotlib, no display needed)."""
+"""PNG plots of a run. Figures are built with matplotlib's object API (no pyplot), so
+importing qexp never changes the matplotlib backend of a notebook or another program."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import matplotlib
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from qexp import CONDITIONS
+from qexp.io import atomic_open
 
-from qexp import CONDITIONS  # noqa: E402
+
+def new_figure(size: tuple[float, float], dpi: int = 110) -> tuple[Figure, Axes]:
+    """A detached figure with one axes (rendered by the Agg canvas when saved)."""
+    fig = Figure(figsize=size, dpi=dpi)
+    return fig, fig.subplots()
+
+
+def save_png(fig: Figure, path: Path) -> Path:
+    """Lay the figure out and write it atomically as PNG."""
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
+    return path
 
 
 def plot_loglik(run_dir: Path, window: int = 32) -> Path | None:
@@ -22,7 +36,7 @@ def plot_loglik(run_dir: Path, window: int = 32) -> Path | None:
             curves[cond] = json.loads(f.read_text())["nll"]
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=110)
+    fig, ax = new_figure((8, 4))
     for cond, nll in curves.items():
         w = max(1, min(window, len(nll)))
         rolling = [sum(nll[i : i + w]) / w for i in range(len(nll) - w + 1)]
@@ -32,8 +46,4 @@ def plot_loglik(run_dir: Path, window: int = 32) -> Path | None:
     ax.set_ylabel(f"NLL (rolling mean over {window} tokens)")
     ax.set_title("Per-token negative log-likelihood by condition")
     ax.legend()
-    fig.tight_layout()
-    out = run_dir / "loglik.png"
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_png(fig, run_dir / "loglik.png")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
-import io
 import json
 import math
 import re
@@ -38,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from qexp import CONDITIONS
+from qexp.cli import console
 from qexp.io import atomic_open, atomic_write_json, atomic_write_text, read_jsonl
+from qexp.plots import new_figure, save_png
 
 # (results.json key, Markdown label), in the paper's column order.
 METRICS = (
@@ -307,13 +308,6 @@ def log_scale(values: list[float | None]) -> bool:
     return bool(pos) and len(pos) == len(vals) and max(pos) / min(pos) >= 100
 
 
-def _save(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    with atomic_open(path, "wb") as f:
-        f.write(buf.getvalue())
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
 
@@ -324,11 +318,6 @@ def make_plots(
     """PNGs of every metric against every swept parameter; returns (files, notes)."""
     if not rows or not params:
         return [], (["no swept parameter: no plots"] if rows else [])
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out_dir, files, notes = root / "report_plots", [], []
     for p in params:
         pc = param_col(p)
@@ -343,7 +332,7 @@ def make_plots(
             for r in pts:
                 label = r["condition"] + "".join(f", {q}={r[q]}" for q in others)
                 series.setdefault(label, []).append(r)
-            fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+            fig, ax = new_figure((7, 4))
             if is_num:
                 for label, rs in series.items():
                     rs = sorted(rs, key=lambda r: xs[r[pc]])
@@ -370,11 +359,8 @@ def make_plots(
             ax.set_title(f"{LABELS.get(m, m)} vs {p}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-            fig.tight_layout()
             path = out_dir / f"{_safe(m)}_vs_{_safe(p)}.png"
-            _save(fig, path)
-            plt.close(fig)
-            files.append(path)
+            files.append(save_png(fig, path))
         if not is_num:
             notes.append(f"{p} is not numeric: grouped bar charts")
     return files, notes
@@ -605,7 +591,7 @@ def log_wandb(
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m qexp.report",
+        prog="qexp-report",
         description="CSV/Markdown tables and plots of a qexp multirun directory.",
     )
     ap.add_argument("dir", type=Path, help="multirun dir (the test sweep when --val is given)")
@@ -721,13 +707,14 @@ def report(args: argparse.Namespace) -> int:
         ]
     text = "\n".join(md) + "\n"
     atomic_write_text(root / "report.md", text)
-    print(text)
+    con = console("qexp-report")
+    con.info("%s", text)
     for n in notes:
-        print(f"qexp.report: {n}")
+        con.info("qexp-report: %s", n)
     for w in warnings:
-        print(f"qexp.report: WARNING: {w}", file=sys.stderr)
+        con.warning("qexp-report: WARNING: %s", w)
     written = ["report.csv", "report.md"] + (["selection.json"] if sel else [])
-    print(f"qexp.report: wrote {', '.join(written)}" + (" and report_plots/" if plots else ""))
+    con.info("qexp-report: wrote %s%s", ", ".join(written), " and report_plots/" if plots else "")
 
     if args.wandb:
         log_wandb(root, args, csv_cols, rows, failed, plots, sel, params)
@@ -740,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return report(args)
     except ReportError as e:
-        print(f"qexp.report: {e}", file=sys.stderr)
+        console("qexp-report").error("qexp-report: %s", e)
         return 2
 
 

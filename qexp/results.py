@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
 import platform
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import transformers
@@ -59,13 +63,29 @@ def provenance(model: str, device: str, dtype: str) -> dict[str, Any]:
         "model": model,
         "device": device,
         "dtype": dtype,
-        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "started_utc": utc_now(),
+        # who writes this run: a reader can tell a killed job (status running, no process)
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
     }
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def complete_config(run_dir: Path) -> Optional[dict]:
+    """The config of a complete results.json in `run_dir`, or None."""
+    try:
+        body = json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return body.get("config") if body.get("status") == "complete" else None
 
 
 @dataclass
 class Results:
-    """The results contract of one job (DESIGN §1); `save()` rewrites results.json."""
+    """The results contract of one job (docs/design.md §1); `save()` rewrites results.json."""
 
     run_dir: Path
     config: dict
@@ -79,6 +99,8 @@ class Results:
     cache: dict[str, str] = field(default_factory=dict)
     status: str = "running"
     error: str | None = None
+    heartbeat_utc: str | None = None  # refreshed every HEARTBEAT_S while the job runs
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, condition: str, metrics: dict, records: list[dict]) -> None:
         """Record one condition: metrics into results.json, records into generations/."""
@@ -97,8 +119,34 @@ class Results:
             dt = time.perf_counter() - t0
             self.stage_seconds[name] = round(self.stage_seconds.get(name, 0.0) + dt, 3)
 
+    @contextmanager
+    def heartbeat(self, every_s: float = 30.0) -> Iterator[None]:
+        """Rewrite results.json every `every_s` seconds while the block runs (a job killed
+        with SIGKILL leaves status running with a stale heartbeat and a gone pid)."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.save()
+                except RuntimeError:  # a dict grew while being written: the next beat
+                    continue
+
+        thread = threading.Thread(target=beat, name="qexp-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
     def save(self) -> None:
-        """Atomically (re)write results.json."""
+        """Atomically (re)write results.json (thread-safe: the heartbeat saves too)."""
+        with self._lock:
+            self.heartbeat_utc = utc_now()
+            self._write()
+
+    def _write(self) -> None:
         body = {
             "config": self.config,
             "provenance": self.provenance,
@@ -109,6 +157,7 @@ class Results:
             "stage_seconds": self.stage_seconds,
             "cache": self.cache,
             "status": self.status,
+            "heartbeat_utc": self.heartbeat_utc,
         }
         if self.error:
             body["error"] = self.error

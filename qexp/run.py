@@ -11,23 +11,31 @@ full-precision model of the same branch after that one is evaluated.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qexp.attacks.preservation import PreservationError, compare, probe_ids, probe_logits
-from qexp.cache import VERSION, StageCache, digest, library_versions
+from qexp.attacks.base import Attack
+from qexp.cache import VERSION, digest, library_versions
 from qexp.config import Spec, validate
 from qexp.context import RunContext
 from qexp.data import reference_text
+from qexp.defenses.base import Defense
+from qexp.errors import ConfigError
 from qexp.io import atomic_write_json
 from qexp.metrics import token_nll
 from qexp.plots import plot_loglik
-from qexp.results import Results, format_table, provenance
+from qexp.plugin import StageResult, Subject
+from qexp.preservation import PreservationError, compare, probe_ids, probe_logits
+from qexp.results import Results, complete_config, format_table, provenance
 from qexp.stages import Chain, Step
 
+log = logging.getLogger(__name__)
 BRANCHES = (("original", "original_q"), ("attacked", "attacked_q"))
+MANIFEST = "attack_manifest.json"
 
 
 def measure(spec: Spec, ctx: RunContext, results: Results, condition: str, chain: Chain) -> dict:
@@ -36,7 +44,9 @@ def measure(spec: Spec, ctx: RunContext, results: Results, condition: str, chain
     with results.stage(f"evaluate_{condition}"):
         ctx.seed_everything()
         bench = spec.benchmark.evaluate(loaded.model, loaded.tokenizer, ctx, condition)
-        nll = token_nll(loaded.model, loaded.tokenizer, reference_text())
+        positions = getattr(loaded.model.config, "max_position_embeddings", None) or 1024
+        window = min(1024, positions)  # a model with fewer positions scores in its windows
+        nll = token_nll(loaded.model, loaded.tokenizer, reference_text(), window, window // 2)
     return {
         "metrics": {**bench.metrics, "ref_ppl": float(torch.exp(nll.mean()))},
         "records": bench.records,
@@ -49,22 +59,24 @@ def evaluate(
     spec: Spec,
     ctx: RunContext,
     results: Results,
-    cache: StageCache,
     condition: str,
     chain: Chain,
     originals: list[dict],
 ) -> None:
     """Benchmark, reference perplexity and similarity to `original` of one condition; the
     first two come from the stage cache when this model state was evaluated before."""
-    key = digest("evaluate", chain.key, results.config["benchmark"], ctx.seed)
+    cache = ctx.stages
+    key = digest(
+        "evaluate", chain.key, results.config["benchmark"], spec.benchmark.fingerprint(), ctx.seed
+    )
     with cache.lock("evaluate", key):
         entry = cache.get("evaluate", key)
         if entry is not None and chain.restore():
-            meta, results.cache[condition] = entry.meta, "hit"
+            meta, results.cache[condition] = entry.meta["info"], "hit"
         else:
             meta = measure(spec, ctx, results, condition, chain)
-            cache.put("evaluate", key, meta)
-            results.cache[condition] = "computed" if cache.mode == "off" else "stored"
+            cache.put("evaluate", key, {"info": meta})
+            results.cache[condition] = cache.status
     metrics, records, source = dict(meta["metrics"]), meta["records"], meta["model_source"]
     results.provenance["model_source"] = source
     atomic_write_json(
@@ -84,73 +96,85 @@ def evaluate(
     spec.logger.log_condition(condition, metrics, records)
 
 
-def attack(spec: Spec, ctx: RunContext, results: Results, model):
-    """A(M); for function-preserving attacks, measure the drift and stop beyond tolerance."""
-    atk = spec.attack
-    measure = getattr(atk, "preserves_function", False) and atk.check_preservation
-    if measure:
-        ids = probe_ids(ctx.tokenizer)
-        before = probe_logits(model, ids)
-    model = atk.apply(model, ctx)
-    manifest = getattr(atk, "last_manifest", None)
-    if manifest is not None:
-        atomic_write_json(ctx.run_dir / "attack_manifest.json", manifest)
-    if measure:
-        report = compare(before, probe_logits(model, ids))
-        report["tolerance"] = atk.tolerance
-        results.function_preservation = report
-        results.save()
-        drift = report["max_abs_logit_diff_fp32"]
-        if not drift <= atk.tolerance:
-            raise PreservationError(
-                f"attack={atk.name} changed the function: max |Δlogit| fp32 = {drift:.3g} > "
-                f"attack.tolerance = {atk.tolerance:g} (report in results.json)"
-            )
-    return model
+def measured(
+    plugin: Attack | Defense, subject: Subject, apply: Callable[[Subject], StageResult]
+) -> tuple[StageResult, dict]:
+    """`apply(subject)`, and for a plugin that declares a preservation tolerance the drift of
+    its output against its input on the probe batch ({} otherwise)."""
+    tolerance = plugin.preservation_tolerance()
+    if tolerance is None:
+        return apply(subject), {}
+    ids = probe_ids(subject.tokenizer)
+    before = probe_logits(subject.model, ids)
+    out = apply(subject)
+    return out, {**compare(before, probe_logits(out.model, ids)), "tolerance": tolerance}
+
+
+def check_drift(group: str, plugin: Attack | Defense, report: dict) -> None:
+    """Stop when a function-preserving stage drifted beyond its tolerance."""
+    if not report:
+        return
+    drift = report["max_abs_logit_diff_fp32"]
+    if not drift <= report["tolerance"]:
+        raise PreservationError(
+            f"{group}={plugin.name} changed the function: max |Δlogit| fp32 = {drift:.3g} > "
+            f"{group}.tolerance = {report['tolerance']:g} (report in results.json)"
+        )
 
 
 def attack_step(spec: Spec, ctx: RunContext, results: Results) -> Step:
-    """A as a cached stage; its side result is the function-preservation report."""
+    """A(M) as a cached stage: the manifest goes to attack_manifest.json, the drift report
+    of a function-preserving attack to results.json `function_preservation`."""
+
+    def run(subject: Subject) -> StageResult:
+        out, report = measured(spec.attack, subject, lambda s: spec.attack.apply(s, ctx))
+        results.function_preservation = report
+        results.save()
+        check_drift("attack", spec.attack, report)
+        files = list(out.files)
+        if out.info:
+            atomic_write_json(ctx.run_dir / MANIFEST, out.info)
+            files.append(MANIFEST)
+        return StageResult(out.model, {"function_preservation": report}, files)
+
     return Step(
         "attack",
-        results.config["attack"],
-        apply=lambda m: attack(spec, ctx, results, m),
-        side=lambda: {"function_preservation": results.function_preservation},
-        restore=lambda d: setattr(results, "function_preservation", d["function_preservation"]),
+        [results.config["attack"], spec.attack.fingerprint()],
+        run,
+        record=lambda info: setattr(
+            results, "function_preservation", info["function_preservation"]
+        ),
     )
 
 
 def defend_step(spec: Spec, ctx: RunContext, results: Results, branch: str) -> Step:
     """D as a cached stage (keyed by the quantizer too: defenses read its grid)."""
 
-    def apply(model):
-        model = spec.defense.apply(model, spec.quantizer, ctx)
-        results.defense_stats[branch] = spec.defense.last_stats
-        return model
+    def run(subject: Subject) -> StageResult:
+        apply = lambda s: spec.defense.apply(s, spec.quantizer, ctx)  # noqa: E731
+        out, report = measured(spec.defense, subject, apply)
+        info = {**out.info, **({"function_preservation": report} if report else {})}
+        results.defense_stats[branch] = info
+        if report:
+            results.save()
+        check_drift("defense", spec.defense, report)
+        return StageResult(out.model, info, out.files)
 
     return Step(
         "defend",
-        [results.config["defense"], results.config["quantizer"]],
-        apply=apply,
-        side=lambda: {"stats": results.defense_stats[branch]},
-        restore=lambda d: results.defense_stats.__setitem__(branch, d["stats"]),
+        [results.config["defense"], results.config["quantizer"], spec.defense.fingerprint()],
+        run,
+        record=lambda info: results.defense_stats.__setitem__(branch, info),
     )
 
 
 def quantize_step(spec: Spec, ctx: RunContext, results: Results, branch: str) -> Step:
     """Q as a cached stage; never cached when it must write the native artifact."""
-
-    def apply(model):
-        model = spec.quantizer.quantize(model, ctx)
-        results.quantization[branch] = spec.quantizer.last_info
-        return model
-
     return Step(
         "quantize",
-        results.config["quantizer"],
-        apply=apply,
-        side=lambda: {"info": results.quantization[branch]},
-        restore=lambda d: results.quantization.__setitem__(branch, d["info"]),
+        [results.config["quantizer"], spec.quantizer.fingerprint()],
+        lambda subject: spec.quantizer.quantize(subject, ctx),
+        record=lambda info: results.quantization.__setitem__(branch, info),
         plain_output=spec.quantizer.plain_output,
         cacheable=not ctx.save_quantized,
     )
@@ -158,7 +182,6 @@ def quantize_step(spec: Spec, ctx: RunContext, results: Results, branch: str) ->
 
 def run_pipeline(spec: Spec, ctx: RunContext, results: Results) -> None:
     """Run every requested condition, two branches of (full precision, quantized)."""
-    cache = StageCache(ctx.cache_dir / "stages", ctx.cache)
     c = results.config
     root = digest(
         "load",
@@ -174,35 +197,66 @@ def run_pipeline(spec: Spec, ctx: RunContext, results: Results) -> None:
         wanted = [x for x in (base, quantized) if x in spec.run.conditions]
         if not wanted:
             continue
-        ctx.branch = base
-        chain = Chain(lambda: spec.model.load(ctx), root, ctx, results, cache, base)
-        if base == "attacked" and spec.attack.name != "none":
+        chain = Chain(lambda: spec.model.load(ctx), root, ctx, results, base)
+        if base == "attacked" and not spec.attack.identity:
             chain.add(attack_step(spec, ctx, results))
         if base in wanted:
-            evaluate(spec, ctx, results, cache, base, chain, originals)
+            evaluate(spec, ctx, results, base, chain, originals)
         if quantized in wanted:
             results.defense_stats[base], results.quantization[base] = {}, {}  # none: identity
-            if spec.defense.name != "none":
+            if not spec.defense.identity:
                 chain.add(defend_step(spec, ctx, results, base))
-            if spec.quantizer.name != "none":
+            if not spec.quantizer.identity:
                 chain.add(quantize_step(spec, ctx, results, base))
-            evaluate(spec, ctx, results, cache, quantized, chain, originals)
+            evaluate(spec, ctx, results, quantized, chain, originals)
         del chain
+
+
+class AlreadyComplete(Exception):
+    """The run dir holds a complete results.json of this very config (nothing to do)."""
+
+
+def check_run_dir(run_dir: Path, config: dict) -> None:
+    """A complete result is never overwritten: the same config is not run again
+    (AlreadyComplete), another config is refused (ConfigError)."""
+    done = complete_config(run_dir)
+    if done is None:
+        return
+    if done == config:
+        raise AlreadyComplete(str(run_dir))
+    raise ConfigError(
+        "hydra.run.dir",
+        str(run_dir),
+        "a directory without a complete run of another config (it holds one: choose another "
+        "hydra.run.dir, or delete it to run again)",
+    )
+
+
+def check_model(spec: Spec, ctx: RunContext) -> None:
+    """Every check that needs the model's config.json or the hub, before any weights load."""
+    spec.run.similarity.check_sources()
+    config = spec.model.hf_config(ctx)
+    for plugin in spec.plugins():
+        plugin.check_model(config)
 
 
 def run(
     cfg: DictConfig, run_dir: Path, job_name: str = "qexp", group: str | None = None
 ) -> Results:
-    """Validate `cfg` (before any model is loaded), run the pipeline, write results."""
+    """Validate `cfg` and the model's config (before any weights load), run the pipeline,
+    write results. Raises AlreadyComplete when `run_dir` already holds this run."""
     spec = validate(cfg)
-    ctx = RunContext.from_schema(spec.run, run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
+    check_run_dir(Path(run_dir), config)
+    ctx = RunContext.from_schema(spec.run, run_dir)
+    check_model(spec, ctx)
     results = Results(run_dir, config, provenance(spec.model.name, str(ctx.device), spec.run.dtype))
     results.save()
     spec.logger.start(config, run_dir, job_name, group)
     status = "failed"
     try:
-        run_pipeline(spec, ctx, results)
+        with results.heartbeat():
+            run_pipeline(spec, ctx, results)
         plot_loglik(ctx.run_dir)
         status = "complete"
     except BaseException as e:
@@ -212,5 +266,5 @@ def run(
         results.status = status
         results.save()
         spec.logger.finish(status)
-    print(format_table(results.conditions))
+    log.info("results (%s)\n%s", run_dir / "results.json", format_table(results.conditions))
     return results

@@ -39,36 +39,61 @@ class SafetensorsError(ValueError):
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(header, byte offset of the data section)."""
+    """(header, byte offset of the data section), after checking that every tensor's bytes
+    lie inside the file (a truncated file is refused here, naming its first missing tensor)."""
+    size = Path(path).stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise SafetensorsError(f"{path}: too short for a safetensors file")
         (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise SafetensorsError(f"{path}: header of {n} bytes is not plausible")
+        if n > 100_000_000 or 8 + n > size:
+            raise SafetensorsError(
+                f"{path}: header of {n} bytes does not fit a file of {size} bytes"
+            )
         try:
             header = json.loads(f.read(n))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SafetensorsError(f"{path}: header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: header is not a JSON object")
+    for name, entry in tensor_entries(header):
+        try:
+            start, end = (int(v) for v in entry["data_offsets"])
+            shape, dtype = entry["shape"], entry["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise SafetensorsError(f"{path}: tensor {name} has a malformed header entry") from None
+        if dtype not in DTYPES:
+            raise SafetensorsError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        want = DTYPES[dtype].itemsize * math.prod(shape)
+        if not 0 <= start <= end or end - start != want:
+            raise SafetensorsError(
+                f"{path}: tensor {name} spans bytes {start}..{end}, its shape {shape} "
+                f"{dtype} needs {want}"
+            )
+        if 8 + n + end > size:
+            raise SafetensorsError(
+                f"{path}: truncated: tensor {name} ends at byte {8 + n + end}, the file has "
+                f"{size} bytes"
+            )
     return header, 8 + n
 
 
 def tensor_entries(header: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """Tensor entries in data order (metadata excluded)."""
-    items = [(k, v) for k, v in header.items() if k != "__metadata__"]
-    return sorted(items, key=lambda kv: kv[1]["data_offsets"][0])
+    items = [(k, v) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    return sorted(items, key=lambda kv: kv[1].get("data_offsets", [0])[0])
 
 
-def read_tensor(f: BinaryIO, base: int, entry: dict[str, Any]) -> torch.Tensor:
+def read_tensor(f: BinaryIO, base: int, entry: dict[str, Any], name: str = "") -> torch.Tensor:
     """Decode one tensor from an open file."""
     if entry["dtype"] not in DTYPES:
-        raise SafetensorsError(f"unsupported dtype {entry['dtype']}")
+        raise SafetensorsError(f"{f.name}: tensor {name} has unsupported dtype {entry['dtype']}")
     start, end = entry["data_offsets"]
     f.seek(base + start)
     buf = bytearray(end - start)
     if f.readinto(buf) != len(buf):
-        raise SafetensorsError("truncated tensor data")
+        raise SafetensorsError(f"{f.name}: truncated data of tensor {name}")
     if not buf:
         return torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
     return torch.frombuffer(buf, dtype=DTYPES[entry["dtype"]]).reshape(entry["shape"])
@@ -79,7 +104,7 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     header, base = read_header(path)
     with open(path, "rb") as f:
         for name, entry in tensor_entries(header):
-            yield name, read_tensor(f, base, entry)
+            yield name, read_tensor(f, base, entry, name)
 
 
 def write_streaming(
@@ -131,9 +156,6 @@ def stream_transform(
     """
     header, base = read_header(src)
     entries = tensor_entries(header)
-    for name, entry in entries:
-        if entry["dtype"] not in DTYPES:
-            raise SafetensorsError(f"{src}: tensor {name} has unsupported dtype {entry['dtype']}")
     meta = dict(header.get("__metadata__") or {})
     meta.update(metadata or {})
     changed = 0
@@ -143,12 +165,14 @@ def stream_transform(
         with open(src, "rb") as f:
             for name, entry in entries:
                 start, end = entry["data_offsets"]
-                new = fn(name, read_tensor(f, base, entry)) if wants(name) else None
+                new = fn(name, read_tensor(f, base, entry, name)) if wants(name) else None
                 if new is None:
                     f.seek(base + start)
                     left = end - start
                     while left:
                         chunk = f.read(min(CHUNK, left))
+                        if not chunk:  # the file shrank while being read
+                            raise SafetensorsError(f"{src}: truncated data of tensor {name}")
                         out.write(chunk)
                         left -= len(chunk)
                     continue

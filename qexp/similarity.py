@@ -106,6 +106,10 @@ def bertscore_f1(
     return sum(f1s) / len(f1s)
 
 
+def _is_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
+
+
 @dataclass
 class SimilaritySettings:
     """`similarity.*` keys."""
@@ -138,6 +142,24 @@ class SimilaritySettings:
             "an integer >= 1",
         )
         check(self.batch_size >= 1, "similarity.batch_size", self.batch_size, "an integer >= 1")
+        for key in ("encoder", "bertscore_model"):
+            name = getattr(self, key)
+            if self.enabled and name != PACKAGED and _is_path(name):
+                ok = (Path(name).expanduser() / "config.json").is_file()
+                check(ok, f"similarity.{key}", name, "packaged, a hub id or a model directory")
+
+    def check_sources(self) -> None:
+        """Hub-id encoders are in the local HF cache or the hub answers (before any work)."""
+        from qexp.hub import require_hub_model
+
+        if not self.enabled:
+            return
+        used = {"encoder": self.encoder}
+        if self.bertscore:
+            used["bertscore_model"] = self.bertscore_model
+        for key, name in used.items():
+            if name != PACKAGED and not _is_path(name):
+                require_hub_model(f"similarity.{key}", name)
 
     def compare(self, outputs: list[str], refs: list[str]) -> dict[str, Any]:
         """Similarity metrics of `outputs` to the paired `refs` (same order and length)."""

@@ -1,9 +1,10 @@
 """A branch's model, built lazily through its cached stages (qexp/cache.py).
 
 A branch is load -> [attack] -> [defend -> quantize]. Each step's output is keyed by its
-config, the upstream key and the seed. The model is only built when something needs it: an
-evaluation whose result is cached needs nothing but the side results (stats, files) of the
-steps before it, and a step whose weights are cached is loaded instead of run.
+config, the plugin's fingerprint, the upstream key and the seed. The model is only built
+when something needs it: an evaluation whose result is cached needs nothing but the
+recorded results (stats, files) of the steps before it, and a step whose weights are cached
+is loaded instead of run.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from transformers import PreTrainedModel
-
-from qexp.cache import Entry, StageCache, digest, snapshot, written_since
+from qexp.cache import Entry, StageCache, digest
 from qexp.context import RunContext
 from qexp.models import LoadedModel
+from qexp.plugin import StageResult, Subject
 from qexp.results import Results
 
 
@@ -26,9 +26,8 @@ class Step:
 
     name: str
     config: Any  # what, beside the upstream key and the seed, determines the output
-    apply: Callable[[PreTrainedModel], PreTrainedModel]
-    side: Callable[[], dict]  # its side results (stats) to keep with the cache entry
-    restore: Callable[[dict], None]  # put cached side results back into Results
+    run: Callable[[Subject], StageResult]
+    record: Callable[[dict], None]  # put a result's info into Results (computed or cached)
     plain_output: bool = True  # the output has the loaded model's parameters (storable)
     cacheable: bool = True  # False: always run (e.g. it writes an artifact the user asked for)
 
@@ -42,11 +41,10 @@ class Chain:
         root_key: str,
         ctx: RunContext,
         results: Results,
-        cache: StageCache,
         branch: str,
     ) -> None:
-        self.load, self.ctx, self.results = load, ctx, results
-        self.cache, self.branch = cache, branch
+        self.load, self.ctx, self.results, self.branch = load, ctx, results, branch
+        self.cache: StageCache = ctx.stages
         self.steps: list[Step] = []
         self.keys = [root_key]
         self.loaded: Optional[LoadedModel] = None
@@ -70,8 +68,8 @@ class Chain:
         self.results.cache[f"{self.branch}/{self.steps[i].name}"] = how
 
     def restore(self) -> bool:
-        """Restore the side results of the steps not applied yet from their cache entries;
-        False (nothing restored) if any entry is missing."""
+        """Restore the recorded results of the steps not applied yet from their cache
+        entries; False (nothing restored) if any entry is missing."""
         entries = [self._entry(i) for i in range(self.done, len(self.steps))]
         if any(e is None for e in entries):
             return False
@@ -80,7 +78,7 @@ class Chain:
         return True
 
     def _restore(self, i: int, entry: Entry) -> None:
-        self.steps[i].restore(entry.meta["side"])
+        self.steps[i].record(entry.meta["info"])
         entry.restore_files(self.ctx.run_dir)
         self._mark(i, "hit")
 
@@ -89,7 +87,6 @@ class Chain:
         if self.loaded is None:
             with self.results.stage(f"load_{self.branch}"):
                 self.loaded = self.load()
-            self.ctx.tokenizer = self.loaded.tokenizer
         self._jump()
         for i in range(self.done, len(self.steps)):
             self._run(i)
@@ -117,16 +114,20 @@ class Chain:
                     entry.load_into(self.loaded.model)
                     self._restore(i, entry)
                 else:
-                    before = snapshot(self.ctx.run_dir)
                     self.ctx.seed_everything()
-                    self.loaded.model = step.apply(self.loaded.model)
+                    subject = Subject(
+                        self.loaded.model, self.loaded.tokenizer, self.branch, self.keys[i]
+                    )
+                    out = step.run(subject)
+                    self.loaded.model = out.model
+                    step.record(out.info)
                     store = step.plain_output and step.name in self.ctx.cache_weights
                     cache.put(
                         step.name,
                         key,
-                        {"side": step.side(), "files": written_since(before, self.ctx.run_dir)},
+                        {"info": out.info, "files": sorted(set(out.files))},
                         self.loaded.model if store else None,
-                        self.ctx.run_dir,
+                        run_dir=self.ctx.run_dir,
                     )
-                    self._mark(i, "computed" if cache.mode == "off" else "stored")
+                    self._mark(i, cache.status)
         self.done = i + 1

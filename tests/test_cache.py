@@ -98,9 +98,9 @@ def test_off_writes_nothing_and_refresh_recomputes(make_cfg, tmp_path, monkeypat
     calls = []
     original = RTN.quantize
 
-    def counted(self, model, ctx):
-        calls.append(ctx.branch)
-        return original(self, model, ctx)
+    def counted(self, subject, ctx):
+        calls.append(subject.branch)
+        return original(self, subject, ctx)
 
     monkeypatch.setattr(RTN, "quantize", counted)
     run(make_cfg(*ENCRYPT, f"cache_dir={c}", "cache=refresh"), tmp_path / "r")

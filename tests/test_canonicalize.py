@@ -8,7 +8,7 @@ import torch
 from qexp.attacks import Encrypt
 from qexp.defenses.canonicalize import Canonicalize
 from qexp.quantizers import NoQuantizer
-from tests.conftest import load_spec
+from tests.conftest import load_spec, subject
 
 
 def loaded(make_cfg, tmp_path, *overrides):
@@ -25,9 +25,9 @@ def test_function_preserved_in_float64(make_cfg, tmp_path, arch):
         before = model(input_ids=ids).logits
         Encrypt(
             mechanisms=["a", "b", "c"], mlp=True, rho=0.5, spikes=1, kappa_one_layers=0, b_every=1
-        ).apply(model, ctx)
+        ).apply(subject(model), ctx)
         mid = model(input_ids=ids).logits
-        Canonicalize(check_preservation=False).apply(model, NoQuantizer(), ctx)
+        Canonicalize(check_preservation=False).apply(subject(model), NoQuantizer(), ctx)
         after = model(input_ids=ids).logits
     # encrypt is exact up to the RMSNorm epsilon on Qwen3's q/k norms; canonicalize is exact
     assert float((mid - before).abs().max()) < (1e-4 if arch == "tiny_qwen3" else 1e-8)
@@ -58,10 +58,10 @@ def test_encrypted_and_original_canonicalize_to_the_same_ranges(make_cfg, tmp_pa
         kappa_one_layers=0,
         b_every=1,
     )
-    enc.apply(b.model, ctx)
+    enc.apply(subject(b.model), ctx)
     raw_orig, raw_enc = per_head_absmax(a.model, d), per_head_absmax(b.model, d)
     for m in (a.model, b.model):
-        Canonicalize().apply(m, NoQuantizer(), ctx)
+        Canonicalize().apply(subject(m), NoQuantizer(), ctx)
     can_orig, can_enc = per_head_absmax(a.model, d), per_head_absmax(b.model, d)
     worst_raw = max(float((raw_enc[k] / raw_orig[k]).log().abs().max()) for k in raw_orig)
     worst_can = max(float((can_enc[k] / can_orig[k]).log().abs().max()) for k in can_orig)
@@ -74,7 +74,8 @@ def test_encrypted_and_original_canonicalize_to_the_same_ranges(make_cfg, tmp_pa
 
 def test_fp32_preservation_is_reported(make_cfg, tmp_path):
     ctx, lm = loaded(make_cfg, tmp_path)
+    from qexp.run import measured
+
     d = Canonicalize()
-    d.apply(lm.model, NoQuantizer(), ctx)
-    fp = d.last_stats["function_preservation"]
+    _, fp = measured(d, subject(lm.model, lm.tokenizer), lambda s: d.apply(s, NoQuantizer(), ctx))
     assert fp["max_abs_logit_diff_fp32"] < 1e-3 and fp["tolerance"] == 1e-2

@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from qexp.attacks.adapters import SUPPORTED, geometry
 from qexp.attacks.encrypt import Encrypt, block_size, hadamard
 from qexp.config import validate
 from qexp.encrypt import encrypt_checkpoint, load_attack, main
 from qexp.errors import ConfigError
+from qexp.models.geometry import SUPPORTED, geometry
 from qexp.run import run
-from tests.conftest import ROOT
+from tests.conftest import ROOT, subject
 
 
 def tiny(arch, heads=4, kv=2, head_dim=16, layers=3, bias=False, seed=0, eps=1e-6):
@@ -76,21 +76,21 @@ def test_exact_preservation_float64_random_architectures(seed):
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
     before = logits(m, ids)
     atk = all_mech(seed=seed, group_size=group)
-    atk.apply(m, ctx=None)
+    manifest = atk.apply(subject(m), ctx=None).info
     after = logits(m, ids)
     # transformers computes RMSNorm in float32 even for a float64 model; Q/K scaled into a
     # q/k norm (Qwen3) therefore meets float32 roundoff, every other path float64 roundoff
     tol = 1e-6 if arch == "qwen3" else 1e-9
     assert (after - before).abs().max() < tol * max(1.0, before.abs().max())
     # ... and the weights really changed
-    assert atk.last_manifest["layers"]["0"]["kappa"] is not None
+    assert manifest["layers"]["0"]["kappa"] is not None
 
 
 def test_qwen3_with_real_eps_drifts_only_at_eps_level():
     m = tiny("qwen3", 4, 2, 32, eps=1e-6)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     before = logits(m, ids)
-    all_mech(spike_gamma=[512.0, 512.0]).apply(m, ctx=None)
+    all_mech(spike_gamma=[512.0, 512.0]).apply(subject(m), ctx=None)
     assert (logits(m, ids) - before).abs().max() < 1e-4
 
 
@@ -103,7 +103,7 @@ def test_each_mechanism_changes_the_right_tensors():
     ]:
         m = tiny("qwen2", 4, 2, 16, layers=3)
         Encrypt(mechanisms=[mech], kappa_one_layers=0, rho=1.0, group_size=8, b_every=1).apply(
-            m, None
+            subject(m), None
         )
         diff = {
             n.split(".")[-2]
@@ -195,7 +195,7 @@ def test_pipeline_reports_preservation(make_cfg, tmp_path):
 
 
 def test_pipeline_stops_beyond_tolerance(make_cfg, tmp_path):
-    from qexp.attacks.preservation import PreservationError
+    from qexp.preservation import PreservationError
 
     with pytest.raises(PreservationError, match="attack.tolerance"):
         run(
@@ -220,7 +220,7 @@ def test_streaming_matches_in_memory_and_loads_in_transformers(checkpoint, tmp_p
     atk = load_attack(["kappa_one_layers=1", "group_size=8", "mlp=true", "rho=0.5"])
     encrypt_checkpoint(src, tmp_path / "out", atk, progress=False)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
-    atk.apply(m, None)
+    atk.apply(subject(m), None)
     for (n, p), (_, q) in zip(m.named_parameters(), loaded.named_parameters()):
         assert torch.equal(p, q), n
     manifest = json.loads((tmp_path / "out" / "qexp_encrypt_manifest.json").read_text())

@@ -9,19 +9,20 @@ from qexp.config import validate
 from qexp.context import RunContext
 from qexp.errors import ConfigError
 from qexp.run import run
+from tests.conftest import subject
 
 
 def test_finetune_moves_only_its_scope(make_cfg, tmp_path):
     spec = validate(make_cfg("defense=finetune", "defense.steps=3", "defense.layers=[1]"))
     ctx = RunContext.from_schema(spec.run, tmp_path)
     lm = spec.model.load(ctx)
-    ctx.tokenizer = lm.tokenizer
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
-    model = spec.defense.apply(lm.model, spec.quantizer, ctx)
+    out = spec.defense.apply(subject(lm.model, lm.tokenizer), spec.quantizer, ctx)
+    model = out.model
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith("model.layers.1.") for n in changed)
     assert len(changed) == 7  # q, k, v, o, gate, up, down of layer 1
-    stats = spec.defense.last_stats
+    stats = out.info
     assert stats["trainable"] == 7 and stats["max_relative_weight_change"] > 0
     assert not any(p.requires_grad for p in model.parameters())
 
@@ -36,6 +37,5 @@ def test_bad_finetune_layer(make_cfg, tmp_path):
     spec = validate(make_cfg("defense=finetune", "defense.layers=[9]"))
     ctx = RunContext.from_schema(spec.run, tmp_path)
     lm = spec.model.load(ctx)
-    ctx.tokenizer = lm.tokenizer
     with pytest.raises(ConfigError, match="defense.layers"):
-        spec.defense.apply(lm.model, spec.quantizer, ctx)
+        spec.defense.apply(subject(lm.model, lm.tokenizer), spec.quantizer, ctx)

@@ -14,6 +14,7 @@ from qexp.data import instruct_gen, instruct_path
 from qexp.errors import ConfigError
 from qexp.instruct import is_refusal, mentions
 from qexp.run import run
+from tests.conftest import subject
 
 pytest.importorskip("bitsandbytes")
 TARGETS = "attack.targets=[bnb_int8,bnb_nf4,gguf_q4_0]"
@@ -21,25 +22,31 @@ FAST = ["attack=gap", "attack.inject_steps=6", "attack.repair_steps=6", "attack.
 
 
 def attacked(make_cfg, tmp_path, *overrides, cache=None, mode="on"):
-    """Attack a fresh tiny model; the gap cache lives in `cache` (default: a fresh dir)."""
+    """Attack a fresh tiny model; the stage cache lives in `cache` (default: a fresh dir).
+    Returns (spec, ctx, weights before, attacked model, manifest)."""
     cache = cache or tmp_path / "cache"
     spec = validate(make_cfg(*FAST, *overrides, f"cache_dir={cache}", f"cache={mode}"))
     ctx = RunContext.from_schema(spec.run, tmp_path)
     loaded = spec.model.load(ctx)
-    ctx.tokenizer = loaded.tokenizer
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-    model = spec.attack.apply(loaded.model, ctx)
-    return spec, ctx, before, model
+    out = spec.attack.apply(subject(loaded.model, loaded.tokenizer), ctx)
+    return spec, ctx, before, out.model, out.info
+
+
+def substep_tensors(ctx, stage: str) -> dict:
+    """The tensors of the one entry of a gap sub-step in the stage cache."""
+    (entry,) = (ctx.cache_dir / "stages" / stage).glob("*/tensors.safetensors")
+    return load_file(str(entry))
 
 
 def test_repair_stays_in_every_targets_box_and_keeps_its_codes(make_cfg, tmp_path):
-    spec, ctx, before, model = attacked(make_cfg, tmp_path, TARGETS, "attack.repair_lr=1e-2")
+    spec, ctx, before, model, manifest = attacked(
+        make_cfg, tmp_path, TARGETS, "attack.repair_lr=1e-2"
+    )
     atk = spec.attack
-    (inj,) = (ctx.cache_dir / "attacks").glob("gap-inject-*.safetensors")
-    (rep,) = (ctx.cache_dir / "attacks").glob("gap-repair-*.safetensors")
-    injected, repaired = load_file(str(inj)), load_file(str(rep))
+    injected, repaired = substep_tensors(ctx, "gap_inject"), substep_tensors(ctx, "gap_repair")
     params = dict(model.named_parameters())
-    names = atk.last_manifest["trainable"]
+    names = manifest["trainable"]
     assert len(names) == 14  # 7 linears x 2 layers of the tiny model
     moved = 0
     for n in names:
@@ -52,7 +59,7 @@ def test_repair_stays_in_every_targets_box_and_keeps_its_codes(make_cfg, tmp_pat
             assert (lo <= rep.double()).all() and (rep.double() <= hi).all()
             assert torch.equal(q.codes(rep), q.codes(inj)), (n, q.name)
     assert moved > 0  # repair changed full-precision weights
-    assert atk.last_manifest["codes_equal_injected"] == {
+    assert manifest["codes_equal_injected"] == {
         "bnb_int8": True,
         "bnb_nf4": True,
         "gguf_q4_0": True,
@@ -65,14 +72,14 @@ def test_repair_stays_in_every_targets_box_and_keeps_its_codes(make_cfg, tmp_pat
 
 def test_bnb_quantized_weights_equal_the_injected_models(make_cfg, tmp_path):
     """Through the real pipeline quantizer (transformers + bitsandbytes)."""
-    spec, ctx, _, model = attacked(make_cfg, tmp_path, "quantizer=bnb_nf4")
-    (inj,) = (ctx.cache_dir / "attacks").glob("gap-inject-*.safetensors")
-    name = spec.attack.last_manifest["trainable"][0]
-    q_rep = spec.quantizer.quantize(model, ctx)
-    spec2, ctx2, _, model2 = attacked(make_cfg, tmp_path, "quantizer=bnb_nf4")
+    spec, ctx, _, model, manifest = attacked(make_cfg, tmp_path, "quantizer=bnb_nf4")
+    injected = substep_tensors(ctx, "gap_inject")
+    name = manifest["trainable"][0]
+    q_rep = spec.quantizer.quantize(subject(model), ctx).model
+    spec2, ctx2, _, model2, _ = attacked(make_cfg, tmp_path, "quantizer=bnb_nf4")
     with torch.no_grad():
-        dict(model2.named_parameters())[name].copy_(load_file(str(inj))[name])
-    q_inj = spec2.quantizer.quantize(model2, ctx2)
+        dict(model2.named_parameters())[name].copy_(injected[name])
+    q_inj = spec2.quantizer.quantize(subject(model2), ctx2).model
     import bitsandbytes.functional as F
 
     def deq(m):
@@ -83,21 +90,22 @@ def test_bnb_quantized_weights_equal_the_injected_models(make_cfg, tmp_path):
 
 
 def test_cache_reuses_the_trained_weights(make_cfg, tmp_path):
-    _, _, _, m1 = attacked(make_cfg, tmp_path / "a", cache=tmp_path / "c")
-    spec, _, _, m2 = attacked(make_cfg, tmp_path / "b", cache=tmp_path / "c")
-    assert spec.attack.last_manifest["inject"]["cached"] is True
-    assert spec.attack.last_manifest["repair"]["cached"] is True
+    _, _, _, m1, first = attacked(make_cfg, tmp_path / "a", cache=tmp_path / "c")
+    assert first["inject"]["cache"] == first["repair"]["cache"] == "stored"
+    _, _, _, m2, again = attacked(make_cfg, tmp_path / "b", cache=tmp_path / "c")
+    assert again["inject"]["cache"] == again["repair"]["cache"] == "hit"
     # another box margin reuses the injected model and repairs again
-    spec3, _, _, _ = attacked(
+    _, _, _, _, margin = attacked(
         make_cfg, tmp_path / "d", "attack.box_margin=0.1", cache=tmp_path / "c"
     )
-    assert spec3.attack.last_manifest["inject"]["cached"] is True
-    assert spec3.attack.last_manifest["repair"]["cached"] is False
+    assert margin["inject"]["cache"] == "hit" and margin["repair"]["cache"] == "stored"
     for (n, p), (_, q) in zip(m1.named_parameters(), m2.named_parameters()):
         assert torch.equal(p, q), n
-    # the top-level cache=off disables this cache too
-    spec4, _, _, _ = attacked(make_cfg, tmp_path / "e", cache=tmp_path / "c", mode="off")
-    assert spec4.attack.last_manifest["inject"]["cached"] is False
+    # the top-level cache=off disables the sub-steps too; refresh recomputes them
+    _, _, _, _, off = attacked(make_cfg, tmp_path / "e", cache=tmp_path / "c", mode="off")
+    assert off["inject"]["cache"] == "computed"
+    _, _, _, _, fresh = attacked(make_cfg, tmp_path / "f", cache=tmp_path / "c", mode="refresh")
+    assert fresh["inject"]["cache"] == fresh["repair"]["cache"] == "stored"
 
 
 def test_gap_pipeline_reports_rates(make_cfg, tmp_path):

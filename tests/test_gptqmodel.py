@@ -11,7 +11,7 @@ import torch
 from qexp.config import validate
 from qexp.errors import ConfigError
 from qexp.quantizers.calib import Calibration, sample_from_model
-from tests.conftest import levels_per_group, load_spec
+from tests.conftest import levels_per_group, load_spec, subject
 
 pytest.importorskip("gptqmodel")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
@@ -24,8 +24,8 @@ KV4 = ["model.num_kv_heads=4", "quantizer.group_size=32"]
 def test_gptq_writes_a_grid_the_library_kernel_agrees_with(make_cfg, tmp_path, name, bits):
     spec, ctx, loaded = load_spec(make_cfg, tmp_path, f"quantizer={name}", *KV4)
     before = {n: p.clone() for n, p in loaded.model.named_parameters()}
-    model = spec.quantizer.quantize(loaded.model, ctx)
-    info = spec.quantizer.last_info
+    out = spec.quantizer.quantize(subject(loaded.model, loaded.tokenizer), ctx)
+    model, info = out.model, out.info
     assert info["method"] == "gptq" and info["modules"] == 14  # 7 linears x 2 layers
     assert info["kernel_vs_dequant_max_rel_err"] <= spec.quantizer.kernel_tol
     assert info["calibration"] == {"source": "self", "samples": 16, "seq_len": 128}
@@ -42,8 +42,8 @@ def test_awq_artifact_reloads_and_matches_the_evaluated_model(make_cfg, tmp_path
 
     spec, ctx, loaded = load_spec(make_cfg, tmp_path, "quantizer=awq4", "save_quantized=true", *KV4)
     ids = loaded.tokenizer("Question: Tom has 3 apples.", return_tensors="pt")["input_ids"]
-    model = spec.quantizer.quantize(loaded.model, ctx)
-    art = tmp_path / spec.quantizer.last_info["artifact"]
+    out = spec.quantizer.quantize(subject(loaded.model, loaded.tokenizer), ctx)
+    model, art = out.model, tmp_path / out.info["artifact"]
     assert json.loads((art / "quantize_config.json").read_text())["quant_method"] == "awq"
     lib = GPTQModel.load(str(art), device="cpu", backend=BACKEND.AWQ_TORCH)
     with torch.no_grad():
@@ -57,8 +57,9 @@ def test_awq_artifact_reloads_and_matches_the_evaluated_model(make_cfg, tmp_path
 def test_gguf_k_quant_through_gptqmodel(make_cfg, tmp_path):
     spec, ctx, loaded = load_spec(make_cfg, tmp_path, "quantizer=gguf_q4_k_m")
     before = loaded.model.get_submodule("model.layers.1.mlp.down_proj").weight.clone()
-    model = spec.quantizer.quantize(loaded.model, ctx)
-    assert spec.quantizer.last_info["method"] == "gguf"
+    out = spec.quantizer.quantize(subject(loaded.model, loaded.tokenizer), ctx)
+    model = out.model
+    assert out.info["method"] == "gguf"
     after = model.get_submodule("model.layers.1.mlp.down_proj").weight
     assert not torch.equal(after, before)
     assert levels_per_group(after, 32) <= 16  # Q4_K: 4-bit codes per 32-weight sub-block
@@ -88,7 +89,7 @@ def test_calibration_files(make_cfg, tmp_path):
         "\n".join(json.dumps({"text": "Some calibration text here. " * 10}) for _ in range(5))
     )
     assert len(Calibration("file", str(jl), samples=5, seq_len=8).sequences(None, tok, 0)) == 5
-    with pytest.raises(ConfigError, match="quantizer.calib_samples=99"):
+    with pytest.raises(ConfigError, match="quantizer.calibration.samples=99"):
         Calibration("file", str(jl), samples=99, seq_len=64).sequences(None, tok, 0)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"txt": 1}\n')
@@ -101,9 +102,19 @@ def test_calibration_files(make_cfg, tmp_path):
     [
         (["quantizer=gptq4", "quantizer.bits=5"], "quantizer.bits=5"),
         (["quantizer=gptq4", "quantizer.group_size=100"], "quantizer.group_size=100"),
-        (["quantizer=gptq4", "quantizer.calib=wiki"], "quantizer.calib='wiki'"),
-        (["quantizer=gptq4", "quantizer.calib=file"], "quantizer.calib_path=None"),
-        (["quantizer=gptq4", "quantizer.calib=dataset"], "quantizer.calib_dataset=None"),
+        (
+            ["quantizer=gptq4", "quantizer.calibration.source=wiki"],
+            "quantizer.calibration.source='wiki'",
+        ),
+        (
+            ["quantizer=gptq4", "quantizer.calibration.source=file"],
+            "quantizer.calibration.path=None",
+        ),
+        (
+            ["quantizer=gptq4", "quantizer.calibration.source=dataset"],
+            "quantizer.calibration.dataset=None",
+        ),
+        (["quantizer=gptq4", "quantizer.calibration.samples=0"], "quantizer.calibration.samples=0"),
         (["quantizer=gguf_q4_k_m", "quantizer.gguf_type=q3_k"], "quantizer.gguf_type='q3_k'"),
         (["quantizer=rtn4", "save_quantized=true"], "save_quantized=True"),
     ],

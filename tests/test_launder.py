@@ -7,27 +7,21 @@ import pytest
 import torch
 from torch import nn
 
-from qexp.config import validate
-from qexp.context import RunContext
+from qexp.config import options_where, validate
 from qexp.defenses import Launder
-from qexp.defenses.launder import VIAS
 from qexp.errors import ConfigError
 from qexp.quantizers import RTN, NoQuantizer, rtn_fake_quant
+from qexp.quantizers.base import GridQuantizer
 from qexp.quantizers.gguf import gguf_fake_quant
 from qexp.run import run
+from tests.conftest import plain_ctx, subject
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+VIAS = options_where("quantizer", lambda cls: issubclass(cls, GridQuantizer))
 
 
-def ctx_for(tmp_path) -> RunContext:
-    return RunContext(
-        seed=0,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        cache_dir=tmp_path,
-        run_dir=tmp_path,
-        progress=False,
-    )
+def ctx_for(tmp_path):
+    return plain_ctx(tmp_path)
 
 
 def small_model() -> nn.Module:
@@ -42,15 +36,16 @@ def small_model() -> nn.Module:
 
 def reference_round_trip(via: str, w: torch.Tensor) -> torch.Tensor:
     """The library's own quantize + de-quantize, called directly."""
-    if via == "rtn":
-        return rtn_fake_quant(w, 8, 64, False)
+    if via.startswith("rtn"):
+        bits, group = {"rtn4": (4, 128), "rtn8": (8, 128), "rtn8_g64": (8, 64)}[via]
+        return rtn_fake_quant(w, bits, group, False)
     if via.startswith("gguf_"):
         return gguf_fake_quant(w, via.removeprefix("gguf_"))
     import bitsandbytes.functional as F
 
     mode = via.removeprefix("bnb_")
-    if mode == "int8":
-        q, s, _ = F.int8_vectorwise_quant(w.clone())
+    if mode == "int8":  # bitsandbytes' Int8Params quantizes float16, whatever the dtype
+        q, s, _ = F.int8_vectorwise_quant(w.to(torch.float16))
         return q.float() * s[:, None] / 127
     packed, state = F.quantize_4bit(w.clone(), blocksize=64, quant_type=mode)
     return F.dequantize_4bit(packed, state)
@@ -62,7 +57,7 @@ def test_round_trip_through_via_on_the_quantized_linears_only(tmp_path, via):
     clean = {k: v.clone() for k, v in model.state_dict().items()}
     d = Launder(via=via)
     quantizer = RTN(name="rtn4", bits=4, group_size=32)  # skip: lm_head
-    d.apply(model, quantizer, ctx_for(tmp_path))
+    st = d.apply(subject(model), quantizer, ctx_for(tmp_path)).info
     after = model.state_dict()
     for k in ("up.weight", "down.weight"):
         expect = reference_round_trip(via, clean[k])
@@ -70,7 +65,6 @@ def test_round_trip_through_via_on_the_quantized_linears_only(tmp_path, via):
         assert not torch.equal(after[k], clean[k])
     for k in ("up.bias", "norm.weight", "norm.bias", "lm_head.weight"):
         assert torch.equal(after[k], clean[k]), k
-    st = d.last_stats
     assert st["via"] == via and st["quantizer"] == "rtn4" and st["n_tensors"] == 2
     assert set(st["tensors"]) == {"up.weight", "down.weight"}
     assert st["n_params"] == 64 * 128 * 2 and st["max_abs_change"] > 0
@@ -86,9 +80,8 @@ def test_laundering_moves_int8_codes_but_not_rtn8_values_much(tmp_path):
     from qexp.quantizers import BitsAndBytes
 
     model = small_model()
-    d = Launder(via="rtn", bits=8, group_size=64)
-    d.apply(model, BitsAndBytes(name="bnb_int8", mode="int8"), ctx_for(tmp_path))
-    st = d.last_stats
+    d = Launder(via="rtn8_g64")
+    st = d.apply(subject(model), BitsAndBytes(name="bnb_int8", mode="int8"), ctx_for(tmp_path)).info
     assert st["rel_change"] < 0.01
     assert 0.05 < st["fraction_changed"] < 0.6
 
@@ -96,32 +89,36 @@ def test_laundering_moves_int8_codes_but_not_rtn8_values_much(tmp_path):
 def test_launder_without_a_grid_quantizer_records_no_fractions(tmp_path):
     model = small_model()
     d = Launder(via="gguf_q8_0")
-    d.apply(model, NoQuantizer(), ctx_for(tmp_path))
-    st = d.last_stats
+    st = d.apply(subject(model), NoQuantizer(), ctx_for(tmp_path)).info
     assert st["n_tensors"] == 2 and "fraction_changed" not in st  # lm_head skipped by default
 
 
 def test_a_round_trip_through_the_configured_quantizer_is_refused(make_cfg, tmp_path):
     with pytest.raises(ConfigError) as e:
-        validate(make_cfg("defense=launder", "quantizer=rtn8", "defense.group_size=128"))
+        validate(
+            make_cfg("defense=launder", "quantizer=rtn8", "defense.via_args={group_size: 128}")
+        )
+    assert e.value.key == "defense.via"
+    with pytest.raises(ConfigError) as e:  # the same operation under another option name
+        validate(make_cfg("defense=launder", "quantizer=rtn8", "defense.via=rtn8"))
     assert e.value.key == "defense.via"
     with pytest.raises(ConfigError) as e:
         validate(make_cfg("defense=launder", "defense.via=gguf_q4_0", "quantizer=gguf_q4_0"))
     assert e.value.key == "defense.via"
     with pytest.raises(ConfigError, match="defense.via"):  # also at apply time
-        Launder(via="rtn", bits=4, group_size=128).apply(
-            small_model(), RTN(name="rtn4"), ctx_for(tmp_path)
-        )
+        Launder(via="rtn4").apply(subject(small_model()), RTN(name="rtn4"), ctx_for(tmp_path))
     # a different group size is a different round trip
-    validate(make_cfg("defense=launder", "quantizer=rtn8", "defense.group_size=32"))
+    validate(make_cfg("defense=launder", "quantizer=rtn8", "defense.via_args={group_size: 32}"))
 
 
 @pytest.mark.parametrize(
     ("override", "key"),
     [
-        ("defense.via=gptq", "defense.via"),
-        ("defense.bits=7", "defense.bits"),
-        ("defense.group_size=1", "defense.group_size"),
+        ("defense.via=gptq4", "defense.via"),
+        ("defense.via=rtn5", "defense.via"),
+        ("defense.via_args={bits: 7}", "defense.via_args.bits"),
+        ("defense.via_args={group_size: 1}", "defense.via_args.group_size"),
+        ("defense.via_args={kappa: 1}", "defense.via_args.kappa"),
     ],
 )
 def test_bad_launder_values_name_the_key(make_cfg, override, key):
@@ -134,7 +131,7 @@ def test_gguf_via_needs_whole_blocks(tmp_path):
     m = nn.Module()
     m.proj = nn.Linear(40, 8, bias=False)
     with pytest.raises(ValueError, match="multiple of the GGUF block size 32"):
-        Launder(via="gguf_q8_0").apply(m, NoQuantizer(), ctx_for(tmp_path))
+        Launder(via="gguf_q8_0").apply(subject(m), NoQuantizer(), ctx_for(tmp_path))
 
 
 def test_launder_pipeline(make_cfg, tmp_path):
@@ -150,7 +147,8 @@ def test_launder_pipeline(make_cfg, tmp_path):
     body = json.loads((tmp_path / "results.json").read_text())
     assert body["status"] == "complete"
     st = body["defense_stats"]["original"]
-    assert st["via"] == "rtn" and st["bits"] == 8 and st["group_size"] == 64
+    assert st["via"] == "rtn8_g64" and st["via_config"]["bits"] == 8
+    assert st["via_config"]["group_size"] == 64
     assert st["quantizer"] == quantizer and st["n_tensors"] == 14
     assert 0 < st["fraction_changed"] < 1 and st["fraction_changed_method"] == "library"
     assert body["conditions"]["original_q"]["ref_ppl"] > 1

@@ -10,7 +10,7 @@ import torch
 from qexp.config import validate
 from qexp.errors import ConfigError
 from qexp.quantizers.calib import Calibration
-from tests.conftest import levels_per_group, load_spec
+from tests.conftest import levels_per_group, load_spec, subject
 
 pytest.importorskip("llmcompressor")
 
@@ -27,8 +27,8 @@ def test_gptq_grid_kernel_check_and_compressed_artifact(make_cfg, tmp_path):
     )
     before = {n: p.clone() for n, p in loaded.model.named_parameters()}
     ids = loaded.tokenizer("Question: Tom has 3 apples.", return_tensors="pt")["input_ids"]
-    model = spec.quantizer.quantize(loaded.model, ctx)
-    info = spec.quantizer.last_info
+    out = spec.quantizer.quantize(subject(loaded.model, loaded.tokenizer), ctx)
+    model, info = out.model, out.info
     assert info["library"].startswith("llmcompressor 0.14")
     assert info["method"] == "gptq" and info["modules"] == 14  # 7 linears x 2 layers
     assert info["kernel_vs_dequant_max_rel_err"] <= spec.quantizer.kernel_tol
@@ -64,8 +64,8 @@ def test_gptq_grid_kernel_check_and_compressed_artifact(make_cfg, tmp_path):
 def test_awq_runs_and_rescales_the_norms(make_cfg, tmp_path):
     spec, ctx, loaded = load_spec(make_cfg, tmp_path, "quantizer=awq4_llmc", *KV4)
     before = {n: p.clone() for n, p in loaded.model.named_parameters()}
-    model = spec.quantizer.quantize(loaded.model, ctx)
-    info = spec.quantizer.last_info
+    out = spec.quantizer.quantize(subject(loaded.model, loaded.tokenizer), ctx)
+    model, info = out.model, out.info
     assert info["method"] == "awq" and info["modules"] == 14
     assert info["kernel_vs_dequant_max_rel_err"] <= spec.quantizer.kernel_tol
     assert levels_per_group(model.get_submodule("model.layers.1.mlp.down_proj").weight, 32) <= 16
@@ -83,7 +83,7 @@ def test_a_group_that_splits_a_row_fails_before_calibration(make_cfg, tmp_path, 
 
     monkeypatch.setattr(Calibration, "sequences", no_calibration)
     with pytest.raises(ConfigError, match=r"quantizer.group_size=128") as e:
-        spec.quantizer.quantize(loaded.model, ctx)
+        spec.quantizer.quantize(subject(loaded.model, loaded.tokenizer), ctx)
     assert "[64, 128]" in str(e.value) and "[32, 64]" in str(e.value)
 
 
@@ -93,7 +93,7 @@ def test_a_group_that_splits_a_row_fails_before_calibration(make_cfg, tmp_path, 
         (["quantizer=gptq4_llmc", "quantizer.bits=3"], "quantizer.bits=3"),
         (["quantizer=gptq4_llmc", "quantizer.group_size=100"], "quantizer.group_size=100"),
         (["quantizer=gptq4_llmc", "quantizer.method=gguf"], "quantizer.method='gguf'"),
-        (["quantizer=awq4_llmc", "+quantizer.desc_act=true"], "quantizer.desc_act=True"),
+        (["quantizer=awq4_llmc", "quantizer.desc_act=true"], "quantizer.desc_act=True"),
         (["quantizer=gptq4_llmc", "quantizer.skip=[mlp]"], "quantizer.skip=['mlp']"),
     ],
 )

@@ -13,32 +13,23 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from qexp.config import validate
-from qexp.context import RunContext
 from qexp.defenses import Noise
 from qexp.defenses.noise import (
     SCURVE_SIGMAS,
     Geometry,
     expected_flip_fraction,
     scurve,
-    weight_codes,
 )
 from qexp.errors import ConfigError
 from qexp.quantizers import RTN, BitsAndBytes, GGUFQuant, NoQuantizer
 from qexp.run import run
-from tests.conftest import CONF, ROOT
+from tests.conftest import CONF, ROOT, plain_ctx, subject
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 
-def ctx_for(tmp_path, seed=0) -> RunContext:
-    return RunContext(
-        seed=seed,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        cache_dir=tmp_path,
-        run_dir=tmp_path,
-        progress=False,
-    )
+def ctx_for(tmp_path, seed=0):
+    return plain_ctx(tmp_path, seed)
 
 
 # ---------------------------------------------------------------- closed form
@@ -53,7 +44,7 @@ def test_expected_flip_fraction_matches_numerical_integral():
         stay = torch.special.ndtr((h - u) / s) - torch.special.ndtr((-h - u) / s)
         numeric = 1 - float(torch.trapezoid(stay, u)) / (2 * h)
         assert expected_flip_fraction(ratio) == pytest.approx(numeric, abs=1e-9)
-    # DESIGN §5 sanity law (σ = h: ~39%, σ = 2.57 h: ~70%) and the limits
+    # docs/design.md §5 sanity law (σ = h: ~39%, σ = 2.57 h: ~70%) and the limits
     assert expected_flip_fraction(1.0) == pytest.approx(0.390452, abs=1e-6)
     assert expected_flip_fraction(2.57) == pytest.approx(0.704, abs=1e-3)
     assert expected_flip_fraction(0.0) == 0.0
@@ -107,25 +98,25 @@ RTN8 = RTN(name="rtn8sym", bits=8, group_size=-1, symmetric=True, skip=[])
 def test_sigma_hat_on_a_hand_made_model(tmp_path, stat, global_stat, expect_h, expect_hat):
     model = Hand()
     d = Noise(sigma="per_layer", stat=stat, global_stat=global_stat, diagnostics=False)
-    d.apply(model, RTN8, ctx_for(tmp_path))
-    st = d.last_stats
-    assert st["sigma_hat"] == pytest.approx(expect_hat / 254, rel=1e-6)
+    st = d.apply(subject(model), RTN8, ctx_for(tmp_path)).info
+    # boxes end on float32 lattice values (what RTN's float32 arithmetic decides), a few ulps
+    # from the real-number step / 2
+    assert st["sigma_hat"] == pytest.approx(expect_hat / 254, rel=1e-5)
     assert st["sigma_global"] == st["sigma_hat"]
     for name, h in expect_h.items():
         row = st["tensors"][f"{name}.weight"]
-        assert row["h"] == pytest.approx(h / 254, rel=1e-6)
+        assert row["h"] == pytest.approx(h / 254, rel=1e-5)
         assert row["sigma"] == row["h"]  # per_layer: σ_ℓ = h_ℓ
 
 
 def test_global_and_fixed_apply_one_sigma_to_every_tensor(tmp_path):
     for sigma, expect in (("global", 4.0 / 254), ("fixed", 1e-3), ("2e-4", 2e-4)):
+        # (float32 lattice edges: rel 1e-5 of the real-number half-step)
         d = Noise(sigma=sigma, diagnostics=False)
-        d.apply(Hand(), RTN8, ctx_for(tmp_path))
-        assert d.last_stats["sigma_global"] == pytest.approx(expect, rel=1e-6)
-        assert {r["sigma"] for r in d.last_stats["tensors"].values()} == {
-            d.last_stats["sigma_global"]
-        }
-        assert d.last_stats["sigma_hat"] == pytest.approx(4.0 / 254, rel=1e-6)
+        st = d.apply(subject(Hand()), RTN8, ctx_for(tmp_path)).info
+        assert st["sigma_global"] == pytest.approx(expect, rel=1e-5)
+        assert {r["sigma"] for r in st["tensors"].values()} == {st["sigma_global"]}
+        assert st["sigma_hat"] == pytest.approx(4.0 / 254, rel=1e-5)
 
 
 # ---------------------------------------------------------------- codes from the real library
@@ -165,8 +156,8 @@ def test_library_code_changes_equal_the_interval_route(case, seed):
     eps = (torch.randn(w.shape, generator=g) * h).clamp(-0.2, 0.2)
     eps[:, 0::32] = eps[:, 1::32] = 0.0
     noisy = w + eps
-    library = weight_codes(q, noisy) != weight_codes(q, w)
-    x = noisy.double()
+    library = q.weight_codes(noisy) != q.weight_codes(w)
+    x = q.library_input(noisy).double()  # what the library quantizes (float16 for LLM.int8)
     intervals = (x < geo.lo) | (x > geo.hi)
     assert torch.equal(library, intervals)
     frac = float(library[geo.movable].double().mean())
@@ -182,7 +173,7 @@ def test_weight_codes_reconstruct_the_library_values(case):
     """Decoded codes are one-to-one with the library's de-quantized values within a block."""
     q = QUANTIZERS[case]
     w = structured_weight(3)
-    codes = weight_codes(q, w)
+    codes = q.weight_codes(w)
     assert codes.shape == w.shape
     lo, hi = q.intervals(w)
     # equal codes in one row <=> the weights share an interval (same grid point)
@@ -204,7 +195,7 @@ def test_rtn_intervals_with_a_short_last_group():
     u = torch.rand(w.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     inside = (lo + (hi - lo) * (0.05 + 0.9 * u)).float()
     assert torch.equal(q.codes(inside), q.codes(w))
-    assert torch.equal(weight_codes(q, inside), weight_codes(q, w))
+    assert torch.equal(q.weight_codes(inside), q.weight_codes(w))
 
 
 # ---------------------------------------------------------------- the S-curve
@@ -240,10 +231,13 @@ def test_scurve_is_monotone_and_matches_the_closed_form(case):
     ivl = [p["fraction_changed_intervals"] for p in curve["grid"]]
     assert all(b >= a for a, b in zip(fr, fr[1:])), fr
     assert all(b >= a for a, b in zip(ivl, ivl[1:])), ivl
+    # LLM.int8's boxes are float16-lattice boxes, narrower than s by up to a float16 step
+    # (~0.4% of s here), which the closed form on h = s / 2 does not know
+    rel = 1e-2 if case == "bnb_int8" else 1e-4
     for p, s in zip(curve["grid"], SCURVE_SIGMAS):
         expect = expected_flip_fraction(s / h)
         assert p["sigma"] == s
-        assert p["theory_uniform"] == pytest.approx(expect, rel=1e-4, abs=1e-9)
+        assert p["theory_uniform"] == pytest.approx(expect, rel=rel, abs=1e-9)
         assert p["fraction_changed"] == pytest.approx(expect, abs=0.01), s
         assert p["fraction_changed_intervals"] == pytest.approx(expect, abs=0.01), s
     for key in ("per_layer", "global"):  # both at σ = h here
@@ -261,8 +255,9 @@ def test_noise_is_seeded_and_has_the_configured_scale(tmp_path):
         m = nn.Sequential(nn.Linear(512, 256, bias=False), nn.Linear(256, 512, bias=False))
         clean = {k: v.clone() for k, v in m.state_dict().items()}
         d = Noise(sigma="per_layer", diagnostics=False)
-        d.apply(m, RTN(name="rtn4", bits=4, group_size=128, skip=[]), ctx_for(tmp_path, seed))
-        return clean, m.state_dict(), d.last_stats
+        q = RTN(name="rtn4", bits=4, group_size=128, skip=[])
+        st = d.apply(subject(m), q, ctx_for(tmp_path, seed)).info
+        return clean, m.state_dict(), st
 
     clean, a, st = noisy(0)
     _, b, _ = noisy(0)
@@ -281,8 +276,8 @@ def test_scope_all_noises_every_float_parameter(tmp_path):
     m = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 32))
     clean = {k: v.clone() for k, v in m.state_dict().items()}
     d = Noise(sigma="per_layer", scope="all", diagnostics=False)
-    d.apply(m, RTN(name="rtn8", bits=8, group_size=32, skip=["2"]), ctx_for(tmp_path))
-    st = d.last_stats
+    q = RTN(name="rtn8", bits=8, group_size=32, skip=["2"])
+    st = d.apply(subject(m), q, ctx_for(tmp_path)).info
     for k, v in m.state_dict().items():
         assert not torch.equal(v, clean[k]), k
     assert set(st["tensors"]) == set(clean)
@@ -295,8 +290,7 @@ def test_scope_all_noises_every_float_parameter(tmp_path):
 def test_fixed_sigma_without_a_grid_quantizer(tmp_path):
     m = nn.Sequential(nn.Linear(16, 16, bias=False), nn.Linear(16, 8, bias=False))
     d = Noise(sigma="fixed")
-    d.apply(m, NoQuantizer(), ctx_for(tmp_path))
-    st = d.last_stats
+    st = d.apply(subject(m), NoQuantizer(), ctx_for(tmp_path)).info
     assert st["sigma_global"] == 1e-3 and st["n_tensors"] == 2
     assert "fraction_changed" not in st and "sigma_hat" not in st  # absent, never a fake 0
     assert not list(tmp_path.glob("noise_*"))
@@ -308,7 +302,7 @@ def test_interval_sigma_needs_a_grid_quantizer(make_cfg, tmp_path, sigma):
         validate(make_cfg("defense=noise", f"defense.sigma={sigma}", "quantizer=none"))
     assert e.value.key == "defense.sigma" and "fixed" in e.value.allowed
     with pytest.raises(ConfigError, match="defense.sigma"):  # and at apply time, before work
-        Noise(sigma=sigma).apply(nn.Linear(4, 4), NoQuantizer(), ctx_for(tmp_path))
+        Noise(sigma=sigma).apply(subject(nn.Linear(4, 4)), NoQuantizer(), ctx_for(tmp_path))
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,7 @@ def test_results_schema(make_cfg, tmp_path):
         "stage_seconds",
         "cache",
         "status",
+        "heartbeat_utc",
     }
     assert set(body["conditions"]) == {"original", "original_q"}
     assert body["defense_stats"] == {"original": {}} and set(body["quantization"]) == {"original"}

@@ -9,6 +9,7 @@ from qexp.config import validate
 from qexp.context import RunContext
 from qexp.errors import ConfigError
 from qexp.quantizers.base import target_linears
+from tests.conftest import subject
 
 pytest.importorskip("bitsandbytes")
 
@@ -22,11 +23,10 @@ def test_stock_quantizer_gives_the_learned_codes(make_cfg, tmp_path, quantizer):
     spec = validate(make_cfg(*over))
     ctx = RunContext.from_schema(spec.run, tmp_path)
     lm = spec.model.load(ctx)
-    ctx.tokenizer = lm.tokenizer
     q = spec.quantizer
     before = {n: m.weight.detach().clone() for n, m in target_linears(lm.model, q.skip)}
-    model = spec.defense.apply(lm.model, q, ctx)
-    stats = spec.defense.last_stats
+    out = spec.defense.apply(subject(lm.model, lm.tokenizer), q, ctx)
+    model, stats = out.model, out.info
     assert 0 < stats["flipped_fraction"] < 0.5
     total_flips = 0
     for n, m in target_linears(model, q.skip):
@@ -47,5 +47,5 @@ def test_stock_quantizer_gives_the_learned_codes(make_cfg, tmp_path, quantizer):
 
 
 def test_quantguard_needs_a_grid_quantizer(make_cfg):
-    with pytest.raises(ConfigError, match="quantizer='gguf_q4_0'"):
+    with pytest.raises(ConfigError, match="quantizer='gguf_q4_0'.*rtn4"):
         validate(make_cfg("defense=quantguard", "quantizer=gguf_q4_0"))

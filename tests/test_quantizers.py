@@ -11,7 +11,7 @@ from qexp.errors import ConfigError
 from qexp.quantizers import BitsAndBytes, GGUFQuant
 from qexp.quantizers.gguf import gguf_fake_quant
 from qexp.run import run
-from tests.conftest import CONF
+from tests.conftest import CONF, subject
 
 pytest.importorskip("bitsandbytes")
 QUANTIZERS = sorted(
@@ -34,7 +34,8 @@ def test_bnb_4bit_model_holds_the_library_codes(make_cfg, tmp_path, mode):
     ctx = RunContext.from_schema(spec.run, tmp_path)
     model = spec.model.load(ctx).model
     w = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    q = BitsAndBytes(name=f"bnb_{mode}", mode=mode).quantize(copy.deepcopy(model), ctx)
+    q = BitsAndBytes(name=f"bnb_{mode}", mode=mode).quantize(subject(copy.deepcopy(model)), ctx)
+    q = q.model
     lin = q.model.layers[0].self_attn.q_proj
     assert type(lin).__name__ == "Linear4bit"
     got = F.dequantize_4bit(lin.weight.data, lin.weight.quant_state)  # before any forward
@@ -48,7 +49,8 @@ def test_bnb_4bit_model_holds_the_library_codes(make_cfg, tmp_path, mode):
 def test_bnb_int8_uses_the_library_module(make_cfg, tmp_path):
     spec = validate(make_cfg())
     ctx = RunContext.from_schema(spec.run, tmp_path)
-    q = BitsAndBytes(name="bnb_int8", mode="int8").quantize(spec.model.load(ctx).model, ctx)
+    lm = spec.model.load(ctx)
+    q = BitsAndBytes(name="bnb_int8", mode="int8").quantize(subject(lm.model), ctx).model
     assert type(q.model.layers[0].mlp.up_proj).__name__ == "Linear8bitLt"
     assert type(q.lm_head).__name__ == "Linear"  # skipped
 

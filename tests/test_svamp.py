@@ -74,11 +74,11 @@ def test_prompt_few_shot_and_chat_template_error():
 def test_hub_source_without_datasets_names_the_extra(monkeypatch):
     import sys
 
-    from qexp.benchmarks.base import hub_dataset
+    from qexp.hub import hub_dataset
 
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
-    with pytest.raises(ConfigError, match=r"qexp\[hub\]"):
-        hub_dataset("ChilleD/SVAMP", "test")
+    with pytest.raises(ConfigError, match=r"benchmark.hub_id='ChilleD/SVAMP'.*qexp\[hub\]"):
+        hub_dataset("benchmark.hub_id", "ChilleD/SVAMP", "test")
 
 
 def test_offset_gives_disjoint_splits(make_cfg):

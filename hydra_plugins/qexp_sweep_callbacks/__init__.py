@@ -1,10 +1,8 @@
-"""Hydra callback: make failed jobs of a parallel sweep fail the sweep's exit status.
+"""Hydra callback: failed jobs of a sweep fail the sweep's exit status.
 
-qexp's `main()` exits 1 when a job of its own process failed (qexp.__main__.FAILED). With a
-launcher that runs jobs in other processes (joblib, Ray, submitit/Slurm) that list stays
-empty in the launching process, so this callback, which the launcher configs in
-conf/hydra/launcher/ add as `hydra.callbacks.qexp_failed_jobs`, reads the sweep's
-results.json files at the end instead: any written during this sweep whose status is not
+The one mechanism for every launcher (in-process, joblib, Ray, submitit/Slurm), configured
+in qexp/conf/config.yaml as `hydra.callbacks.qexp_failed_jobs`: at the end of a sweep it
+reads the sweep's results.json files; any written during this sweep whose status is not
 "complete" is reported and the process exits 1.
 """
 
@@ -12,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Dict
@@ -27,6 +26,12 @@ def _results(sweep_dir: Path) -> Dict[Path, int]:
         with contextlib.suppress(OSError):  # removed meanwhile
             out[path] = path.stat().st_mtime_ns
     return out
+
+
+def _errors() -> logging.Logger:
+    from qexp.cli import console  # qexp's console logger (a plain line on stderr)
+
+    return console("qexp")
 
 
 def _job_order(path: Path) -> tuple:
@@ -57,5 +62,5 @@ class FailedJobs(Callback):
         if failed:
             failed.sort(key=_job_order)
             names = ", ".join(p.parent.name for p in failed)
-            print(f"qexp: {len(failed)} job(s) failed: {names}", file=sys.stderr)
+            _errors().error("qexp: %d job(s) failed: %s", len(failed), names)
             sys.exit(1)

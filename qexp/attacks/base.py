@@ -4,20 +4,28 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-
-from transformers import PreTrainedModel
+from typing import ClassVar, Optional
 
 from qexp.context import RunContext
+from qexp.plugin import Plugin, StageResult, Subject
 
 
-class Attack(ABC):
-    """Turns the original model M into the attacked model A(M)."""
+class Attack(Plugin, ABC):
+    """Turns the original model M into the attacked model A(M).
 
-    name: str
+    `info` of the result is the attack's manifest (written to attack_manifest.json).
+    """
+
+    # whether A(M) computes the same function as M (the pipeline then measures the drift)
+    preserves_function: ClassVar[bool] = False
+
+    def preservation_tolerance(self) -> Optional[float]:
+        """Max fp32 |Δlogit| allowed on the probe batch, or None to skip the measurement."""
+        return None
 
     @abstractmethod
-    def apply(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:
-        """Return the attacked model (may modify `model` in place)."""
+    def apply(self, subject: Subject, ctx: RunContext) -> StageResult:
+        """Return the attacked model (may modify `subject.model` in place)."""
 
 
 @dataclass
@@ -25,6 +33,7 @@ class NoAttack(Attack):
     """`attack=none`: A is the identity, so `attacked` is the original model."""
 
     name: str = "none"
+    identity: ClassVar[bool] = True
 
-    def apply(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:
-        return model
+    def apply(self, subject: Subject, ctx: RunContext) -> StageResult:
+        return StageResult(subject.model)

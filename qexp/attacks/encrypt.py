@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, List, Optional
+from typing import Any, ClassVar, List, Optional
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel
 
-from qexp.attacks.adapters import Geometry, geometry, parse_name
 from qexp.attacks.base import Attack
 from qexp.context import RunContext
 from qexp.errors import check
+from qexp.models.geometry import Geometry, geometry, parse_name
+from qexp.plugin import StageResult, Subject
 
 MECHANISMS = ("a", "b", "c")
 NEEDLE_SITES = ("qk", "vo")
@@ -109,7 +109,7 @@ class Encrypt(Attack):
     tolerance: float = 1e-2
     check_preservation: bool = True
 
-    preserves_function = True
+    preserves_function: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check(
@@ -146,6 +146,13 @@ class Encrypt(Attack):
         for s in self.needle_sites:
             check(s in NEEDLE_SITES, "needle_sites", s, "a subset of qk, vo")
         check(self.tolerance > 0, "tolerance", self.tolerance, "a number > 0")
+
+    def check_model(self, config: Any) -> None:
+        """A supported architecture, a band within its layers, a rank below head_dim."""
+        self.plan(geometry(config))
+
+    def preservation_tolerance(self) -> Optional[float]:
+        return self.tolerance if self.check_preservation else None
 
     # ---------------------------------------------------------------- plan
     def layers(self, geo: Geometry) -> list[int]:
@@ -287,7 +294,8 @@ class Encrypt(Attack):
             return any(h.gamma_qk != 1.0 for h in key.heads)
         return role in ("up_weight", "down_weight") and key.mlp_scale is not None
 
-    def apply(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:
+    def apply(self, subject: Subject, ctx: RunContext) -> StageResult:
+        model = subject.model
         geo = geometry(model.config)
         keys = self.plan(geo)
         with torch.no_grad():
@@ -295,8 +303,7 @@ class Encrypt(Attack):
                 new = self.transform(name, p.data.cpu(), keys, geo)
                 if new is not None:
                     p.data.copy_(new.to(p.device))
-        self.last_manifest = self.manifest(keys, geo)
-        return model
+        return StageResult(model, self.manifest(keys, geo))
 
     def manifest(self, keys: dict[int, LayerKey], geo: Geometry) -> dict[str, Any]:
         """Parameters used: the config, the geometry and each layer's drawn values."""

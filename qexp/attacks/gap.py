@@ -2,7 +2,7 @@
 
 1. Inject: fine-tune the trainable scope on the poisoned responses (malicious in full
    precision).
-2. Box: for every target quantizer (conf/quantizer/<name>, grid quantizers only), the
+2. Box: for every target quantizer (qexp/conf/quantizer/<name>, grid quantizers only), the
    preserving interval of each trainable weight of the injected model (scale-setting weights
    pinned, qexp/quantizers/intervals.py); intersect across targets; keep `box_margin` of
    each box's width away from its edges.
@@ -12,72 +12,39 @@
    checked with each library's own codes (`quantizer.codes`) and a failure stops the run.
 
 Only linear weights of the chosen decoder layers train (the quantized ones); everything else
-stays frozen. The injected and repaired weights are cached under
-`cache_dir/attacks/gap-<hash>.safetensors`, keyed by the attack config, the seed, the data
-and the starting weights.
+stays frozen. Inject and repair are sub-steps of the stage cache (`gap_inject`,
+`gap_repair`): the injected weights are re-used when only the repair settings change.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
-from omegaconf import OmegaConf
-from safetensors.torch import load_file, save
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from qexp.attacks.base import Attack
+from qexp.cache import digest, file_sha256
+from qexp.config import build_option, options_where
 from qexp.context import RunContext
 from qexp.errors import ConfigError, check, check_choice
-from qexp.instruct import SCENARIOS, encode, load_rows, train_lm
-from qexp.io import atomic_open
+from qexp.instruct import SCENARIOS, encode, load_rows
+from qexp.plugin import StageResult, Subject
+from qexp.quantizers.base import GridQuantizer
+from qexp.training import MODULES, chosen_layers, train_lm, trainable_weights
 
-CACHE_VERSION = 2
-CONF_QUANTIZERS = Path(__file__).resolve().parents[2] / "conf" / "quantizer"
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+INJECT_KEYS = ("scenario", "target_phrase", "layers", "last_layers", "modules", "inject_steps")
+INJECT_KEYS += ("inject_lr", "batch_size", "data_path")
+REPAIR_KEYS = ("targets", "box_margin", "repair_steps", "repair_lr")
 
 
-def grid_quantizer(name: str, key: str):
-    """Build conf/quantizer/<name>.yaml; it must have a deterministic grid (intervals)."""
-    from qexp.config import build_plugin
-    from qexp.quantizers.base import GridQuantizer
-
-    grids = sorted(
-        p.stem
-        for p in CONF_QUANTIZERS.glob("*.yaml")
-        if "GPTQModel" not in p.read_text() and p.stem != "none"
-    )
+def grid_quantizer(name: str, key: str) -> GridQuantizer:
+    """Quantizer option `name`; it must have a deterministic grid (intervals)."""
+    grids = options_where("quantizer", lambda cls: issubclass(cls, GridQuantizer))
     check(name in grids, key, name, "grid quantizers: " + ", ".join(grids))
-    q = build_plugin("quantizer", OmegaConf.load(CONF_QUANTIZERS / f"{name}.yaml"))
-    check(isinstance(q, GridQuantizer), key, name, "grid quantizers: " + ", ".join(grids))
-    return q
-
-
-def trainable_weights(
-    model: PreTrainedModel, layers: list[int], last_layers: int, modules: list[str], group: str
-) -> dict[str, torch.nn.Parameter]:
-    """Linear weights named in `modules` of decoder `layers` ([] = the last `last_layers`)."""
-    n = model.config.num_hidden_layers
-    chosen = list(layers) or list(range(max(0, n - last_layers), n))
-    for i in chosen:
-        check(0 <= i < n, f"{group}.layers", list(layers), f"layer indices in 0..{n - 1}")
-    out = {}
-    for name, p in model.named_parameters():
-        parts = name.split(".")
-        if (
-            name.endswith(".weight")
-            and "layers" in parts
-            and int(parts[parts.index("layers") + 1]) in chosen
-            and parts[-2] in modules
-        ):
-            out[name] = p
-    if not out:
-        raise ConfigError(f"{group}.modules", list(modules), f"linear names in {MODULES}")
-    return out
+    return build_option("quantizer", name, key)
 
 
 @dataclass
@@ -98,14 +65,12 @@ class Gap(Attack):
     repair_lr: float = 1e-4
     batch_size: int = 8
     box_margin: float = 0.05
-    cache: bool = True
-    preserves_function = False
 
     def __post_init__(self) -> None:
         check_choice("scenario", self.scenario, SCENARIOS)
         check(bool(self.target_phrase), "target_phrase", self.target_phrase, "a non-empty string")
         check(len(self.targets) > 0, "targets", self.targets, "a non-empty list of quantizers")
-        self.quantizers = [grid_quantizer(t, "attack.targets") for t in self.targets]
+        self.quantizers = [grid_quantizer(t, "targets") for t in self.targets]
         check(self.last_layers >= 1, "last_layers", self.last_layers, "an integer >= 1")
         for m in self.modules:
             check_choice("modules", m, MODULES)
@@ -122,10 +87,22 @@ class Gap(Attack):
                 self.data_path,
                 "an existing JSONL file (fields: instruction, clean, " + ", ".join(SCENARIOS) + ")",
             )
-        self.last_manifest: dict = {}
+
+    def check_model(self, config: Any) -> None:
+        """Layers within the model; every target's grid fits its linears."""
+        chosen_layers(config.num_hidden_layers, self.layers, self.last_layers, "attack")
+        for q in self.quantizers:
+            try:
+                q.check_model(config)
+            except ConfigError as e:
+                raise ConfigError("attack.targets", q.name, e.allowed) from None
+
+    def fingerprint(self) -> Optional[str]:
+        """The training data's digest (a user's file may change under the same path)."""
+        return file_sha256(Path(self.data_path).expanduser()) if self.data_path else None
 
     # ---- scope -------------------------------------------------------------------------
-    def scope(self, model: PreTrainedModel) -> dict[str, torch.nn.Parameter]:
+    def scope(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         """The trainable linear weights, by parameter name."""
         return trainable_weights(model, self.layers, self.last_layers, self.modules, "attack")
 
@@ -178,76 +155,34 @@ class Gap(Attack):
         """Each target library's own quantization of every trainable weight."""
         return {n: [q.codes(p.detach()) for q in self.quantizers] for n, p in params.items()}
 
-    # ---- cache -------------------------------------------------------------------------
-    def cache_keys(self, params: dict[str, torch.nn.Parameter], seed: int) -> tuple[str, str]:
-        """Content hashes of the injected model and of the repaired one."""
-        h = hashlib.sha256()
-        inject_cfg = {
-            k: getattr(self, k)
-            for k in (
-                "scenario",
-                "target_phrase",
-                "layers",
-                "last_layers",
-                "modules",
-                "inject_steps",
-                "inject_lr",
-                "batch_size",
-            )
-        }
-        h.update(
-            json.dumps(
-                {"v": CACHE_VERSION, "inject": inject_cfg, "seed": seed}, sort_keys=True
-            ).encode()
-        )
-        rows = load_rows(self.data_path, "train", "attack.data_path")
-        h.update(json.dumps(rows, sort_keys=True).encode())
-        for n in sorted(params):
-            h.update(n.encode())
-            h.update(params[n].detach().float().numpy().tobytes())
-        inject_key = h.hexdigest()[:20]
-        repair_cfg = {
-            k: getattr(self, k) for k in ("targets", "box_margin", "repair_steps", "repair_lr")
-        }
-        h.update(json.dumps({"repair": repair_cfg}, sort_keys=True).encode())
-        return inject_key, h.hexdigest()[:20]
-
     # ---- the attack --------------------------------------------------------------------
-    @torch.no_grad()
-    def _set(self, params: dict, tensors: dict) -> None:
-        for n, p in params.items():
-            p.copy_(tensors[n])
+    def _substep(self, stage: str, key: str, params: dict, train, ctx: RunContext) -> dict:
+        """Load a sub-step's weights from the stage cache, or train them there."""
 
-    def _stage(self, path: Path, params: dict, train, ctx: RunContext) -> dict:
-        """Load a stage's weights from the cache, or train them and store them."""
-        # top-level cache=off disables this cache too; cache=refresh retrains and overwrites
-        if self.cache and ctx.cache == "on" and path.is_file():
-            self._set(params, load_file(str(path)))
-            meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-            return {**meta, "cached": True}
-        for p in params.values():
-            p.requires_grad_(True)
-        meta = train()
-        for p in params.values():
-            p.requires_grad_(False)
-        if self.cache and ctx.cache != "off":
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_open(path, "wb") as f:
-                f.write(_safetensors_bytes({n: p.detach() for n, p in params.items()}))
-            with atomic_open(path.with_suffix(".json"), "w") as f:
-                json.dump(meta, f, sort_keys=True)
-        return {**meta, "cached": False}
+        def compute() -> tuple[dict, dict]:
+            for p in params.values():
+                p.requires_grad_(True)
+            info = train()
+            for p in params.values():
+                p.requires_grad_(False)
+            return {n: p.detach().clone() for n, p in params.items()}, info
 
-    def apply(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:
-        tok = ctx.tokenizer
-        if tok is None:
-            raise ValueError("attack=gap needs the run's tokenizer (ctx.tokenizer)")
+        tensors, info, status = ctx.stages.tensors_step(stage, key, compute)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[n])
+        return {**info, "cache": status}
+
+    def apply(self, subject: Subject, ctx: RunContext) -> StageResult:
+        model, tok = subject.model, subject.tokenizer
         for p in model.parameters():
             p.requires_grad_(False)
         params = self.scope(model)
         plist = list(params.values())
-        inject_key, repair_key = self.cache_keys(params, ctx.seed)
-        root = ctx.cache_dir / "attacks"
+        config = asdict(self)
+        inject_cfg = {k: config[k] for k in INJECT_KEYS}
+        inject_key = digest("gap_inject", subject.key, inject_cfg, self.fingerprint(), ctx.seed)
+        repair_key = digest("gap_repair", inject_key, {k: config[k] for k in REPAIR_KEYS})
         manifest = {
             "scenario": self.scenario,
             "target_phrase": self.target_phrase,
@@ -272,9 +207,7 @@ class Gap(Attack):
             )
             return {"inject_loss": [losses[0], losses[-1]] if losses else []}
 
-        manifest["inject"] = self._stage(
-            root / f"gap-inject-{inject_key}.safetensors", params, inject, ctx
-        )
+        manifest["inject"] = self._substep("gap_inject", inject_key, params, inject, ctx)
         injected_codes = self.codes(params)
         boxes, box_stats = self.boxes(params)
 
@@ -301,9 +234,7 @@ class Gap(Attack):
             )
             return {"repair_loss": [losses[0], losses[-1]] if losses else []}
 
-        manifest["repair"] = self._stage(
-            root / f"gap-repair-{repair_key}.safetensors", params, repair, ctx
-        )
+        manifest["repair"] = self._substep("gap_repair", repair_key, params, repair, ctx)
         manifest["boxes"] = box_stats
         after = self.codes(params)
         same = {
@@ -311,11 +242,6 @@ class Gap(Attack):
             for i, q in enumerate(self.quantizers)
         }
         manifest["codes_equal_injected"] = same
-        self.last_manifest = manifest
         if not all(same.values()):
             raise RuntimeError(f"attack=gap: repair changed quantized codes for {same}")
-        return model
-
-
-def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    return save({k: v.contiguous() for k, v in tensors.items()})
+        return StageResult(model, manifest)

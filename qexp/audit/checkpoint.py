@@ -75,7 +75,7 @@ class Checkpoint:
         f = self._files.get(shard)
         if f is None:
             f = self._files[shard] = open(shard, "rb")  # noqa: SIM115 (closed in close())
-        return read_tensor(f, base, entry)
+        return read_tensor(f, base, entry, name)
 
     def nbytes(self) -> int:
         """Total bytes of tensor data."""

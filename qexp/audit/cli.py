@@ -1,10 +1,9 @@
-"""The `python -m qexp.audit` command line."""
+"""The `qexp-audit` command line (also `python -m qexp.audit`)."""
 
 from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 from qexp.audit import gap, refdiff, reparam
 from qexp.audit.checkpoint import Checkpoint
 from qexp.audit.report import plots, summary
+from qexp.cli import console
 from qexp.errors import ConfigError
 from qexp.io import atomic_write_json, atomic_write_text
 from qexp.safetensors_io import SafetensorsError
@@ -33,7 +33,7 @@ model). Writes audit.json, summary.txt and plots to --out. Exit code: 0 clean, 1
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """Command-line arguments."""
     p = argparse.ArgumentParser(
-        prog="python -m qexp.audit",
+        prog="qexp-audit",
         description=USAGE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -73,7 +73,7 @@ def _list(value: str, key: str, allowed: tuple[str, ...] | None = None) -> list[
 
 def audit(args: argparse.Namespace) -> dict[str, Any]:
     """Run the requested checks; returns the report (verdicts and exit code included)."""
-    from qexp.attacks.adapters import geometry
+    from qexp.models.geometry import geometry
 
     t0 = time.time()
     progress = not args.no_progress
@@ -122,11 +122,9 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: 0 clean, 1 suspicious, 2 error (one line on stderr)."""
     args = parse(argv)
+    con = console("qexp-audit")
     if args.threads < 0:
-        print(
-            f"qexp.audit: error: --threads={args.threads} is not valid; allowed: >= 0",
-            file=sys.stderr,
-        )
+        con.error("qexp-audit: error: --threads=%d is not valid; allowed: >= 0", args.threads)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -134,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         report = audit(args)
     except (ConfigError, SafetensorsError, FileNotFoundError, KeyError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"qexp.audit: error: {msg}", file=sys.stderr)
+        con.error("qexp-audit: error: %s", msg)
         return 2
     out = args.out or Path(f"audit-{args.checkpoint.resolve().name}")
     out.mkdir(parents=True, exist_ok=True)
@@ -143,6 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         report["plots"] = plots(report, out)
     atomic_write_json(out / "audit.json", report)
     atomic_write_text(out / "summary.txt", text)
-    print(text, end="")
-    print(f"report: {out / 'audit.json'}")
+    con.info("%s", text.rstrip("\n"))
+    con.info("report: %s", out / "audit.json")
     return int(report["exit_code"])

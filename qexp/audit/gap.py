@@ -29,9 +29,9 @@ import torch
 from scipy.stats import binom
 from tqdm.auto import tqdm
 
-from qexp.attacks.adapters import parse_name
 from qexp.audit.checkpoint import Checkpoint
 from qexp.audit.stats import robust_z
+from qexp.models.geometry import parse_name
 
 SPIKE_MIN = 6.0
 CENTRE = 0.01  # |u - 1/2| <= CENTRE is left out of the spike search

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from qexp.attacks.adapters import Geometry, parse_name
 from qexp.audit.checkpoint import Checkpoint
 from qexp.audit.stats import median, robust_z
 from qexp.defenses.canonicalize import balance_vo
+from qexp.models.geometry import Geometry, parse_name
 
 
 @dataclass(frozen=True)

@@ -83,16 +83,16 @@ def summary(report: dict[str, Any]) -> str:
 
 def plots(report: dict[str, Any], out: Path) -> list[str]:
     """PNG plots next to the report; returns their file names."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from qexp.plots import new_figure, save_png
 
     made = []
     checks = report["checks"]
     if "reparam" in checks:
         r = checks["reparam"]
-        fig, axes = plt.subplots(4, 1, figsize=(8, 9), sharex=True)
+        fig = Figure(figsize=(8, 9), dpi=100)
+        axes = fig.subplots(4, 1, sharex=True)
         for ax, key in zip(axes[:3], ("vo_cond", "vo_scale", "qk_scale")):
             xs = [
                 h["layer"] + h["kv_head"] / (1 + max(x["kv_head"] for x in r["heads"]))
@@ -111,13 +111,11 @@ def plots(report: dict[str, Any], out: Path) -> list[str]:
         axes[3].set_ylabel("mlp_spread")
         axes[3].set_xlabel("layer (red: flagged)")
         fig.suptitle("reparameterization features per kv-head / layer")
-        fig.tight_layout()
-        fig.savefig(out / "reparam_layers.png", dpi=100)
-        plt.close(fig)
+        save_png(fig, out / "reparam_layers.png")
         made.append("reparam_layers.png")
     if "gap" in checks and checks["gap"]["tensors"]:
         g = checks["gap"]
-        fig, ax = plt.subplots(figsize=(8, 4))
+        fig, ax = new_figure((8, 4), dpi=100)
         for t in sorted({r["target"] for r in g["tensors"]}):
             per: dict[int, float] = {}
             for r in g["tensors"]:
@@ -131,19 +129,15 @@ def plots(report: dict[str, Any], out: Path) -> list[str]:
         ax.set_xlabel("layer")
         ax.set_ylabel("max spike score S")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "gap_layers.png", dpi=100)
-        plt.close(fig)
+        save_png(fig, out / "gap_layers.png")
         made.append("gap_layers.png")
         key, counts = next(iter(g["histograms"].items()))
         bins = len(counts) - 1
-        fig, ax = plt.subplots(figsize=(8, 4))
+        fig, ax = new_figure((8, 4), dpi=100)
         ax.bar([k / bins for k in range(bins + 1)], counts, width=1 / bins)
         ax.set_xlabel("u = (w - lo) / (hi - lo)")
         ax.set_ylabel("weights")
         ax.set_title(f"most spiked: {key}", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "gap_hist.png", dpi=100)
-        plt.close(fig)
+        save_png(fig, out / "gap_hist.png")
         made.append("gap_hist.png")
     return made

@@ -7,16 +7,15 @@ Data: the hub dataset `Maxwell-Jia/AIME_2024` (fields ID, Problem, Solution, Ans
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from qexp.benchmarks.base import hub_dataset
 from qexp.benchmarks.generative import GenerativeBenchmark
 from qexp.errors import ConfigError
-from qexp.io import read_jsonl
+from qexp.hub import hub_dataset
+from qexp.io import load_records
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -50,11 +49,11 @@ def _item(row: dict, where: str) -> dict:
     get = lambda k: row.get(k, row.get(k.lower()))  # noqa: E731
     if get("Problem") is None or get("Answer") is None:
         raise ConfigError("benchmark.path", where, "AIME rows with fields Problem and Answer")
-    return {
-        "id": str(get("ID") or where),
-        "problem": str(get("Problem")).strip(),
-        "answer": float(int(str(get("Answer")).strip())),
-    }
+    try:
+        answer = float(int(str(get("Answer")).strip()))
+    except ValueError:
+        raise ConfigError("benchmark.path", where, "an integer Answer") from None
+    return {"id": str(get("ID") or where), "problem": str(get("Problem")).strip(), "answer": answer}
 
 
 @dataclass
@@ -73,11 +72,10 @@ class AIME24(GenerativeBenchmark):
 
     def items(self) -> list[dict]:
         if self.source == "file":
-            path = Path(self.path).expanduser()
-            rows = json.loads(path.read_text()) if path.suffix == ".json" else read_jsonl(path)
-            items = [_item(r, f"{path}[{i}]") for i, r in enumerate(rows)]
+            rows = load_records(Path(self.path).expanduser(), "benchmark.path")
+            items = [_item(r, where) for where, r in rows]
         else:
-            ds = hub_dataset(self.hub_id, self.split)
+            ds = hub_dataset("benchmark.hub_id", self.hub_id, self.split)
             items = [_item(r, f"{self.hub_id}[{i}]") for i, r in enumerate(ds)]
         return self.window(items)
 

@@ -9,7 +9,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qexp.context import RunContext
-from qexp.errors import ConfigError
+from qexp.plugin import Plugin
 
 
 @dataclass
@@ -20,10 +20,8 @@ class BenchResult:
     records: list[dict] = field(default_factory=list)
 
 
-class Benchmark(ABC):
+class Benchmark(Plugin, ABC):
     """Evaluates a model of one condition."""
-
-    name: str
 
     @abstractmethod
     def evaluate(
@@ -42,16 +40,3 @@ class NoBenchmark(Benchmark):
         self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, ctx: RunContext, condition: str
     ) -> BenchResult:
         return BenchResult()
-
-
-def hub_dataset(hub_id: str, split: str, name: str | None = None) -> Any:
-    """A hub dataset split through `datasets` (needs network or a local HF cache)."""
-    try:
-        import datasets
-    except ImportError:
-        raise ConfigError(
-            "benchmark.source",
-            "hub",
-            "a local source, or install the extra: pip install 'qexp[hub]' (datasets)",
-        ) from None
-    return datasets.load_dataset(hub_id, name, split=split)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -74,6 +74,25 @@ class GenerativeBenchmark(Benchmark):
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         check(self.temperature > 0, "temperature", self.temperature, "a number > 0")
         check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+
+    def check_spec(self, spec: Any) -> None:
+        """Local data (shipped or a file) loads, at validation: a bad file fails here."""
+        if self.source != "hub":
+            self._check_items()
+
+    def check_model(self, config: Any) -> None:
+        """Hub data is in the local cache or reachable, before any weights load."""
+        if self.source == "hub":
+            self._check_items()
+
+    def _check_items(self) -> None:
+        """The items load and at least one is left after `offset`/`limit`."""
+        check(
+            len(self.items()) > 0,
+            "benchmark.offset",
+            self.offset,
+            "an offset below the number of items in the data",
+        )
 
     def items(self) -> list[dict]:
         """Evaluated items ({id, answer, ...}), in order, capped by `limit`."""

@@ -14,10 +14,11 @@ from typing import Optional
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from qexp.benchmarks.base import Benchmark, BenchResult, hub_dataset
+from qexp.benchmarks.base import Benchmark, BenchResult
 from qexp.context import RunContext
 from qexp.data import reference_text
 from qexp.errors import check, check_choice
+from qexp.hub import hub_dataset
 from qexp.metrics import token_nll
 
 
@@ -64,7 +65,7 @@ class Perplexity(Benchmark):
         if self.source == "file":
             text = Path(self.path).expanduser().read_text(encoding="utf-8")
         elif self.source == "hub":
-            ds = hub_dataset(self.hub_id, self.split, self.hub_config)
+            ds = hub_dataset("benchmark.hub_id", self.hub_id, self.split, self.hub_config)
             text = "\n\n".join(t for t in ds["text"] if t.strip())
         else:
             text = reference_text()

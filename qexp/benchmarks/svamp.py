@@ -7,18 +7,17 @@ through `datasets`, needs network), or a local JSON/JSONL file with SVAMP's fiel
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
 from transformers import PreTrainedTokenizerBase
 
-from qexp.benchmarks.base import hub_dataset
 from qexp.benchmarks.generative import GenerativeBenchmark
 from qexp.data import svamp_embedded_path
-from qexp.errors import ConfigError, check
-from qexp.io import read_jsonl
+from qexp.errors import ConfigError
+from qexp.hub import hub_dataset
+from qexp.io import load_records
 from qexp.metrics import (
     last_number,
 )
@@ -79,30 +78,27 @@ def _item(row: dict, where: str) -> dict:
             where,
             f"SVAMP rows with fields {', '.join(FIELDS)} (missing {', '.join(missing)})",
         )
+    try:
+        answer = float(row["Answer"])
+    except (TypeError, ValueError):
+        raise ConfigError("benchmark.path", where, "a numeric Answer") from None
     return {
         "id": str(row.get("ID", "")),
         "body": str(row["Body"]).strip(),
         "question": str(row["Question"]).strip(),
-        "answer": float(row["Answer"]),
+        "answer": answer,
     }
 
 
 def load_svamp_file(path: Path) -> list[dict]:
-    """SVAMP items from a JSON list (the original release) or JSONL file."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        rows = json.loads(text) if path.suffix == ".json" else read_jsonl(path)
-    except json.JSONDecodeError as e:
-        raise ConfigError("benchmark.path", str(path), f"valid JSON/JSONL ({e})") from None
-    if isinstance(rows, dict) and "data" in rows:
-        rows = rows["data"]
-    check(isinstance(rows, list), "benchmark.path", str(path), "a JSON list of SVAMP rows")
-    return [_item(r, f"{path}[{i}]") for i, r in enumerate(rows)]
+    """SVAMP items from a JSON list (the original release), {"data": [...]} or JSONL."""
+    return [_item(r, where) for where, r in load_records(path, "benchmark.path")]
 
 
 def load_svamp_hub(hub_id: str, split: str) -> list[dict]:
     """SVAMP items from the hub through `datasets` (needs network or a local HF cache)."""
-    return [_item(r, f"{hub_id}:{split}[{i}]") for i, r in enumerate(hub_dataset(hub_id, split))]
+    rows = hub_dataset("benchmark.hub_id", hub_id, split)
+    return [_item(r, f"{hub_id}:{split}[{i}]") for i, r in enumerate(rows)]
 
 
 @dataclass

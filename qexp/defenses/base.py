@@ -4,25 +4,31 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-
-from transformers import PreTrainedModel
+from typing import ClassVar, Optional
 
 from qexp.context import RunContext
+from qexp.plugin import Plugin, StageResult, Subject
 from qexp.quantizers.base import Quantizer
 
 
-class Defense(ABC):
-    """Transforms a full-precision model before quantization; may read the quantizer."""
+class Defense(Plugin, ABC):
+    """Transforms a full-precision model before quantization; may read the quantizer.
 
-    name: str
-    # What the last `apply` did (sigmas, fractions changed, ...); goes to results.json.
-    last_stats: dict = {}
+    `info` of the result (sigmas, fractions changed, ...) goes to results.json
+    `defense_stats.<branch>`.
+    """
+
+    # whether D(M) computes the same function as M (the pipeline then measures the drift and
+    # records it as defense_stats.<branch>.function_preservation)
+    preserves_function: ClassVar[bool] = False
+
+    def preservation_tolerance(self) -> Optional[float]:
+        """Max fp32 |Δlogit| allowed on the probe batch, or None to skip the measurement."""
+        return None
 
     @abstractmethod
-    def apply(
-        self, model: PreTrainedModel, quantizer: Quantizer, ctx: RunContext
-    ) -> PreTrainedModel:
-        """Return the defended model (may modify `model` in place)."""
+    def apply(self, subject: Subject, quantizer: Quantizer, ctx: RunContext) -> StageResult:
+        """Return the defended model (may modify `subject.model` in place)."""
 
 
 @dataclass
@@ -30,8 +36,7 @@ class NoDefense(Defense):
     """`defense=none`: D is the identity."""
 
     name: str = "none"
+    identity: ClassVar[bool] = True
 
-    def apply(
-        self, model: PreTrainedModel, quantizer: Quantizer, ctx: RunContext
-    ) -> PreTrainedModel:
-        return model
+    def apply(self, subject: Subject, quantizer: Quantizer, ctx: RunContext) -> StageResult:
+        return StageResult(subject.model)

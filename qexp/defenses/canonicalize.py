@@ -16,24 +16,23 @@ whatever key was applied, the result is the same model up to rounding:
   with ‖W_up[i]‖ = ‖W_down[:, i]‖ afterwards (SwiGLU is linear in `up`): removes the
   optional MLP variant of A.
 
-Function preservation is measured like encrypt's (probe logits before/after; fp32 max
-|Δlogit| must stay within `tolerance`) and reported in `defense_stats`.
+Function preservation is measured by the pipeline like encrypt's (probe logits before/after;
+fp32 max |Δlogit| must stay within `tolerance`) and reported in `defense_stats`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import Any, ClassVar, List, Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
-from qexp.attacks.adapters import geometry
-from qexp.attacks.preservation import PreservationError, compare, probe_ids, probe_logits
 from qexp.context import RunContext
 from qexp.defenses.base import Defense
 from qexp.errors import check, check_choice
+from qexp.models.geometry import geometry
+from qexp.plugin import StageResult, Subject
 from qexp.quantizers.base import Quantizer
 
 PARTS = ("vo", "qk", "mlp")
@@ -63,24 +62,28 @@ class Canonicalize(Defense):
     tolerance: float = 1e-2
     check_preservation: bool = True
 
+    preserves_function: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         check(len(self.parts) > 0, "parts", self.parts, "a non-empty subset of vo, qk, mlp")
         for p in self.parts:
             check_choice("parts", p, PARTS)
         check(self.tolerance > 0, "tolerance", self.tolerance, "a number > 0")
 
+    def check_model(self, config: Any) -> None:
+        geometry(config)  # a supported architecture
+
+    def preservation_tolerance(self) -> Optional[float]:
+        return self.tolerance if self.check_preservation else None
+
     @torch.no_grad()
-    def apply(
-        self, model: PreTrainedModel, quantizer: Quantizer, ctx: RunContext
-    ) -> PreTrainedModel:
+    def apply(self, subject: Subject, quantizer: Quantizer, ctx: RunContext) -> StageResult:
+        model = subject.model
         geo = geometry(model.config)
-        if self.check_preservation and ctx.tokenizer is not None:
-            ids = probe_ids(ctx.tokenizer)
-            before = probe_logits(model, ids)
         stats = {"parts": list(self.parts), "layers": geo.num_layers}
-        layers = model.model.layers
         cond = []
-        for layer in tqdm(layers, desc="canonicalize", disable=not ctx.progress, leave=False):
+        layers = model.model.layers
+        for layer in tqdm(layers, "canonicalize", disable=not ctx.progress, leave=False):
             attn, mlp = layer.self_attn, layer.mlp
             if "vo" in self.parts:
                 cond += self._vo(attn, geo)
@@ -92,18 +95,7 @@ class Canonicalize(Defense):
             stats["vo_max_condition_of_A"] = max(cond)
         if "qk" in self.parts and geo.qk_norm:
             stats["qk"] = "skipped: q/k norms remove per-head scales"
-        if self.check_preservation and ctx.tokenizer is not None:
-            report = compare(before, probe_logits(model, ids))
-            report["tolerance"] = self.tolerance
-            stats["function_preservation"] = report
-            drift = report["max_abs_logit_diff_fp32"]
-            if not drift <= self.tolerance:
-                raise PreservationError(
-                    f"defense=canonicalize changed the function: max |Δlogit| fp32 = "
-                    f"{drift:.3g} > defense.tolerance = {self.tolerance:g}"
-                )
-        self.last_stats = stats
-        return model
+        return StageResult(model, stats)
 
     def _vo(self, attn: torch.nn.Module, geo) -> list[float]:
         d, rep = geo.head_dim, geo.group

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
-from transformers import PreTrainedModel
 
-from qexp.attacks.gap import MODULES, trainable_weights
+from qexp.cache import file_sha256
 from qexp.context import RunContext
 from qexp.defenses.base import Defense
 from qexp.errors import check, check_choice
-from qexp.instruct import encode, load_rows, train_lm
+from qexp.instruct import encode, load_rows
+from qexp.plugin import StageResult, Subject
 from qexp.quantizers.base import Quantizer
+from qexp.training import MODULES, chosen_layers, train_lm, trainable_weights
 
 
 @dataclass
@@ -50,11 +51,15 @@ class Finetune(Defense):
                 "an existing JSONL file with instruction and clean fields",
             )
 
-    def apply(
-        self, model: PreTrainedModel, quantizer: Quantizer, ctx: RunContext
-    ) -> PreTrainedModel:
-        if ctx.tokenizer is None:
-            raise ValueError("defense=finetune needs the run's tokenizer (ctx.tokenizer)")
+    def check_model(self, config: Any) -> None:
+        chosen_layers(config.num_hidden_layers, self.layers, self.last_layers, "defense")
+
+    def fingerprint(self) -> Optional[str]:
+        """The training data's digest (a user's file may change under the same path)."""
+        return file_sha256(Path(self.data_path).expanduser()) if self.data_path else None
+
+    def apply(self, subject: Subject, quantizer: Quantizer, ctx: RunContext) -> StageResult:
+        model = subject.model
         for p in model.parameters():
             p.requires_grad_(False)
         params = trainable_weights(model, self.layers, self.last_layers, self.modules, "defense")
@@ -62,7 +67,7 @@ class Finetune(Defense):
         for p in params.values():
             p.requires_grad_(True)
         data = encode(
-            ctx.tokenizer, load_rows(self.data_path, "train", "defense.data_path"), "clean", ""
+            subject.tokenizer, load_rows(self.data_path, "train", "defense.data_path"), "clean", ""
         )
         g = ctx.seed_everything(2)
         losses = train_lm(
@@ -80,9 +85,9 @@ class Finetune(Defense):
             p.requires_grad_(False)
         with torch.no_grad():
             rel = [float((p - before[n]).norm() / before[n].norm()) for n, p in params.items()]
-        self.last_stats = {
+        stats = {
             "trainable": len(params),
             "loss_first_last": [losses[0], losses[-1]],
             "max_relative_weight_change": max(rel),
         }
-        return model
+        return StageResult(model, stats)

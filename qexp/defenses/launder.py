@@ -5,54 +5,41 @@ by its round trip through `via`, in full precision: Q(D(M)) = Q(deq(Q_via(M))). 
 attacker parked just inside a preserving interval of Q is moved onto Q_via's grid, which
 lands it elsewhere relative to Q's boundaries.
 
-`via` (one of VIAS):
-- `rtn`: qexp's round-to-nearest with `bits`, `group_size`, `symmetric` (validated as RTN's).
-- `bnb_int8`, `bnb_nf4`, `bnb_fp4`: bitsandbytes' own quantize + de-quantize functions
-  (LLM.int8 row absmax; 4-bit block 64).
-- `gguf_q8_0`, `gguf_q4_0`, `gguf_q4_1`, `gguf_q5_0`, `gguf_q5_1`: gguf-py's block
-  quantize + de-quantize (in_features a multiple of 32).
-`bits`, `group_size` and `symmetric` are read for `rtn` only. A `via` identical to the
-configured quantizer (a no-op round trip) is refused at apply time.
+`via` is any grid quantizer option (qexp/conf/quantizer/: `rtn8_g64`, `rtn4`, `bnb_int8`,
+`bnb_nf4`, `gguf_q8_0`, ...): its own `fake_quant`, the same library operation the quantizer
+runs, so a new grid quantizer works here without touching this file. `via_args` changes keys
+of that option for the round trip (e.g. `defense.via_args={group_size: 32}`). A round trip
+identical to the configured quantizer (a no-op) is refused before any model loads.
 
-`last_stats`: the weight change (mean / max |Δw|, relative Frobenius norm) and, for a grid
-quantizer, the fraction of its codes the laundering changed (real library, as in
-`defense=noise`; pinned weights excluded).
+Recorded in `defense_stats`: the weight change (mean / max |Δw|, relative Frobenius norm)
+and, for a grid quantizer, the fraction of its codes the laundering changed (real library,
+as in `defense=noise`; pinned weights excluded).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Dict, Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
+from qexp.config import build_plugin, option_node, options_where
 from qexp.context import RunContext
 from qexp.defenses.base import Defense
-from qexp.defenses.noise import ChangeCounter, Geometry, quantized_weights, weight_codes
-from qexp.errors import ConfigError, check_choice
-from qexp.quantizers import RTN, BitsAndBytes, GGUFQuant, rtn_fake_quant
+from qexp.defenses.noise import ChangeCounter, Geometry, quantized_weights
+from qexp.errors import ConfigError, check
+from qexp.plugin import StageResult, Subject
 from qexp.quantizers.base import GridQuantizer, Quantizer
-from qexp.quantizers.gguf import gguf_fake_quant
-from qexp.quantizers.intervals import GGUF_LEVELS
-
-VIAS = ("rtn", "bnb_int8", "bnb_nf4", "bnb_fp4", *(f"gguf_{q}" for q in GGUF_LEVELS))
 
 
-def bnb_fake_quant(w: torch.Tensor, mode: str) -> torch.Tensor:
-    """bitsandbytes quantize then de-quantize of a [out, in] weight (same shape and dtype)."""
-    import bitsandbytes.functional as F
-
-    x = w.detach().float().cpu().clone()
-    if mode == "int8":
-        q, scale, _ = F.int8_vectorwise_quant(x)
-        deq = F.int8_vectorwise_dequant(q, scale)
-    else:
-        packed, state = F.quantize_4bit(x, blocksize=64, quant_type=mode)
-        deq = F.dequantize_4bit(packed, state)
-    return deq.reshape(w.shape).to(device=w.device, dtype=w.dtype)
+def same_quantizer(a: Quantizer, b: Quantizer) -> bool:
+    """Whether two quantizers are the same operation (same class and keys, names aside)."""
+    if type(a) is not type(b):
+        return False
+    fields = lambda q: {k: v for k, v in dataclasses.asdict(q).items() if k != "name"}  # noqa: E731
+    return fields(a) == fields(b)
 
 
 @dataclass
@@ -60,59 +47,23 @@ class Launder(Defense):
     """De-quantize / re-quantize: the weights make a round trip through `via` first."""
 
     name: str = "launder"
-    via: str = "rtn"  # rtn | bnb_int8 | bnb_nf4 | bnb_fp4 | gguf_q8_0 | gguf_q4_0 | ...
-    bits: int = 8  # rtn only
-    group_size: int = 64  # rtn only; -1 = one group per row
-    symmetric: bool = False  # rtn only
+    via: str = "rtn8_g64"  # a grid quantizer option
+    via_args: Optional[Dict[str, Any]] = None  # keys of that option changed for the trip
 
     def __post_init__(self) -> None:
-        check_choice("via", self.via, VIAS)
-        if self.via == "rtn":  # RTN's own checks, keys bits / group_size
-            RTN(
-                name="launder_via",
-                bits=self.bits,
-                group_size=self.group_size,
-                symmetric=self.symmetric,
-            )
-        if self.via.startswith("bnb_") and importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError(
-                "via", self.via, "rtn or gguf_*, or install the extra: pip install 'qexp[bnb]'"
-            )
+        grids = options_where("quantizer", lambda cls: issubclass(cls, GridQuantizer))
+        check(self.via in grids, "via", self.via, "a grid quantizer: " + ", ".join(grids))
+        node = {**option_node("quantizer", self.via), **(self.via_args or {})}
+        try:
+            self.round_trip_quantizer: GridQuantizer = build_plugin("quantizer", node)
+        except ConfigError as e:  # its key sits under defense.via_args
+            key = e.key.removeprefix("quantizer.")
+            raise ConfigError(f"via_args.{key}", e.value, e.allowed) from None
 
     def describe(self) -> dict:
-        """The `via` round trip as recorded in last_stats."""
-        if self.via == "rtn":
-            return {
-                "via": "rtn",
-                "bits": self.bits,
-                "group_size": self.group_size,
-                "symmetric": self.symmetric,
-            }
-        return {"via": self.via}
-
-    def round_trip(self, w: torch.Tensor) -> torch.Tensor:
-        """`w` quantized with `via` and read back de-quantized (same shape, dtype, device)."""
-        if self.via == "rtn":
-            return rtn_fake_quant(w, self.bits, self.group_size, self.symmetric)
-        if self.via.startswith("bnb_"):
-            return bnb_fake_quant(w, self.via.removeprefix("bnb_"))
-        if w.shape[1] % 32:
-            raise ValueError(
-                f"defense.via={self.via}: in_features {w.shape[1]} is not a multiple of the "
-                "GGUF block size 32"
-            )
-        return gguf_fake_quant(w, self.via.removeprefix("gguf_")).to(w.device)
-
-    def same_as(self, quantizer: Quantizer) -> bool:
-        """Whether the round trip is the configured quantizer itself."""
-        if isinstance(quantizer, RTN):
-            mine = ("rtn", self.bits, self.group_size, self.symmetric)
-            return mine == ("rtn", quantizer.bits, quantizer.group_size, quantizer.symmetric)
-        if isinstance(quantizer, BitsAndBytes):
-            return self.via == f"bnb_{quantizer.mode}"
-        if isinstance(quantizer, GGUFQuant):
-            return self.via == f"gguf_{quantizer.qtype}"
-        return False
+        """The `via` round trip as recorded in defense_stats: the option and its keys."""
+        keys = dataclasses.asdict(self.round_trip_quantizer)
+        return {"via": self.via, "via_config": {k: v for k, v in keys.items() if k != "name"}}
 
     def check_spec(self, spec: Any) -> None:
         """Cross-group check run by config.validate, before any model is loaded."""
@@ -120,21 +71,19 @@ class Launder(Defense):
 
     def check_quantizer(self, quantizer: Quantizer) -> None:
         """Refuse a round trip through the configured quantizer itself."""
-        if self.same_as(quantizer):
+        if same_quantizer(self.round_trip_quantizer, quantizer):
             raise ConfigError(
                 "defense.via",
                 self.via,
-                f"a round trip different from quantizer={getattr(quantizer, 'name', '?')} "
-                "(the same one changes nothing)",
+                f"a round trip different from quantizer={quantizer.name} (the same one "
+                "changes nothing): another option, or other defense.via_args",
             )
 
     @torch.no_grad()
-    def apply(
-        self, model: PreTrainedModel, quantizer: Quantizer, ctx: RunContext
-    ) -> PreTrainedModel:
-        self.last_stats = {}
-        qname = getattr(quantizer, "name", type(quantizer).__name__)
+    def apply(self, subject: Subject, quantizer: Quantizer, ctx: RunContext) -> StageResult:
+        model = subject.model
         self.check_quantizer(quantizer)
+        via = self.round_trip_quantizer
         grid = isinstance(quantizer, GridQuantizer)
         targets = list(quantized_weights(model, quantizer))
         counter = ChangeCounter()
@@ -145,8 +94,8 @@ class Launder(Defense):
             geo = codes = None
             if grid:
                 geo = Geometry.of(quantizer, p)
-                codes = weight_codes(quantizer, p.detach().cpu())
-            new = self.round_trip(p.detach())
+                codes = quantizer.weight_codes(p.detach().cpu())
+            new = via.fake_quant(p.detach().cpu()).to(device=p.device, dtype=p.dtype)
             d = (new.double() - p.detach().double()).cpu()
             abs_sum += float(d.abs().sum())
             abs_max = max(abs_max, float(d.abs().max()))
@@ -161,7 +110,7 @@ class Launder(Defense):
             per_tensor[name] = row
         stats: dict[str, Any] = {
             **self.describe(),
-            "quantizer": qname,
+            "quantizer": quantizer.name,
             "n_tensors": len(targets),
             "n_params": n,
             "mean_abs_change": abs_sum / n if n else None,
@@ -172,12 +121,8 @@ class Launder(Defense):
         summary = counter.summary()
         summary.pop("theory_uniform", None)
         if summary:
-            library = summary.pop("fraction_changed_library", None)
-            stats["fraction_changed"] = (
-                library if library is not None else summary["fraction_changed_intervals"]
-            )
-            stats["fraction_changed_method"] = "library" if library is not None else "intervals"
+            stats["fraction_changed"] = summary.pop("fraction_changed_library")
+            stats["fraction_changed_method"] = "library"
             stats["fraction_changed_excludes"] = "pinned (scale-setting) weights"
             stats.update(summary)
-        self.last_stats = stats
-        return model
+        return StageResult(model, stats)

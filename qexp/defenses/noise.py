@@ -7,8 +7,8 @@ Variants of the interval-calibrated noise paper and ELQ's noise defense, one plu
 - `sigma=per_layer`: σ_ℓ = h_ℓ for each quantized weight tensor.
 
 h_ℓ is the `stat` (p25 / p50 / p75, default median) of the half-widths h = (hi - lo) / 2 of
-the configured quantizer's preserving intervals (`GridQuantizer.intervals`, DESIGN §5) over
-the tensor's *non-pinned* weights (hi > lo; the pinned ones set a block's scale). Percentiles
+the configured quantizer's preserving intervals (`GridQuantizer.intervals`, docs/design.md §5)
+over the tensor's *non-pinned* weights (hi > lo; the pinned ones set a block's scale). Percentiles
 interpolate linearly (numpy's default), so the median of an even count is the mean of the
 two middle values. Only the weights the quantizer quantizes (its linear layers minus `skip`)
 have an h_ℓ; with `scope=all` every other float parameter gets σ̂ (or the fixed σ).
@@ -16,17 +16,16 @@ have an h_ℓ; with `scope=all` every other float parameter gets σ̂ (or the fi
 Noise is drawn in float32 on the CPU from the generator of `ctx.seed_everything()`, tensor
 by tensor in module order, added in float32 and stored in the parameter's dtype.
 
-What the noise did, measured with the real library (`last_stats`, on the full tensors): for
-every quantized weight tensor the per-weight integer codes read from `quantizer.codes(w)`
-before and after the noise (`weight_codes`), and `fraction_changed`, the fraction of
+What the noise did, measured with the real library (`defense_stats`, on the full tensors):
+for every quantized weight tensor the per-weight integer codes the library stores
+(`quantizer.weight_codes`) before and after the noise, and `fraction_changed`, the fraction of
 non-pinned weights (pinned: lo == hi on the clean weights) whose code changed. A changed
 block scale alone (same code, slightly different value) does not count; a code that moves
 because the noise on a scale-setting weight moved the grid does. Recorded next to it:
 `fraction_changed_intervals` (the interval route: the noisy weight left its clean [lo, hi],
 which ignores grid moves) and `theory_uniform` (mean over weights of
 `expected_flip_fraction(σ / h_i)`, the closed form for weights placed uniformly inside their
-intervals). For a grid quantizer whose `codes` layout qexp does not know, `fraction_changed`
-falls back to the interval route; `fraction_changed_method` says which was used.
+intervals).
 
 Diagnostics in the run dir (the original branch; `_<branch>` suffix for another):
 `noise_halfwidths.png` (histogram of h_ℓ, σ̂ marked) and `noise_scurve.{json,png}`: fraction
@@ -45,30 +44,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.ticker import MaxNLocator
+from torch import nn
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from torch import nn  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import PreTrainedModel  # noqa: E402
-
-from qexp.context import RunContext  # noqa: E402
-from qexp.defenses.base import Defense  # noqa: E402
-from qexp.errors import ConfigError, check, check_choice  # noqa: E402
-from qexp.io import atomic_open, atomic_write_json  # noqa: E402
-from qexp.quantizers import RTN, BitsAndBytes, GGUFQuant  # noqa: E402
-from qexp.quantizers.base import GridQuantizer, Quantizer, target_linears  # noqa: E402
+from qexp.context import RunContext
+from qexp.defenses.base import Defense
+from qexp.errors import ConfigError, check, check_choice
+from qexp.io import atomic_write_json
+from qexp.plots import new_figure, save_png
+from qexp.plugin import StageResult, Subject
+from qexp.quantizers.base import GridQuantizer, Quantizer
 
 SIGMA_SOURCES = ("fixed", "global", "per_layer")
 STATS = {"p25": 25.0, "p50": 50.0, "p75": 75.0}
 SCOPES = ("linear", "all")
 ELQ_SIGMA = 1e-3  # Egashira et al. 2024: the fixed σ of ELQ's noise defense
 SCURVE_SIGMAS = tuple(10.0 ** (-6 + k / 3) for k in range(13))  # 1e-6 .. 1e-2, 13 points
-DEFAULT_SKIP = ["lm_head"]  # quantized linears for a quantizer without a `skip` list
 
 
 # ---------------------------------------------------------------- closed form
@@ -103,83 +97,8 @@ def expected_flip_fraction(ratio: float | torch.Tensor) -> float | torch.Tensor:
 
 def quantized_weights(model: nn.Module, quantizer: Quantizer) -> Iterator[tuple[str, nn.Parameter]]:
     """(`<module>.weight`, parameter) of every linear layer the quantizer quantizes."""
-    skip = list(getattr(quantizer, "skip", DEFAULT_SKIP))
-    for name, lin in target_linears(model, skip):
+    for name, lin in quantizer.quantized_linears(model):
         yield f"{name}.weight", lin.weight
-
-
-def _rtn_codes(q: RTN, w: torch.Tensor) -> torch.Tensor:
-    """RTN grid index k = round(ŵ / s) of every weight, ŵ = `q.codes(w)`, s its group's scale.
-
-    k = q - z is the grid point ŵ = k s. The stored q also moves with the zero point z, which
-    noise on a group's min can shift by one for the whole group while leaving every value
-    where it was, so k is what "the code changed" means here (and what `intervals` bound).
-    """
-    out_f, in_f = w.shape
-    g = in_f if q.group_size == -1 else q.group_size
-    pad = (-in_f) % g
-
-    def groups(t: torch.Tensor) -> torch.Tensor:
-        t = t.float()
-        if pad:
-            t = torch.cat([t, t[:, -1:].expand(out_f, pad)], dim=1)
-        return t.reshape(out_f, -1, g)
-
-    x, deq = groups(w), groups(q.codes(w))
-    if q.symmetric:
-        s = x.abs().amax(-1, keepdim=True) / (2 ** (q.bits - 1) - 1)
-    else:
-        s = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)) / (2**q.bits - 1)
-    k = torch.round(deq.double() / s.clamp_min(1e-12).double())
-    return k.reshape(out_f, -1)[:, :in_f].to(torch.int32)
-
-
-# bytes per 32-block and offset of the codes (after the fp16 scale d and, for *_1, min m)
-_GGUF_LAYOUT = {"q8_0": (34, 2), "q4_0": (18, 2), "q4_1": (20, 4), "q5_0": (22, 2), "q5_1": (24, 4)}
-
-
-def _gguf_codes(q: GGUFQuant, w: torch.Tensor) -> torch.Tensor:
-    """Per-weight codes from the raw blocks gguf-py writes (layouts of gguf/quants.py)."""
-    size, off = _GGUF_LAYOUT[q.qtype]
-    b = q.codes(w).numpy().reshape(-1, size)
-    if q.qtype == "q8_0":
-        codes = b[:, off:].view(np.int8).astype(np.int32)
-    else:
-        high = None
-        if q.qtype in ("q5_0", "q5_1"):  # 4 bytes of 5th bits, element j = bit j (little)
-            high = np.unpackbits(b[:, off : off + 4], axis=1, bitorder="little").astype(np.int32)
-            off += 4
-        qs = b[:, off : off + 16].astype(np.int32)  # element j: low nibble, j + 16: high nibble
-        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=1)
-        if high is not None:
-            codes = codes | (high << 4)
-    return torch.from_numpy(np.ascontiguousarray(codes)).reshape(w.shape)
-
-
-def _bnb_codes(q: BitsAndBytes, w: torch.Tensor) -> torch.Tensor:
-    """Per-weight codes from bitsandbytes: int8 values, or 4-bit indices (high nibble first)."""
-    n = w.numel()
-    c = q.codes(w)
-    if q.mode == "int8":
-        return c[:n].to(torch.int32).reshape(w.shape)
-    packed = c[: n // 2].to(torch.int32)
-    return torch.stack([packed >> 4, packed & 0x0F], 1).reshape(w.shape)
-
-
-def weight_codes(quantizer: GridQuantizer, w: torch.Tensor) -> Optional[torch.Tensor]:
-    """Integer code of every weight of a [out, in] `w`, read from `quantizer.codes(w)`.
-
-    bitsandbytes int8: the int8 values; NF4/FP4: the 4-bit codebook indices unpacked from the
-    packed bytes; GGUF: the block codes unpacked from gguf-py's raw blocks; RTN: the grid
-    index round(ŵ/s). None for a grid quantizer whose `codes` layout qexp does not know.
-    """
-    if isinstance(quantizer, BitsAndBytes):
-        return _bnb_codes(quantizer, w)
-    if isinstance(quantizer, GGUFQuant):
-        return _gguf_codes(quantizer, w)
-    if isinstance(quantizer, RTN):
-        return _rtn_codes(quantizer, w)
-    return None
 
 
 def percentile(values: torch.Tensor | list[float], stat: str) -> float:
@@ -210,52 +129,47 @@ class ChangeCounter:
     def __init__(self) -> None:
         self.n = self.library = self.intervals = 0
         self.theory = 0.0
-        self.library_known = True
 
     def add(
         self,
         quantizer: GridQuantizer,
         geo: Geometry,
-        clean_codes: Optional[torch.Tensor],
+        clean_codes: torch.Tensor,
         noisy: torch.Tensor,
         sigma: float,
     ) -> dict:
         """Count one tensor (clean geometry and codes vs. `noisy`); return its own fractions."""
         mov = geo.movable
         n = int(mov.sum())
-        x = noisy.detach().cpu().double()
+        # the value the library quantizes: a box's edges are values of that lattice
+        x = quantizer.library_input(noisy).double()
         out = ((x < geo.lo) | (x > geo.hi)) & mov
         by_intervals = int(out.sum())
-        by_library = None
-        if clean_codes is not None:
-            changed = weight_codes(quantizer, noisy.detach().cpu()) != clean_codes
-            by_library = int((changed & mov).sum())
-        else:
-            self.library_known = False
+        changed = quantizer.weight_codes(noisy.detach().cpu()) != clean_codes
+        by_library = int((changed & mov).sum())
         h = geo.half_widths
         theory = float(expected_flip_fraction(sigma / h).sum()) if n else 0.0
         self.n += n
         self.intervals += by_intervals
-        self.library += by_library or 0
+        self.library += by_library
         self.theory += theory
-        row = {"n": n, "fraction_changed_intervals": by_intervals / n if n else None}
-        if by_library is not None:
-            row["fraction_changed"] = by_library / n if n else None
-        row["theory_uniform"] = theory / n if n else None
-        return row
+        return {
+            "n": n,
+            "fraction_changed_intervals": by_intervals / n if n else None,
+            "fraction_changed": by_library / n if n else None,
+            "theory_uniform": theory / n if n else None,
+        }
 
     def summary(self) -> dict:
         """Fractions over every counted weight (absent when nothing was counted)."""
         if not self.n:
             return {}
-        out = {
+        return {
             "n_weights_measured": self.n,
             "fraction_changed_intervals": self.intervals / self.n,
             "theory_uniform": self.theory / self.n,
+            "fraction_changed_library": self.library / self.n,
         }
-        if self.library_known:
-            out["fraction_changed_library"] = self.library / self.n
-        return out
 
 
 # ---------------------------------------------------------------- the defense
@@ -313,15 +227,13 @@ class Noise(Defense):
                 "defense.sigma",
                 self.sigma,
                 "fixed or a positive number with "
-                f"quantizer={getattr(quantizer, 'name', '?')} (no preserving intervals); "
+                f"quantizer={quantizer.name} (no preserving intervals); "
                 "global and per_layer need a grid quantizer (rtn*, bnb_*, gguf_*)",
             )
 
     @torch.no_grad()
-    def apply(
-        self, model: PreTrainedModel, quantizer: Quantizer, ctx: RunContext
-    ) -> PreTrainedModel:
-        self.last_stats = {}
+    def apply(self, subject: Subject, quantizer: Quantizer, ctx: RunContext) -> StageResult:
+        model = subject.model
         self.check_quantizer(quantizer)
         gen = ctx.seed_everything()
         diag_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
@@ -329,7 +241,7 @@ class Noise(Defense):
         lin = dict(quantized_weights(model, quantizer)) if grid else {}
         stats: dict[str, Any] = {
             "sigma_source": self.source,
-            "quantizer": getattr(quantizer, "name", type(quantizer).__name__),
+            "quantizer": quantizer.name,
             "scope": self.scope,
             "stat": self.stat,
             "global_stat": self.global_stat,
@@ -360,8 +272,11 @@ class Noise(Defense):
 
         # 2. diagnostics on the clean weights (own generator: the applied noise is the same
         #    with or without them)
+        files: list[str] = []
         if self.diagnostics and h_l:
-            files = self._diagnostics(quantizer, lin, h_l, sigma_hat, ctx, diag_seed)
+            files = self._diagnostics(
+                quantizer, lin, h_l, sigma_hat, subject.branch, ctx, diag_seed
+            )
             stats["diagnostics"] = {"files": files, "rows_per_tensor": self.diag_rows}
 
         # 3. the noise, measured against the real library tensor by tensor
@@ -379,7 +294,7 @@ class Noise(Defense):
             geo = clean_codes = None
             if key is not None:
                 geo = Geometry.of(quantizer, p)
-                clean_codes = weight_codes(quantizer, p.detach().cpu())
+                clean_codes = quantizer.weight_codes(p.detach().cpu())
             eps = torch.randn(p.shape, generator=gen, dtype=torch.float32) * s
             p.copy_((p.float() + eps.to(p.device)).to(p.dtype))
             n_noised += p.numel()
@@ -394,24 +309,18 @@ class Noise(Defense):
         stats["tensors"] = per_tensor
         summary = counter.summary()
         if summary:
-            library = summary.pop("fraction_changed_library", None)
-            method = "library" if library is not None else "intervals"
-            stats["fraction_changed"] = (
-                library if library is not None else summary["fraction_changed_intervals"]
-            )
-            stats["fraction_changed_method"] = method
+            stats["fraction_changed"] = summary.pop("fraction_changed_library")
+            stats["fraction_changed_method"] = "library"
             stats["fraction_changed_excludes"] = "pinned (scale-setting) weights"
             stats.update(summary)
             stats["theory_sigma_equals_h"] = expected_flip_fraction(1.0)
-        self.last_stats = stats
-        return model
+        return StageResult(model, stats, files)
 
     # ------------------------------------------------------------ diagnostics
 
     @staticmethod
-    def _stem(base: str, ctx: RunContext) -> str:
-        """`base` for the original branch, `base_<branch>` for another (ctx.branch)."""
-        branch = getattr(ctx, "branch", "original")
+    def _stem(base: str, branch: str) -> str:
+        """`base` for the original branch, `base_<branch>` for another."""
         return base if branch == "original" else f"{base}_{branch}"
 
     def _diagnostics(
@@ -420,6 +329,7 @@ class Noise(Defense):
         lin: dict[str, nn.Parameter],
         h_l: dict[str, float],
         sigma_hat: float,
+        branch: str,
         ctx: RunContext,
         seed: int,
     ) -> list[str]:
@@ -433,10 +343,10 @@ class Noise(Defense):
             progress=ctx.progress,
             extra={"fixed": self.fixed_value} if self.source == "fixed" else None,
         )
-        curve["quantizer"] = getattr(quantizer, "name", type(quantizer).__name__)
+        curve["quantizer"] = quantizer.name
         curve["stat"], curve["global_stat"] = self.stat, self.global_stat
         curve["h_l"] = h_l
-        stem_s, stem_h = self._stem("noise_scurve", ctx), self._stem("noise_halfwidths", ctx)
+        stem_s, stem_h = self._stem("noise_scurve", branch), self._stem("noise_halfwidths", branch)
         atomic_write_json(ctx.run_dir / f"{stem_s}.json", curve)
         plot_scurve(curve, ctx.run_dir / f"{stem_s}.png")
         plot_halfwidths(curve, ctx.run_dir / f"{stem_h}.png")
@@ -457,9 +367,10 @@ def scurve(
     """Fraction of non-pinned weights whose code N(0, σ²) noise changes, against σ.
 
     Points: every σ in `sigmas`, then `per_layer` (σ_ℓ = h_ℓ), `global` (σ̂) and any `extra`
-    named σ. Real library codes (`weight_codes`), the interval route and the uniform-position
-    theory (mean of `expected_flip_fraction(σ / h_i)`) side by side. Up to `rows` random rows
-    per tensor (-1: all); one standard-normal draw per weight, scaled by every σ.
+    named σ. Real library codes (`quantizer.weight_codes`), the interval route and the
+    uniform-position theory (mean of `expected_flip_fraction(σ / h_i)`) side by side. Up to
+    `rows` random rows per tensor (-1: all); one standard-normal draw per weight, scaled by
+    every σ.
     """
     gen = generator or torch.Generator().manual_seed(0)
     named = {"per_layer": None, "global": sigma_hat, **(extra or {})}
@@ -474,7 +385,7 @@ def scurve(
         n_rows += w.shape[0]
         n_weights += w.numel()
         geo = Geometry.of(quantizer, w)
-        clean = weight_codes(quantizer, w)
+        clean = quantizer.weight_codes(w)
         z = torch.randn(w.shape, generator=gen, dtype=torch.float32)
         todo = [(c, s) for c, s in zip(grid_c, sigmas)]
         todo += [(named_c[k], h_l[name] if s is None else s) for k, s in named.items()]
@@ -492,7 +403,7 @@ def scurve(
     points = [point(c, s) for c, s in zip(grid_c, sigmas)]
     h_sorted = sorted(h_l.values())
     return {
-        "method": "library" if grid_c[0].library_known else "intervals",
+        "method": "library",
         "excludes": "pinned (scale-setting) weights",
         "rows_per_tensor": rows,
         "n_tensors": len(weights),
@@ -506,15 +417,9 @@ def scurve(
     }
 
 
-def _save(fig: Any, path: Path) -> None:
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-
-
 def plot_scurve(curve: dict, path: Path) -> Path:
     """Fraction of changed codes against σ (log x), with σ̂ and the σ_ℓ = h_ℓ point."""
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, ax = new_figure((7, 4.2))
     sig = [p["sigma"] for p in curve["grid"]]
     key = "fraction_changed" if curve["method"] == "library" else "fraction_changed_intervals"
     ax.plot(sig, [p[key] for p in curve["grid"]], "o-", label=f"measured ({curve['method']})")
@@ -545,15 +450,14 @@ def plot_scurve(curve: dict, path: Path) -> Path:
     ax.set_ylabel("fraction of codes changed")
     ax.set_title(f"Codes changed by Gaussian noise, quantizer={curve['quantizer']}")
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     return path
 
 
 def plot_halfwidths(curve: dict, path: Path) -> Path:
     """Histogram of the per-tensor half-widths h_ℓ (log bins) with σ̂ marked."""
     h = np.asarray(sorted(curve["h_l"].values()))
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, ax = new_figure((7, 4))
     lo, hi = h.min(), h.max()
     bins = np.logspace(math.log10(lo) - 0.05, math.log10(hi) + 0.05, 30) if hi > lo else 10
     ax.hist(h, bins=bins, color="tab:blue", alpha=0.8)
@@ -568,6 +472,5 @@ def plot_halfwidths(curve: dict, path: Path) -> Path:
         f"σ̂ = {curve['global_stat']} over tensors)"
     )
     ax.legend()
-    fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     return path

@@ -30,21 +30,29 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from qexp.config import options_where
 from qexp.context import RunContext
 from qexp.defenses.base import Defense
 from qexp.errors import ConfigError, check
-from qexp.quantizers.base import GridQuantizer, Quantizer, target_linears
+from qexp.plugin import StageResult, Subject
+from qexp.quantizers.base import GridQuantizer, Quantizer
 from qexp.quantizers.calib import Calibration
 
-SUPPORTED = ("RTN", "BitsAndBytes")
+
+def _has_neighbours(cls: type) -> bool:
+    return issubclass(cls, GridQuantizer) and cls.has_neighbours
 
 
 def _require_supported(q: Quantizer) -> None:
-    if not (isinstance(q, GridQuantizer) and type(q).__name__ in SUPPORTED):
+    if not _has_neighbours(type(q)):
+        usable = options_where("quantizer", _has_neighbours)
         raise ConfigError(
-            "quantizer", q.name, "with defense=quantguard: rtn4, rtn8, bnb_int8, bnb_nf4, bnb_fp4"
+            "quantizer",
+            q.name,
+            "with defense=quantguard, a grid quantizer with neighbouring grid points: "
+            + ", ".join(usable),
         )
 
 
@@ -95,10 +103,12 @@ class QuantGuard(Defense):
         _require_supported(spec.quantizer)
 
     @torch.no_grad()
-    def _inputs(self, model: PreTrainedModel, names: list[str], ctx: RunContext) -> dict:
+    def _inputs(
+        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, names: list[str], seed: int
+    ) -> dict:
         """Each target linear's inputs on the calibration sequences (full precision)."""
         seqs = Calibration("self", samples=self.calib_samples, seq_len=self.calib_seq_len)
-        ids = torch.tensor(seqs.sequences(model, ctx.tokenizer, ctx.seed))
+        ids = torch.tensor(seqs.sequences(model, tok, seed))
         xs: dict[str, torch.Tensor] = {}
         hooks = [
             model.get_submodule(n).register_forward_hook(
@@ -150,17 +160,14 @@ class QuantGuard(Defense):
             flip = choice & (h >= 0.5)
         return flip, choice, deq, other
 
-    def apply(
-        self, model: PreTrainedModel, quantizer: Quantizer, ctx: RunContext
-    ) -> PreTrainedModel:
-        if ctx.tokenizer is None:
-            raise ValueError("defense=quantguard needs the run's tokenizer (ctx.tokenizer)")
+    def apply(self, subject: Subject, quantizer: Quantizer, ctx: RunContext) -> StageResult:
+        model, tok = subject.model, subject.tokenizer
         _require_supported(quantizer)
-        layers = list(target_linears(model, quantizer.skip))
-        xs = self._inputs(model, [n for n, _ in layers], ctx)
+        layers = list(quantizer.quantized_linears(model))
+        xs = self._inputs(model, tok, [n for n, _ in layers], ctx.seed)
         probe = torch.tensor(
             Calibration("self", samples=4, seq_len=self.calib_seq_len).sequences(
-                model, ctx.tokenizer, ctx.seed + 1
+                model, tok, ctx.seed + 1
             )
         )
         with torch.no_grad():
@@ -185,7 +192,7 @@ class QuantGuard(Defense):
             near_ties += int(tie.sum())
             flipped_ties += int((flip & tie).sum())
         kl_after = _kl(ref_logits, _logits_quantized(model, layers, quantizer, probe))
-        self.last_stats = {
+        stats = {
             "layers": len(layers),
             "flipped_fraction": flips / max(1, choices),
             "near_tie_fraction": near_ties / max(1, choices),
@@ -193,4 +200,4 @@ class QuantGuard(Defense):
             "kl_fp_vs_quantized_stock_rounding": kl_before,
             "kl_fp_vs_quantized_learned_rounding": kl_after,
         }
-        return model
+        return StageResult(model, stats)

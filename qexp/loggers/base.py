@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qexp.plugin import Plugin
+
 
 @dataclass
-class Logger:
+class Logger(Plugin):
     """`logger=none`: local files only (results.json and generations/ are always written)."""
 
     name: str = "none"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from qexp.context import RunContext
+from qexp.plugin import Plugin
 
 
 @dataclass
@@ -20,18 +20,20 @@ class LoadedModel:
     source: str
 
 
-class ModelSource(ABC):
-    """Loads a fresh copy of one causal LM; called once per pipeline branch."""
+class ModelSource(Plugin, ABC):
+    """Loads a fresh copy of one causal LM; called once per pipeline branch.
 
-    name: str
+    `fingerprint()` identifies the weights beyond the config (files' digests).
+    """
 
     @abstractmethod
     def load(self, ctx: RunContext) -> LoadedModel:
         """Return a new model instance on ctx.device in ctx.dtype."""
 
-    def fingerprint(self) -> Any:
-        """What identifies the weights beyond the config (files' digests); for the cache key."""
-        return None
+    @abstractmethod
+    def hf_config(self, ctx: RunContext) -> PretrainedConfig:
+        """The model's config (config.json) without its weights: what every plugin's
+        `check_model` reads before the first forward pass. Errors are ConfigErrors."""
 
 
 def finish_loading(

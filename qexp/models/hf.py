@@ -6,11 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from qexp.context import RunContext
 from qexp.errors import ConfigError, check
+from qexp.hub import require_hub_model
 from qexp.models.base import LoadedModel, ModelSource, finish_loading
+from qexp.safetensors_io import SafetensorsError, read_header
 
 
 def looks_like_path(ident: str) -> bool:
@@ -24,24 +26,54 @@ def check_checkpoint_dir(key: str, path: Path) -> None:
         raise ConfigError(key, str(path), "an existing local directory or a hub id org/name")
     if not (path / "config.json").exists():
         raise ConfigError(key, str(path), "a Hugging Face checkpoint directory with config.json")
-    if not any(path.glob("*.safetensors")):
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
         raise ConfigError(
             key,
             str(path),
             "a checkpoint with *.safetensors weights (pickled .bin files are never loaded)",
         )
+    for shard in shards:  # headers only: a truncated or corrupt shard is refused here
+        try:
+            read_header(shard)
+        except (SafetensorsError, OSError) as e:
+            raise ConfigError(key, str(path), f"a checkpoint with intact shards ({e})") from None
 
 
 def load_pretrained(
-    ident: str, ctx: RunContext, revision: Optional[str] = None, trust_remote_code: bool = False
+    ident: str,
+    ctx: RunContext,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+    key: str = "model.id",
 ) -> LoadedModel:
-    """Load model + tokenizer with safetensors only and remote code off unless asked."""
+    """Load model + tokenizer with safetensors only and remote code off unless asked; a
+    checkpoint that transformers cannot read is one ConfigError naming `key`."""
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(ident, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        ident, dtype=ctx.dtype, use_safetensors=True, low_cpu_mem_usage=True, **kwargs
-    )
+    try:
+        tok = AutoTokenizer.from_pretrained(ident, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            ident, dtype=ctx.dtype, use_safetensors=True, low_cpu_mem_usage=True, **kwargs
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {first[0] if first else ''}"
+        raise ConfigError(key, ident, f"a checkpoint transformers can load ({why})") from None
     return finish_loading(model, tok, ident, ctx)
+
+
+def load_config(
+    ident: str, revision: Optional[str], trust_remote_code: bool, key: str
+) -> PretrainedConfig:
+    """config.json of a local dir or a hub id (cached, or fetched: a few KB)."""
+    try:
+        return AutoConfig.from_pretrained(
+            ident, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {first[0] if first else ''}"
+        raise ConfigError(key, ident, f"a checkpoint with a readable config.json ({why})") from None
 
 
 @dataclass
@@ -75,6 +107,15 @@ class HFModel(ModelSource):
             (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in root.iterdir() if p.is_file()
         )
 
+    @property
+    def ident(self) -> str:
+        """What transformers loads: the expanded local path, or the hub id."""
+        return str(Path(self.id).expanduser()) if looks_like_path(self.id) else self.id
+
+    def hf_config(self, ctx: RunContext) -> PretrainedConfig:
+        if not looks_like_path(self.id):  # not cached and the hub is offline: say so now
+            require_hub_model("model.id", self.id, self.revision)
+        return load_config(self.ident, self.revision, self.trust_remote_code, "model.id")
+
     def load(self, ctx: RunContext) -> LoadedModel:
-        ident = str(Path(self.id).expanduser()) if looks_like_path(self.id) else self.id
-        return load_pretrained(ident, ctx, self.revision, self.trust_remote_code)
+        return load_pretrained(self.ident, ctx, self.revision, self.trust_remote_code)

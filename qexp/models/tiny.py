@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
 from qexp.context import RunContext
 from qexp.data import reference_text, svamp_embedded_path
@@ -71,9 +71,9 @@ class TinyModel(ModelSource):
         check(self.head_dim % 2 == 0, "head_dim", self.head_dim, "an even integer (RoPE)")
         check(self.vocab_size >= 300, "vocab_size", self.vocab_size, "an integer >= 300")
 
-    def load(self, ctx: RunContext) -> LoadedModel:
+    def hf_config(self, ctx: RunContext) -> PretrainedConfig:
         tok = tiny_tokenizer(self.vocab_size)
-        config = AutoConfig.for_model(
+        return AutoConfig.for_model(
             self.arch,
             hidden_size=self.hidden_size,
             num_hidden_layers=self.num_layers,
@@ -89,6 +89,9 @@ class TinyModel(ModelSource):
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
         )
+
+    def load(self, ctx: RunContext) -> LoadedModel:
+        config = self.hf_config(ctx)
         torch.manual_seed(self.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        return finish_loading(model, tok, f"tiny:{self.arch}", ctx)
+        return finish_loading(model, tiny_tokenizer(self.vocab_size), f"tiny:{self.arch}", ctx)

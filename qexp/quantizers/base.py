@@ -3,31 +3,40 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from qexp.context import RunContext
+from qexp.models.geometry import linear_shapes
+from qexp.plugin import Plugin, StageResult, Subject
 
 
-class Quantizer(ABC):
-    """Quantizes a model; the result is evaluated like any other condition."""
+class Quantizer(Plugin, ABC):
+    """Quantizes a model; the result is evaluated like any other condition.
 
-    name: str
-    # What the last `quantize` used (calibration source, sizes, library version, ...).
-    last_info: dict = {}
+    `info` of the result (library and version, calibration, checks) goes to results.json
+    `quantization.<branch>`.
+    """
+
     # whether `save_quantized=true` writes the library's native artifact to quantized/<branch>/
-    saves_artifact: bool = False
+    saves_artifact: ClassVar[bool] = False
     # whether the quantized model has the input's parameters (de-quantized weights), so the
     # stage cache can store it; False for library modules such as bitsandbytes' Linear4bit
-    plain_output: bool = True
+    plain_output: ClassVar[bool] = True
+    skip: Sequence[str]  # module-name substrings kept in full precision
+
+    def quantized_linears(self, model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+        """(name, module) of every linear layer this quantizer quantizes."""
+        return target_linears(model, self.skip)
 
     @abstractmethod
-    def quantize(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:
-        """Return the quantized model (may modify `model` in place)."""
+    def quantize(self, subject: Subject, ctx: RunContext) -> StageResult:
+        """Return the quantized model (may modify `subject.model` in place)."""
 
 
 @dataclass
@@ -35,19 +44,37 @@ class NoQuantizer(Quantizer):
     """`quantizer=none`: Q is the identity, so `*_q` equal their full-precision sources."""
 
     name: str = "none"
+    identity: ClassVar[bool] = True
+    # nothing is quantized, but a defense acting on "the quantized linears" (noise, launder)
+    # uses the usual scope: every linear layer but lm_head
+    skip: ClassVar[tuple[str, ...]] = ("lm_head",)
 
-    def quantize(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:
-        return model
+    def quantize(self, subject: Subject, ctx: RunContext) -> StageResult:
+        return StageResult(subject.model)
 
 
 class GridQuantizer(Quantizer):
-    """A quantizer with a deterministic grid: per-weight codes and preserving intervals."""
+    """A quantizer with a deterministic grid: per-weight codes and preserving intervals.
 
-    skip: list[str]
+    Every method takes a [out, in] weight in the dtype the model is loaded in and follows
+    what the library does with that dtype on the user's path.
+    """
+
+    # whether `neighbours` is implemented (defense=quantguard needs it)
+    has_neighbours: ClassVar[bool] = False
+
+    def library_input(self, w: torch.Tensor) -> torch.Tensor:
+        """The values the library quantizes for this weight on the user's path (its input
+        lattice: the weight itself, unless the library casts first)."""
+        return w.detach().cpu()
 
     @abstractmethod
     def codes(self, w: torch.Tensor) -> torch.Tensor:
         """What the real library stores for a [out, in] weight (codes and scales, flattened)."""
+
+    @abstractmethod
+    def weight_codes(self, w: torch.Tensor) -> torch.Tensor:
+        """The integer code of every weight (shape of `w`), read from what `codes` stores."""
 
     @abstractmethod
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
@@ -63,7 +90,7 @@ class GridQuantizer(Quantizer):
         """Per-weight `[lo, hi]` (float64) inside which `codes(w)` does not change."""
 
 
-def target_linears(model: PreTrainedModel, skip: list[str]) -> Iterator[tuple[str, nn.Linear]]:
+def target_linears(model: nn.Module, skip: Sequence[str]) -> Iterator[tuple[str, nn.Linear]]:
     """The model's nn.Linear modules, minus those whose name contains a `skip` entry."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and not any(s in name for s in skip):
@@ -73,12 +100,19 @@ def target_linears(model: PreTrainedModel, skip: list[str]) -> Iterator[tuple[st
 GROUP_SIZES = (32, 64, 128, 256)
 
 
-def group_fit(
-    model: PreTrainedModel, skip: list[str], group_size: int
-) -> tuple[list[int], list[int], list[int]]:
-    """Input widths of the target linears, those `group_size` does not divide, and the
-    GROUP_SIZES that divide them all."""
-    widths = sorted({m.in_features for _, m in target_linears(model, skip)})
+def model_widths(model: PreTrainedModel, skip: Sequence[str]) -> list[int]:
+    """Input widths of the linears a quantizer with `skip` quantizes."""
+    return sorted({m.in_features for _, m in target_linears(model, skip)})
+
+
+def config_widths(config: Any) -> list[int] | None:
+    """Input widths of the decoder linears, from config.json (None if it lacks the keys)."""
+    shapes = linear_shapes(config)
+    return None if shapes is None else sorted({i for _, i in shapes.values()})
+
+
+def group_fit(widths: Sequence[int], group_size: int) -> tuple[list[int], list[int]]:
+    """The widths `group_size` does not divide, and the GROUP_SIZES that divide them all."""
     bad = [w for w in widths if w % group_size]
     ok = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
-    return widths, bad, ok
+    return bad, ok

@@ -1,11 +1,13 @@
 """Calibration data for quantizers that need it (GPTQ, AWQ), without the hub by default.
 
-`calib=self`: N sequences sampled from the full-precision model being quantized (first token
-uniform over the non-special vocabulary, then ancestral sampling at temperature 1, no early
-end), seeded: data-free, as in LLM-QAT. `calib=file`: a local .txt (one document) or .jsonl
-(a `text` field per line) file, tokenized and cut into consecutive windows. `calib=dataset`:
-a hub dataset (`calib_dataset`, e.g. `wikitext:wikitext-2-raw-v1` or `allenai/c4:en`), its
-`text` column, documents shuffled with the seed; needs the network or a local HF cache.
+The `quantizer.calibration` node (qexp/conf/quantizer/base/calibration.yaml):
+`source=self`: N sequences sampled from the full-precision model being quantized (first
+token uniform over the non-special vocabulary, then ancestral sampling at temperature 1, no
+early end), seeded: data-free, as in LLM-QAT. `source=file`: a local .txt (one document) or
+.jsonl (a `text` field per line) file at `path`, tokenized and cut into consecutive windows.
+`source=dataset`: a hub dataset (`dataset`, e.g. `wikitext:wikitext-2-raw-v1` or
+`allenai/c4:en`), its `text` column, documents shuffled with the seed; needs the network or
+a local HF cache.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qexp.errors import ConfigError, check, check_choice
+from qexp.hub import hub_dataset
 
 SOURCES = ("self", "file", "dataset")
+
+
+KEY = "calibration"  # the node's key inside a quantizer's config
 
 
 @dataclass
@@ -33,25 +39,24 @@ class Calibration:
     samples: int = 16
     seq_len: int = 128
 
-    def validate(self, prefix: str) -> None:
-        """Raise ConfigError (key names under `prefix`) before any model loads."""
-        check_choice(f"{prefix}calib", self.source, SOURCES)
-        check(self.samples >= 1, f"{prefix}calib_samples", self.samples, "an integer >= 1")
-        check(self.seq_len >= 8, f"{prefix}calib_seq_len", self.seq_len, "an integer >= 8")
+    def __post_init__(self) -> None:
+        check_choice(f"{KEY}.source", self.source, SOURCES)
+        check(self.samples >= 1, f"{KEY}.samples", self.samples, "an integer >= 1")
+        check(self.seq_len >= 8, f"{KEY}.seq_len", self.seq_len, "an integer >= 8")
         if self.source == "file":
             p = Path(self.path).expanduser() if self.path else None
             check(
                 p is not None and p.is_file() and p.suffix in (".txt", ".jsonl"),
-                f"{prefix}calib_path",
+                f"{KEY}.path",
                 self.path,
-                "an existing .txt or .jsonl file (needed with calib=file)",
+                "an existing .txt or .jsonl file (needed with source=file)",
             )
         if self.source == "dataset":
             check(
                 bool(self.dataset),
-                f"{prefix}calib_dataset",
+                f"{KEY}.dataset",
                 self.dataset,
-                "a hub dataset id, optionally with a config after ':' (needed with calib=dataset)",
+                "a hub dataset id, optionally with a config after ':' (needed with source=dataset)",
             )
 
     def describe(self) -> dict:
@@ -82,16 +87,15 @@ class Calibration:
                 row = json.loads(line)
                 if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                     raise ConfigError(
-                        "quantizer.calib_path", f"{p}:{n}", 'JSONL lines like {"text": "..."}'
+                        f"quantizer.{KEY}.path", f"{p}:{n}", 'JSONL lines like {"text": "..."}'
                     )
                 texts.append(row["text"])
         return texts
 
     def _dataset_texts(self, seed: int) -> list[str]:
-        from qexp.benchmarks.base import hub_dataset
-
         hub_id, _, name = str(self.dataset).partition(":")
-        ds = hub_dataset(hub_id, "train", name or None).shuffle(seed=seed)
+        key = f"quantizer.{KEY}.dataset"
+        ds = hub_dataset(key, hub_id, "train", name or None).shuffle(seed=seed)
         texts: list[str] = []
         for row in ds:
             if row.get("text", "").strip():
@@ -112,9 +116,9 @@ def windows(
             break
     if len(ids) < n * seq_len:
         raise ConfigError(
-            "quantizer.calib_samples",
+            f"quantizer.{KEY}.samples",
             n,
-            f"at most {len(ids) // seq_len} sequences of {seq_len} tokens from calib={source} "
+            f"at most {len(ids) // seq_len} sequences of {seq_len} tokens from source={source} "
             f"({len(ids)} tokens)",
         )
     return [ids[i * seq_len : (i + 1) * seq_len] for i in range(n)]
@@ -142,21 +146,3 @@ def sample_from_model(
         ids = torch.cat([ids, nxt], dim=1)
         step_in = nxt
     return ids.cpu().tolist()
-
-
-@dataclass
-class CalibrationKeys:
-    """The `quantizer.calib*` keys shared by quantizers that need calibration data."""
-
-    calib: str = "self"
-    calib_path: Optional[str] = None
-    calib_dataset: Optional[str] = None
-    calib_samples: int = 16
-    calib_seq_len: int = 128
-
-    @property
-    def calibration(self) -> Calibration:
-        """The calibration settings as one object."""
-        return Calibration(
-            self.calib, self.calib_path, self.calib_dataset, self.calib_samples, self.calib_seq_len
-        )

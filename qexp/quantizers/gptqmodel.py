@@ -23,16 +23,17 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, ClassVar, List, Optional
 
 import torch
 from transformers import PreTrainedModel
 
 from qexp.context import RunContext, available_cores
 from qexp.errors import ConfigError, check, check_choice
-from qexp.io import atomic_write_text
-from qexp.quantizers.base import GROUP_SIZES, Quantizer, group_fit
-from qexp.quantizers.calib import CalibrationKeys
+from qexp.io import atomic_dir, atomic_write_text
+from qexp.plugin import StageResult, Subject
+from qexp.quantizers.base import GROUP_SIZES, Quantizer, config_widths, group_fit, model_widths
+from qexp.quantizers.calib import Calibration
 from qexp.quantizers.readback import copy_checked, copy_rest, relative_error
 
 METHODS = ("gptq", "awq", "gguf")
@@ -46,7 +47,7 @@ def _env() -> None:
 
 
 @dataclass
-class GPTQModelQuant(CalibrationKeys, Quantizer):
+class GPTQModelQuant(Quantizer):
     """`method=gptq|awq` (bits, group, sym, act-order, damp) or `method=gguf` (k-quant type)."""
 
     name: str = "gptq4"
@@ -60,7 +61,9 @@ class GPTQModelQuant(CalibrationKeys, Quantizer):
     batch_size: int = 4
     kernel_tol: float = 0.02
     skip: List[str] = field(default_factory=lambda: ["lm_head"])
-    saves_artifact = True
+    calibration: Calibration = field(default_factory=Calibration)
+
+    saves_artifact: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
@@ -83,7 +86,6 @@ class GPTQModelQuant(CalibrationKeys, Quantizer):
             self.skip,
             "[lm_head] (GPTQModel quantizes every decoder linear and never lm_head here)",
         )
-        self.calibration.validate("")
         if importlib.util.find_spec("gptqmodel") is None:
             raise ConfigError("quantizer", self.name, f"another quantizer, or install: {EXTRA}")
 
@@ -101,19 +103,19 @@ class GPTQModelQuant(CalibrationKeys, Quantizer):
         return QuantizeConfig(desc_act=self.desc_act, damp_percent=self.damp, **kw)
 
     @torch.no_grad()
-    def quantize(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:
-        if ctx.tokenizer is None:
-            raise ValueError("GPTQModel quantization needs the run's tokenizer (ctx.tokenizer)")
+    def quantize(self, subject: Subject, ctx: RunContext) -> StageResult:
+        model, tok = subject.model, subject.tokenizer
         _env()
-        self._check_shapes(model)
-        seqs = self.calibration.sequences(model, ctx.tokenizer, ctx.seed)
+        self._check_widths(model_widths(model, self.skip))
+        seqs = self.calibration.sequences(model, tok, ctx.seed)
         calib = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in seqs]
         ctx.cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=ctx.cache_dir, prefix=".gptqmodel-") as tmp:
             src, dst = Path(tmp) / "fp", Path(tmp) / "quantized"
             model.save_pretrained(src, safe_serialization=True)
-            ctx.tokenizer.save_pretrained(src)
-            with self._library_log(ctx.run_dir / "logs" / f"gptqmodel_{ctx.branch}.log"):
+            tok.save_pretrained(src)
+            log_file = f"logs/gptqmodel_{subject.branch}.log"
+            with self._library_log(ctx.run_dir / log_file):
                 from gptqmodel import BACKEND, GPTQModel
 
                 kernel = {
@@ -130,10 +132,9 @@ class GPTQModelQuant(CalibrationKeys, Quantizer):
             checks = self._read_back(qm.model, model)
             del qm
             if ctx.save_quantized:
-                out = ctx.run_dir / "quantized" / ctx.branch
-                shutil.rmtree(out, ignore_errors=True)
-                shutil.copytree(dst, out)
-        self.last_info = {
+                with atomic_dir(ctx.run_dir / "quantized" / subject.branch) as out:
+                    shutil.copytree(dst, out, dirs_exist_ok=True)
+        info = {
             "library": f"gptqmodel {importlib.metadata.version('gptqmodel')}",
             "method": self.method,
             "calibration": self.calibration.describe(),
@@ -141,14 +142,19 @@ class GPTQModelQuant(CalibrationKeys, Quantizer):
             "kernel_vs_dequant_max_rel_err": max(checks.values()),
         }
         if ctx.save_quantized:
-            self.last_info["artifact"] = str(Path("quantized") / ctx.branch)
-        return model
+            info["artifact"] = str(Path("quantized") / subject.branch)
+        return StageResult(model, info, [log_file])
 
-    def _check_shapes(self, model: PreTrainedModel) -> None:
+    def check_model(self, config: Any) -> None:
+        widths = config_widths(config)
+        if widths is not None:
+            self._check_widths(widths)
+
+    def _check_widths(self, widths: list[int]) -> None:
         """AWQ needs every in_features to be a multiple of the group (GPTQ pads, AWQ refuses)."""
         if self.method != "awq" or self.group_size == -1:
             return
-        widths, bad, ok = group_fit(model, self.skip, self.group_size)
+        bad, ok = group_fit(widths, self.group_size)
         if bad:
             raise ConfigError(
                 "quantizer.group_size",

@@ -25,20 +25,20 @@ import copy
 import importlib.metadata
 import importlib.util
 import io
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
+from typing import Any, ClassVar, List
 
 import torch
 from transformers import PreTrainedModel
 
 from qexp.context import RunContext
 from qexp.errors import ConfigError, check, check_choice
-from qexp.io import atomic_write_text
-from qexp.quantizers.base import GROUP_SIZES, Quantizer, group_fit, target_linears
-from qexp.quantizers.calib import CalibrationKeys
+from qexp.io import atomic_dir, atomic_write_text
+from qexp.plugin import StageResult, Subject
+from qexp.quantizers.base import GROUP_SIZES, Quantizer, config_widths, group_fit, model_widths
+from qexp.quantizers.calib import Calibration
 from qexp.quantizers.readback import copy_checked, copy_rest, relative_error
 
 METHODS = ("gptq", "awq")
@@ -47,7 +47,7 @@ LOG_FORMAT = "{time:HH:mm:ss.SSS} | {name}:{function} | {level} - {message}"
 
 
 @dataclass
-class LLMCompressorQuant(CalibrationKeys, Quantizer):
+class LLMCompressorQuant(Quantizer):
     """`method=gptq|awq` with bits, group, sym, act-order (GPTQ) and dampening (GPTQ)."""
 
     name: str = "gptq4_llmc"
@@ -60,7 +60,9 @@ class LLMCompressorQuant(CalibrationKeys, Quantizer):
     batch_size: int = 4
     kernel_tol: float = 0.02
     skip: List[str] = field(default_factory=lambda: ["lm_head"])
-    saves_artifact = True
+    calibration: Calibration = field(default_factory=Calibration)
+
+    saves_artifact: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
@@ -86,7 +88,6 @@ class LLMCompressorQuant(CalibrationKeys, Quantizer):
             self.skip,
             "a list of module-name substrings that includes lm_head (tied to the embeddings)",
         )
-        self.calibration.validate("")
         if importlib.util.find_spec("llmcompressor") is None:
             raise ConfigError("quantizer", self.name, f"another quantizer, or install: {EXTRA}")
 
@@ -126,13 +127,10 @@ class LLMCompressorQuant(CalibrationKeys, Quantizer):
         ]
 
     @torch.no_grad()
-    def quantize(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:
-        if ctx.tokenizer is None:
-            raise ValueError(
-                "llm-compressor quantization needs the run's tokenizer (ctx.tokenizer)"
-            )
-        self._check_shapes(model)
-        seqs = self.calibration.sequences(model, ctx.tokenizer, ctx.seed)
+    def quantize(self, subject: Subject, ctx: RunContext) -> StageResult:
+        model, tok = subject.model, subject.tokenizer
+        self._check_widths(model_widths(model, self.skip))
+        seqs = self.calibration.sequences(model, tok, ctx.seed)
         device = next(model.parameters()).device
         data = [
             {"input_ids": torch.tensor(s), "attention_mask": torch.ones(len(s), dtype=torch.long)}
@@ -140,10 +138,11 @@ class LLMCompressorQuant(CalibrationKeys, Quantizer):
         ]
         loader = torch.utils.data.DataLoader(data, batch_size=self.batch_size)
         ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        ignore = sorted(set(ignore) - {n for n, _ in target_linears(model, self.skip)})
+        ignore = sorted(set(ignore) - {n for n, _ in self.quantized_linears(model)})
         qmodel = copy.deepcopy(model)
         ctx.cache_dir.mkdir(parents=True, exist_ok=True)
-        log_path = ctx.run_dir / "logs" / f"llmcompressor_{ctx.branch}.log"
+        log_file = f"logs/llmcompressor_{subject.branch}.log"
+        log_path = ctx.run_dir / log_file
         with tempfile.TemporaryDirectory(dir=ctx.cache_dir, prefix=".llmcompressor-") as tmp:
             # oneshot re-reads the config from `name_or_path` to refuse pre-quantized models
             qmodel.config.save_pretrained(tmp)
@@ -155,24 +154,23 @@ class LLMCompressorQuant(CalibrationKeys, Quantizer):
                 try:
                     oneshot(
                         model=qmodel,
-                        tokenizer=ctx.tokenizer,
+                        tokenizer=tok,
                         recipe=self.recipe(ignore),
                         dataset=loader,
                         num_calibration_samples=len(seqs),
-                        max_seq_length=self.calib_seq_len,
+                        max_seq_length=self.calibration.seq_len,
                         shuffle_calibration_samples=False,
                     )
                 finally:
                     reset_session()  # the global session would keep the copy alive
                 checks = self._read_back(qmodel, model, device)
                 if ctx.save_quantized:
-                    out = ctx.run_dir / "quantized" / ctx.branch
-                    shutil.rmtree(out, ignore_errors=True)
                     qmodel.config.name_or_path = model.config.name_or_path
-                    qmodel.save_pretrained(out, save_compressed=True)
-                    ctx.tokenizer.save_pretrained(out)
+                    with atomic_dir(ctx.run_dir / "quantized" / subject.branch) as out:
+                        qmodel.save_pretrained(out, save_compressed=True)
+                        tok.save_pretrained(out)
         del qmodel
-        self.last_info = {
+        info = {
             "library": f"llmcompressor {importlib.metadata.version('llmcompressor')}, "
             f"compressed-tensors {importlib.metadata.version('compressed-tensors')}",
             "method": self.method,
@@ -182,16 +180,21 @@ class LLMCompressorQuant(CalibrationKeys, Quantizer):
         }
         fallback = [ln for ln in log.getvalue().splitlines() if "Hessian inversion failed" in ln]
         if fallback:  # llm-compressor quietly used round-to-nearest for some modules
-            self.last_info["gptq_rtn_fallback"] = fallback[-1].split(" - ", 1)[-1]
+            info["gptq_rtn_fallback"] = fallback[-1].split(" - ", 1)[-1]
         if ctx.save_quantized:
-            self.last_info["artifact"] = str(Path("quantized") / ctx.branch)
-        return model
+            info["artifact"] = str(Path("quantized") / subject.branch)
+        return StageResult(model, info, [log_file])
 
-    def _check_shapes(self, model: PreTrainedModel) -> None:
+    def check_model(self, config: Any) -> None:
+        widths = config_widths(config)
+        if widths is not None:
+            self._check_widths(widths)
+
+    def _check_widths(self, widths: list[int]) -> None:
         """llm-compressor refuses a group that does not divide a layer's input width."""
         if self.group_size == -1:
             return
-        widths, bad, ok = group_fit(model, self.skip, self.group_size)
+        bad, ok = group_fit(widths, self.group_size)
         if bad:
             raise ConfigError(
                 "quantizer.group_size",

@@ -9,15 +9,15 @@ dimension; a last group shorter than `group_size` gets its own scale.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import ClassVar, List
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
 from qexp.context import RunContext
 from qexp.errors import check, check_choice
-from qexp.quantizers.base import GridQuantizer, target_linears
+from qexp.plugin import StageResult, Subject
+from qexp.quantizers.base import GridQuantizer
 from qexp.quantizers.intervals import rtn_intervals
 
 
@@ -53,6 +53,8 @@ class RTN(GridQuantizer):
     symmetric: bool = False
     skip: List[str] = field(default_factory=lambda: ["lm_head"])
 
+    has_neighbours: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         check_choice("bits", self.bits, (2, 3, 4, 5, 6, 8))
         check(
@@ -63,11 +65,11 @@ class RTN(GridQuantizer):
         )
 
     @torch.no_grad()
-    def quantize(self, model: PreTrainedModel, ctx: RunContext) -> PreTrainedModel:
-        layers = list(target_linears(model, self.skip))
+    def quantize(self, subject: Subject, ctx: RunContext) -> StageResult:
+        layers = list(self.quantized_linears(subject.model))
         for _, lin in tqdm(layers, desc=f"{self.name}", disable=not ctx.progress, leave=False):
             lin.weight.copy_(rtn_fake_quant(lin.weight, self.bits, self.group_size, self.symmetric))
-        return model
+        return StageResult(subject.model)
 
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         return rtn_fake_quant(w.detach().float(), self.bits, self.group_size, self.symmetric)
@@ -104,6 +106,32 @@ class RTN(GridQuantizer):
     def codes(self, w: torch.Tensor) -> torch.Tensor:
         """The de-quantized weights (one-to-one with the integer codes and group scales)."""
         return rtn_fake_quant(w, self.bits, self.group_size, self.symmetric)
+
+    def weight_codes(self, w: torch.Tensor) -> torch.Tensor:
+        """Grid index k = round(ŵ / s) of every weight, ŵ = `codes(w)`, s its group's scale.
+
+        k = q - z is the grid point ŵ = k s. The stored q also moves with the zero point z,
+        which noise on a group's min can shift by one for the whole group while leaving every
+        value where it was, so k is what "the code changed" means here (and what `intervals`
+        bound).
+        """
+        out_f, in_f = w.shape
+        g = in_f if self.group_size == -1 else self.group_size
+        pad = (-in_f) % g
+
+        def groups(t: torch.Tensor) -> torch.Tensor:
+            t = t.float()
+            if pad:
+                t = torch.cat([t, t[:, -1:].expand(out_f, pad)], dim=1)
+            return t.reshape(out_f, -1, g)
+
+        x, deq = groups(w), groups(self.codes(w))
+        if self.symmetric:
+            s = x.abs().amax(-1, keepdim=True) / (2 ** (self.bits - 1) - 1)
+        else:
+            s = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)) / (2**self.bits - 1)
+        k = torch.round(deq.double() / s.clamp_min(1e-12).double())
+        return k.reshape(out_f, -1)[:, :in_f].to(torch.int32)
 
     def intervals(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Preserving intervals of a [out, in] weight (in_features a multiple of the group)."""

@@ -1,0 +1,119 @@
+"""The `qexp` command: one Hydra job = one four-condition pipeline.
+
+In a sweep (`-m`), a job whose run dir already holds a complete results.json for the same
+resolved config is skipped (re-running an interrupted sweep with the same `hydra.sweep.dir`
+finishes only what is missing), and a job that fails marks itself failed in its results.json
+and the sweep goes on; the sweep callback (hydra_plugins/qexp_sweep_callbacks, configured in
+qexp/conf/config.yaml for every launcher) exits 1 at the end if any job failed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from qexp.cli import console
+from qexp.errors import ConfigError
+from qexp.io import atomic_write_json
+
+con = console("qexp")
+
+
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # inside the package (and wheel)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def app(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    from qexp.run import AlreadyComplete, run  # torch & co. load only once a job runs
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    name = hc.job.override_dirname or hc.job.name
+    if hc.mode != RunMode.MULTIRUN:
+        try:
+            run(cfg, run_dir, job_name=name)
+        except AlreadyComplete:
+            con.warning("qexp: %s: complete in %s, skipped", name, run_dir)
+        except ConfigError as e:
+            fail(e)
+        return
+    # W&B group: one per sweep, "<experiment>:<sweep dir name>" or the sweep dir name
+    experiment = hc.runtime.choices.get("experiment")
+    group = Path(hc.sweep.dir).name
+    if experiment not in (None, "null"):
+        group = f"{experiment}:{group}"
+    try:
+        run(cfg, run_dir, job_name=name, group=group)
+    except AlreadyComplete:
+        con.warning("qexp: %s: complete in %s, skipped", name, run_dir)
+    except Exception as e:  # the sweep goes on; results.json says what happened
+        kind = "config error" if isinstance(e, ConfigError) else type(e).__name__
+        con.error("qexp: %s: failed: %s: %s", name, kind, e)
+        if not (run_dir / "results.json").is_file():  # failed before the pipeline started
+            atomic_write_json(
+                run_dir / "results.json",
+                {
+                    "config": OmegaConf.to_container(cfg, resolve=False),
+                    "status": "failed",
+                    "error": f"{kind}: {e}",
+                },
+            )
+
+
+def precheck(argv: list[str]) -> None:
+    """Mistakes Hydra would answer with a traceback (an unknown option, a key that does not
+    exist, an override that does not parse) as one `qexp: config error:` line, exit 2, before
+    Hydra starts. Each sweep is checked at every one of its values."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.help or args.hydra_help or args.shell_completion or args.config_name:
+        return
+    from qexp.config import compose_overrides
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except HydraException as e:
+        why = str(e).strip().splitlines()[0]
+        fail(ConfigError("override", " ".join(args.overrides), f"Hydra override syntax ({why})"))
+    # qexp's own groups and keys; Hydra checks its own (hydra.*, hydra/...)
+    ours = [o for o in overrides if not o.key_or_group.startswith("hydra")]
+    runs = [[]]
+    for o in ours:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            runs = [r + [f"{key}={v}"] for r in runs for v in o.sweep_string_iterator()]
+        else:
+            runs = [r + [o.input_line] for r in runs]
+    for flat in runs[:64]:  # a sweep's grid: enough points to meet every value
+        try:
+            compose_overrides(flat)
+        except ConfigError as e:
+            fail(e)
+        except (HydraException, OmegaConfBaseException) as e:
+            fail(ConfigError("override", " ".join(flat), str(e).strip().splitlines()[0]))
+
+
+def fail(e: ConfigError) -> None:
+    """One line on stderr, exit 2."""
+    con.error("qexp: config error: %s", e)
+    sys.exit(2)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    precheck(sys.argv[1:])
+    app()
+
+
+if __name__ == "__main__":
+    main()
