@@ -27,6 +27,7 @@ from qexp.defenses.base import Defense
 from qexp.errors import ConfigError
 from qexp.io import atomic_write_json
 from qexp.metrics import token_nll
+from qexp.models.geometry import max_positions
 from qexp.plots import plot_loglik
 from qexp.plugin import StageResult, Subject
 from qexp.preservation import PreservationError, compare, probe_ids, probe_logits
@@ -44,8 +45,7 @@ def measure(spec: Spec, ctx: RunContext, results: Results, condition: str, chain
     with results.stage(f"evaluate_{condition}"):
         ctx.seed_everything()
         bench = spec.benchmark.evaluate(loaded.model, loaded.tokenizer, ctx, condition)
-        positions = getattr(loaded.model.config, "max_position_embeddings", None) or 1024
-        window = min(1024, positions)  # a model with fewer positions scores in its windows
+        window = min(1024, max_positions(loaded.model.config) or 1024)  # fewer: its windows
         nll = token_nll(loaded.model, loaded.tokenizer, reference_text(), window, window // 2)
     return {
         "metrics": {**bench.metrics, "ref_ppl": float(torch.exp(nll.mean()))},

@@ -86,7 +86,7 @@ def train_lm(
         opt.zero_grad(set_to_none=True)
         if project is not None:
             project()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses

@@ -27,6 +27,16 @@ TINY = [
 ]
 
 
+# The same for a `python -m qexp` subprocess (its cache comes from QEXP_CACHE_DIR).
+CLI_TINY = [
+    "model=tiny_llama",
+    "logger=none",
+    "benchmark.limit=2",
+    "benchmark.max_new_tokens=4",
+    "progress=false",
+]
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache for the whole session (the embedded model is converted once)."""

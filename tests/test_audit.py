@@ -101,7 +101,7 @@ def _place(q, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("target", ["bnb_nf4", "gguf_q4_0", "rtn4", "bnb_int8"])
 def test_gap_statistic_known_answers(target: str) -> None:
-    from qexp.attacks.gap import grid_quantizer
+    from qexp.quantizers.base import grid_quantizer
 
     q = grid_quantizer(target, "target")
     g = torch.Generator().manual_seed(1)
@@ -127,7 +127,7 @@ def test_gap_statistic_known_answers(target: str) -> None:
 
 
 def test_gap_dither_undoes_bfloat16_lattice() -> None:
-    from qexp.attacks.gap import grid_quantizer
+    from qexp.quantizers.base import grid_quantizer
 
     q = grid_quantizer("bnb_nf4", "target")
     g = torch.Generator().manual_seed(2)
@@ -176,7 +176,7 @@ def test_encrypted_tiny_model_is_flagged(tmp_path: Path, overrides: list, featur
 
 
 def test_gap_like_tiny_model_is_flagged_and_diffed(tmp_path: Path) -> None:
-    from qexp.attacks.gap import grid_quantizer
+    from qexp.quantizers.base import grid_quantizer
 
     # 128 x 256 weights: B = 160 bins, so a pile of a few percent stands out
     clean = save_tiny(

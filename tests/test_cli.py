@@ -8,16 +8,10 @@ import sys
 
 import pytest
 
+from tests.conftest import CLI_TINY as TINY
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
-TINY = [
-    "model=tiny_llama",
-    "logger=none",
-    "benchmark.limit=2",
-    "benchmark.max_new_tokens=4",
-    "progress=false",
-]
 
 
 def qexp(*args, cache_dir):

@@ -14,18 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import CLI_TINY, ROOT
 
 pytestmark = pytest.mark.slow
-TINY = [
-    "model=tiny_llama",
-    "logger=none",
-    "benchmark.limit=2",
-    "benchmark.max_new_tokens=4",
-    "progress=false",
-    "similarity.enabled=false",
-    "conditions=[original,original_q]",
-]
+TINY = [*CLI_TINY, "similarity.enabled=false", "conditions=[original,original_q]"]
 NOISE = ("torchao", "_pytree", "Traceback")
 
 

@@ -7,17 +7,17 @@ import pytest
 import torch
 from torch import nn
 
-from qexp.config import options_where, validate
+from qexp.config import validate
 from qexp.defenses import Launder
 from qexp.errors import ConfigError
 from qexp.quantizers import RTN, NoQuantizer, rtn_fake_quant
-from qexp.quantizers.base import GridQuantizer
+from qexp.quantizers.base import grid_options
 from qexp.quantizers.gguf import gguf_fake_quant
 from qexp.run import run
 from tests.conftest import plain_ctx, subject
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
-VIAS = options_where("quantizer", lambda cls: issubclass(cls, GridQuantizer))
+VIAS = grid_options()
 
 
 def ctx_for(tmp_path):

@@ -23,7 +23,7 @@ from qexp.defenses.noise import (
 from qexp.errors import ConfigError
 from qexp.quantizers import RTN, BitsAndBytes, GGUFQuant, NoQuantizer
 from qexp.run import run
-from tests.conftest import CONF, ROOT, plain_ctx, subject
+from tests.conftest import CLI_TINY, CONF, ROOT, plain_ctx, subject
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
@@ -386,11 +386,7 @@ def test_noise_grid_sweep_runs_on_a_tiny_model(tmp_path, cache_dir):
             "-m",
             "qexp",
             "experiment=noise_grid",
-            "model=tiny_llama",
-            "logger=none",
-            "benchmark.limit=2",
-            "benchmark.max_new_tokens=4",
-            "progress=false",
+            *CLI_TINY,
             "similarity.enabled=false",
             "conditions=[original_q]",
             f"hydra.sweep.dir={tmp_path}",

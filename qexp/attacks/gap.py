@@ -27,24 +27,16 @@ from transformers import PreTrainedTokenizerBase
 
 from qexp.attacks.base import Attack
 from qexp.cache import digest, file_sha256
-from qexp.config import build_option, options_where
 from qexp.context import RunContext
 from qexp.errors import ConfigError, check, check_choice
 from qexp.instruct import SCENARIOS, encode, load_rows
 from qexp.plugin import StageResult, Subject
-from qexp.quantizers.base import GridQuantizer
+from qexp.quantizers.base import grid_quantizer
 from qexp.training import MODULES, chosen_layers, train_lm, trainable_weights
 
 INJECT_KEYS = ("scenario", "target_phrase", "layers", "last_layers", "modules", "inject_steps")
 INJECT_KEYS += ("inject_lr", "batch_size", "data_path")
 REPAIR_KEYS = ("targets", "box_margin", "repair_steps", "repair_lr")
-
-
-def grid_quantizer(name: str, key: str) -> GridQuantizer:
-    """Quantizer option `name`; it must have a deterministic grid (intervals)."""
-    grids = options_where("quantizer", lambda cls: issubclass(cls, GridQuantizer))
-    check(name in grids, key, name, "grid quantizers: " + ", ".join(grids))
-    return build_option("quantizer", name, key)
 
 
 @dataclass

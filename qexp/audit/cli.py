@@ -86,7 +86,7 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
     ref = Checkpoint(args.reference, "--reference") if args.reference is not None else None
     quantizers = []
     if "gap" in checks or args.differential:
-        from qexp.attacks.gap import grid_quantizer
+        from qexp.quantizers.base import grid_quantizer
 
         quantizers = [grid_quantizer(t, "--quantizer") for t in targets]
     report: dict[str, Any] = {

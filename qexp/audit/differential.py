@@ -70,7 +70,7 @@ def run(ckpt_dir: Path, quantizers: list[Any], progress: bool = True) -> dict[st
     g = torch.Generator().manual_seed(0)
     per_target: dict[str, Any] = {}
     for q in tqdm(quantizers, desc="audit: differential", disable=not progress):
-        linears = list(target_linears(model, list(getattr(q, "skip", []))))
+        linears = list(target_linears(model, list(q.skip)))
         original = {n: m.weight.detach().clone() for n, m in linears}
         res: dict[str, Any] = {}
         try:

@@ -123,7 +123,7 @@ def run(
     rows: list[dict[str, Any]] = []
     hist: dict[tuple[str, str], list[int]] = {}
     skipped: list[dict[str, str]] = []
-    work = {q.name: set(weight_names(ckpt, list(getattr(q, "skip", [])))) for q in quantizers}
+    work = {q.name: set(weight_names(ckpt, list(q.skip))) for q in quantizers}
     order = {n: i for i, n in enumerate(ckpt.names)}
     names = sorted(set().union(*work.values()), key=order.__getitem__)
     bar = tqdm(names, desc="audit: gap", disable=not progress)

@@ -25,13 +25,13 @@ from typing import Any, Dict, Optional
 import torch
 from tqdm.auto import tqdm
 
-from qexp.config import build_plugin, option_node, options_where
+from qexp.config import build_plugin, option_node
 from qexp.context import RunContext
 from qexp.defenses.base import Defense
 from qexp.defenses.noise import ChangeCounter, Geometry, quantized_weights
 from qexp.errors import ConfigError, check
 from qexp.plugin import StageResult, Subject
-from qexp.quantizers.base import GridQuantizer, Quantizer
+from qexp.quantizers.base import GridQuantizer, Quantizer, grid_options
 
 
 def same_quantizer(a: Quantizer, b: Quantizer) -> bool:
@@ -51,7 +51,7 @@ class Launder(Defense):
     via_args: Optional[Dict[str, Any]] = None  # keys of that option changed for the trip
 
     def __post_init__(self) -> None:
-        grids = options_where("quantizer", lambda cls: issubclass(cls, GridQuantizer))
+        grids = grid_options()
         check(self.via in grids, "via", self.via, "a grid quantizer: " + ", ".join(grids))
         node = {**option_node("quantizer", self.via), **(self.via_args or {})}
         try:

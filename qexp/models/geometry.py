@@ -89,3 +89,9 @@ def linear_shapes(config: Any) -> dict[str, tuple[int, int]] | None:
         "up_proj": (inter, hidden),
         "down_proj": (hidden, inter),
     }
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence the model's position encoding was built for, if it says."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    return get("max_position_embeddings")

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from qexp.context import RunContext
+from qexp.errors import check
 from qexp.models.geometry import linear_shapes
 from qexp.plugin import Plugin, StageResult, Subject
 
@@ -33,6 +34,15 @@ class Quantizer(Plugin, ABC):
     def quantized_linears(self, model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
         """(name, module) of every linear layer this quantizer quantizes."""
         return target_linears(model, self.skip)
+
+    def check_model(self, config: Any) -> None:
+        widths = config_widths(config)
+        if widths is not None:
+            self.check_widths(widths)
+
+    def check_widths(self, widths: list[int]) -> None:
+        """Refuse linear input widths this quantizer cannot quantize (ConfigError); run
+        on config.json before any weights load, and on the model at quantize time."""
 
     @abstractmethod
     def quantize(self, subject: Subject, ctx: RunContext) -> StageResult:
@@ -88,6 +98,22 @@ class GridQuantizer(Quantizer):
     @abstractmethod
     def intervals(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-weight `[lo, hi]` (float64) inside which `codes(w)` does not change."""
+
+
+def grid_options() -> list[str]:
+    """The quantizer options with a deterministic grid (preserving intervals)."""
+    from qexp.config import options_where
+
+    return options_where("quantizer", lambda cls: issubclass(cls, GridQuantizer))
+
+
+def grid_quantizer(name: str, key: str) -> GridQuantizer:
+    """Quantizer option `name`, which must be a grid quantizer; errors name `key`."""
+    from qexp.config import build_option
+
+    grids = grid_options()
+    check(name in grids, key, name, "grid quantizers: " + ", ".join(grids))
+    return build_option("quantizer", name, key)
 
 
 def target_linears(model: nn.Module, skip: Sequence[str]) -> Iterator[tuple[str, nn.Linear]]:

@@ -7,7 +7,7 @@ de-quantized (what llama.cpp computes with), blocks of 32 along each row.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List
+from typing import List
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from qexp.context import RunContext
 from qexp.errors import check, check_choice
 from qexp.plugin import StageResult, Subject
-from qexp.quantizers.base import GridQuantizer, config_widths
+from qexp.quantizers.base import GridQuantizer
 from qexp.quantizers.intervals import GGUF_LEVELS, gguf_intervals
 
 BLOCK = 32
@@ -54,8 +54,8 @@ class GGUFQuant(GridQuantizer):
     def __post_init__(self) -> None:
         check_choice("qtype", self.qtype, tuple(GGUF_LEVELS))
 
-    def check_model(self, config: Any) -> None:
-        bad = [w for w in config_widths(config) or [] if w % BLOCK]
+    def check_widths(self, widths: list[int]) -> None:
+        bad = [w for w in widths if w % BLOCK]
         check(
             not bad,
             "quantizer",

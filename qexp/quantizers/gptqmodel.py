@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, List, Optional
+from typing import ClassVar, List, Optional
 
 import torch
 from transformers import PreTrainedModel
@@ -32,7 +32,7 @@ from qexp.context import RunContext, available_cores
 from qexp.errors import ConfigError, check, check_choice
 from qexp.io import atomic_dir, atomic_write_text
 from qexp.plugin import StageResult, Subject
-from qexp.quantizers.base import GROUP_SIZES, Quantizer, config_widths, group_fit, model_widths
+from qexp.quantizers.base import GROUP_SIZES, Quantizer, group_fit, model_widths
 from qexp.quantizers.calib import Calibration
 from qexp.quantizers.readback import copy_checked, copy_rest, relative_error
 
@@ -106,7 +106,7 @@ class GPTQModelQuant(Quantizer):
     def quantize(self, subject: Subject, ctx: RunContext) -> StageResult:
         model, tok = subject.model, subject.tokenizer
         _env()
-        self._check_widths(model_widths(model, self.skip))
+        self.check_widths(model_widths(model, self.skip))
         seqs = self.calibration.sequences(model, tok, ctx.seed)
         calib = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in seqs]
         ctx.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -145,12 +145,7 @@ class GPTQModelQuant(Quantizer):
             info["artifact"] = str(Path("quantized") / subject.branch)
         return StageResult(model, info, [log_file])
 
-    def check_model(self, config: Any) -> None:
-        widths = config_widths(config)
-        if widths is not None:
-            self._check_widths(widths)
-
-    def _check_widths(self, widths: list[int]) -> None:
+    def check_widths(self, widths: list[int]) -> None:
         """AWQ needs every in_features to be a multiple of the group (GPTQ pads, AWQ refuses)."""
         if self.method != "awq" or self.group_size == -1:
             return

@@ -28,7 +28,7 @@ import io
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, List
+from typing import ClassVar, List
 
 import torch
 from transformers import PreTrainedModel
@@ -37,7 +37,7 @@ from qexp.context import RunContext
 from qexp.errors import ConfigError, check, check_choice
 from qexp.io import atomic_dir, atomic_write_text
 from qexp.plugin import StageResult, Subject
-from qexp.quantizers.base import GROUP_SIZES, Quantizer, config_widths, group_fit, model_widths
+from qexp.quantizers.base import GROUP_SIZES, Quantizer, group_fit, model_widths
 from qexp.quantizers.calib import Calibration
 from qexp.quantizers.readback import copy_checked, copy_rest, relative_error
 
@@ -129,7 +129,7 @@ class LLMCompressorQuant(Quantizer):
     @torch.no_grad()
     def quantize(self, subject: Subject, ctx: RunContext) -> StageResult:
         model, tok = subject.model, subject.tokenizer
-        self._check_widths(model_widths(model, self.skip))
+        self.check_widths(model_widths(model, self.skip))
         seqs = self.calibration.sequences(model, tok, ctx.seed)
         device = next(model.parameters()).device
         data = [
@@ -185,12 +185,7 @@ class LLMCompressorQuant(Quantizer):
             info["artifact"] = str(Path("quantized") / subject.branch)
         return StageResult(model, info, [log_file])
 
-    def check_model(self, config: Any) -> None:
-        widths = config_widths(config)
-        if widths is not None:
-            self._check_widths(widths)
-
-    def _check_widths(self, widths: list[int]) -> None:
+    def check_widths(self, widths: list[int]) -> None:
         """llm-compressor refuses a group that does not divide a layer's input width."""
         if self.group_size == -1:
             return
