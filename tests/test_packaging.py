@@ -81,7 +81,7 @@ def test_the_wheel_carries_every_config_and_data_file(wheel):
     assert {"qexp/data/instruct.jsonl", "qexp/data/reference.txt"} <= names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry).decode()
-    for script in ("qexp", "qexp-audit", "qexp-encrypt", "qexp-report"):
+    for script in ("qexp", "qexp-audit", "qexp-encrypt", "qexp-report", "qexp-build-ggml"):
         assert re.search(rf"^{script} = ", scripts, re.M), script
 
 
@@ -160,7 +160,7 @@ def test_the_installed_wheel_composes_every_group_and_runs_from_another_dir(whee
     )
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "complete"
-    for script in ("qexp-audit", "qexp-encrypt", "qexp-report"):
+    for script in ("qexp-audit", "qexp-encrypt", "qexp-report", "qexp-build-ggml"):
         p = subprocess.run(
             [str(site / "bin" / script), "--help"], cwd=work, env=env, capture_output=True
         )

@@ -1,0 +1,184 @@
+"""GGUF k-quants, i-quants and legacy types as llama.cpp makes them (optionally with imatrix).
+
+The user's path is `convert_hf_to_gguf.py` (weights written as F16/BF16) then
+`llama-quantize [--imatrix F] model.gguf out.gguf Q4_K_M`. This quantizer follows it
+tensor by tensor: each weight is cast to the converter's 16-bit type, given the type
+llama.cpp's mix rules choose (qexp/quantizers/gguf_mix.py), encoded by llama.cpp's own
+`ggml_quantize_chunk` (qexp/quantizers/ggml.py) with the importance matrix's column, and
+read back de-quantized into the model. Rows are quantized independently, so HF's row order
+(before the converter's q/k permutation) gives the same rows.
+
+`imatrix=true` computes the importance matrix as `llama-imatrix` does: for every linear
+layer but the output head, the mean over calibration tokens of each input column's squared
+activation, from the model being quantized.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, List
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qexp.context import RunContext
+from qexp.errors import ConfigError, check, check_choice
+from qexp.plugin import StageResult, Subject
+from qexp.quantizers import ggml
+from qexp.quantizers.base import Quantizer
+from qexp.quantizers.calib import Calibration
+from qexp.quantizers.gguf_mix import ARCHS, FTYPES, Tensor, gguf_names, type_mix
+
+SOURCE_DTYPES = ("auto", "f16", "bf16", "f32")
+
+
+@dataclass
+class LlamaCppQuant(Quantizer):
+    """llama.cpp's `ftype` (llama-quantize's type argument) with its per-tensor mix."""
+
+    name: str = "gguf_q4_k_m"
+    ftype: str = "q4_k_m"
+    imatrix: bool = False
+    # the converter's --outtype: auto = bf16/f16 as the model is loaded, f16 for fp32
+    source_dtype: str = "auto"
+    pure: bool = False  # llama-quantize --pure: every tensor the default type
+    calibration: Calibration = field(default_factory=Calibration)
+    # llama.cpp picks the tensors itself (every 2-D weight but norms, the head included)
+    skip: List[str] = field(default_factory=list)
+
+    saves_artifact: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check_choice("ftype", self.ftype, tuple(FTYPES))
+        check_choice("source_dtype", self.source_dtype, SOURCE_DTYPES)
+        check(not self.skip, "skip", self.skip, "[] (llama.cpp's own rules choose the tensors)")
+
+    def check_model(self, config: Any) -> None:
+        if not ggml.available():
+            raise ConfigError("quantizer", self.name, "llama.cpp's quantizers: " + ggml.INSTALL)
+        model_type = getattr(config, "model_type", None)
+        check(
+            model_type in ARCHS,
+            "model",
+            model_type,
+            "a dense decoder llama.cpp's mix rules cover (model_type " + ", ".join(ARCHS) + ")",
+        )
+
+    def fingerprint(self) -> Any:
+        v = ggml.version()
+        return {"ggml": v["ggml"], "commit": v["commit"]}
+
+    def source(self, w: torch.Tensor) -> np.ndarray:
+        """The float32 rows llama-quantize reads for `w` (after the converter's cast)."""
+        cast = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
+        return w.detach().to("cpu", cast[self.source_name(w)]).float().numpy()
+
+    def source_name(self, w: torch.Tensor) -> str:
+        """The converter's output type for a weight loaded as `w.dtype`."""
+        if self.source_dtype != "auto":
+            return self.source_dtype
+        return {torch.bfloat16: "bf16", torch.float16: "f16"}.get(w.dtype, "f16")
+
+    def plan(self, model: nn.Module) -> dict[str, tuple[str, str]]:
+        """HF parameter name -> (GGUF name, GGML type) of every tensor llama.cpp quantizes."""
+        cfg = model.config
+        names = gguf_names(model, cfg)
+        params = dict(model.named_parameters())
+        tensors = [Tensor(g, params[n].shape[-1], params[n].dim()) for n, g in names.items()]
+        n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        mix = type_mix(
+            tensors,
+            self.ftype,
+            cfg.num_hidden_layers,
+            cfg.num_attention_heads,
+            n_kv,
+            imatrix=self.imatrix,
+            pure=self.pure,
+        )
+        return {n: (g, mix[g]) for n, g in names.items() if g in mix}
+
+    def quantized_linears(self, model: nn.Module):
+        planned = {n.removesuffix(".weight") for n in self.plan(model)}
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and name in planned:
+                yield name, module
+
+    @torch.no_grad()
+    def importance(self, subject: Subject, ctx: RunContext) -> dict[str, np.ndarray]:
+        """Per-column mean squared input of every linear layer but the head (HF names)."""
+        model = subject.model
+        seqs = self.calibration.sequences(model, subject.tokenizer, ctx.seed)
+        sums: dict[str, torch.Tensor] = {}
+        counts: Counter = Counter()
+
+        def hook(name: str):
+            def fn(_m: nn.Module, args: tuple) -> None:
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                sums[name] = sums.get(name, 0) + (x * x).sum(0).cpu().double()
+                counts[name] += x.shape[0]
+
+            return fn
+
+        heads = {id(model.get_output_embeddings())}
+        handles = [
+            m.register_forward_pre_hook(hook(f"{n}.weight"))
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and id(m) not in heads
+        ]
+        device = next(model.parameters()).device
+        try:
+            for s in tqdm(seqs, desc="imatrix", disable=not ctx.progress, leave=False):
+                model(input_ids=torch.tensor([s], device=device))
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: (sums[n] / counts[n]).float().numpy() for n in sums}
+
+    @torch.no_grad()
+    def quantize(self, subject: Subject, ctx: RunContext) -> StageResult:
+        model = subject.model
+        plan = self.plan(model)
+        imatrix = self.importance(subject, ctx) if self.imatrix else {}
+        params = dict(model.named_parameters())
+        types: dict[str, str] = {}
+        nbytes = nweights = 0
+        for name, (gname, tname) in tqdm(
+            plan.items(), desc=self.name, disable=not ctx.progress, leave=False
+        ):
+            p = params[name]
+            rows = self.source(p).reshape(-1, p.shape[-1])
+            t = ggml.gtype(tname)
+            if tname in ("F16", "BF16"):  # llama.cpp's last resort: the 16-bit source kept
+                deq, size = rows, rows.size * 2
+            else:
+                data = ggml.quantize(rows, t, imatrix.get(name))
+                deq, size = ggml.read_back(data, t), data.size
+            p.copy_(torch.from_numpy(np.ascontiguousarray(deq)).reshape(p.shape).to(p.dtype))
+            types[gname] = tname
+            nbytes += size
+            nweights += rows.size
+        v = ggml.version()
+        info = {
+            "library": "llama.cpp",
+            "version": f"ggml {v['ggml']}, commit {v['commit']}",
+            "ftype": self.ftype.upper(),
+            "source_dtype": self.source_name(params[next(iter(plan))]),
+            "imatrix": self._imatrix_info(imatrix),
+            "type_counts": dict(sorted(Counter(types.values()).items())),
+            "bits_per_weight": round(8 * nbytes / nweights, 4),
+            "tensor_types": types,
+        }
+        return StageResult(model, info)
+
+    def _imatrix_info(self, imatrix: dict[str, np.ndarray]) -> Any:
+        if not self.imatrix:
+            return False
+        return {
+            "used": True,
+            "computed_by": "qexp (llama-imatrix's statistic: mean of squared inputs per column)",
+            "calibration": self.calibration.describe(),
+            "tensors": len(imatrix),
+        }
