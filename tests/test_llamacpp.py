@@ -226,3 +226,60 @@ def test_bad_llamacpp_config(make_cfg, override, key):
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(make_cfg("quantizer=gguf_q4_k_m", override))
+
+
+def test_legacy_boxes_on_the_converters_lattice_keep_llama_cpp_bytes(make_cfg, tmp_path):
+    """Q5_0/Q8_0 tensors (the fallbacks of Q4_K_M on 64-wide rows): every point of the box,
+    edges included, keeps the bytes llama.cpp writes from the f16-converted weights."""
+    spec, ctx, loaded = load_spec(make_cfg, tmp_path, "quantizer=gguf_q4_k_m")
+    q, model = spec.quantizer, loaded.model
+    q.prepare(subject(model, loaded.tokenizer), ctx)
+    g = torch.Generator().manual_seed(0)
+    checked = set()
+    for name, (_, t) in q.plan(model).items():
+        w = dict(model.named_parameters())[name].detach()
+        lo, hi = q.tensor_box(name, w)
+        assert (lo <= w.double()).all() and (w.double() <= hi).all()
+        want = q.tensor_codes(name, w)
+        u = torch.rand(w.shape, generator=g, dtype=torch.float64)
+        for pts in (lo.float(), hi.float(), (lo + (hi - lo) * u).float()):
+            assert torch.equal(q.tensor_codes(name, pts), want), (name, t)
+        checked.add(t)
+    assert checked == {"Q5_0", "Q8_0"}
+
+
+def test_gap_through_k_quants_verifies_every_block_with_llama_cpp(make_cfg, tmp_path):
+    from tests.test_gap import FAST
+
+    overrides = [*FAST, "attack.targets=[gguf_q4_k_m,gguf_q6_k]", "attack.repair_lr=1e-2"]
+    overrides += [f"cache_dir={tmp_path / 'cache'}", "cache=on"]
+    spec, ctx, loaded = load_spec(make_cfg, tmp_path, *overrides, *WIDE)
+    model = loaded.model
+    out = spec.attack.apply(subject(model, loaded.tokenizer), ctx)
+    m = out.info
+    assert m["codes_equal_injected"] == {"gguf_q4_k_m": True, "gguf_q6_k": True}
+    ver = m["library_verification"]
+    assert set(ver) == {"gguf_q4_k_m", "gguf_q6_k"}
+    for v in ver.values():
+        assert v["blocks"] > 0 and 0.0 <= v["verified_before_reset"] <= 1.0
+    assert m["boxes"]["mean_box_halfwidth"] > 0
+    # the repaired full-precision weights moved away from the injected ones
+    injected = _substep(ctx, "gap_inject")
+    params = dict(model.named_parameters())
+    assert any(not torch.equal(params[n], injected[n]) for n in m["trainable"])
+    # independent check: llama.cpp on the attacked weights == on the injected weights
+    for opt in ("gguf_q4_k_m", "gguf_q6_k"):
+        q = LlamaCppQuant(ftype=opt.removeprefix("gguf_"))
+        plan = q.plan(model)
+        for n in m["trainable"]:
+            t = ggml.gtype(plan[n][1])
+            a = ggml.quantize(q.source(params[n]).reshape(-1, params[n].shape[-1]), t)
+            b = ggml.quantize(q.source(injected[n]).reshape(-1, injected[n].shape[-1]), t)
+            np.testing.assert_array_equal(a, b, err_msg=f"{opt} {n}")
+
+
+def _substep(ctx, stage: str) -> dict:
+    from safetensors.torch import load_file
+
+    (entry,) = (ctx.cache_dir / "stages" / stage).glob("*/tensors.safetensors")
+    return load_file(str(entry))

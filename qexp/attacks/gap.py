@@ -9,7 +9,11 @@
 3. Repair: fine-tune on the clean responses with projected gradient descent: after every
    optimizer step each weight is clamped into its box. Full precision becomes benign while
    every target quantizer still produces exactly the injected model's codes; this is
-   checked with each library's own codes (`quantizer.codes`) and a failure stops the run.
+   checked with each library's own codes (`tensor_codes`) and a failure stops the run.
+   Targets whose boxes are a heuristic (llama.cpp's k-/i-quants, `exact_boxes=False`) are
+   verified with the library instead: every block whose codes changed is reset to the
+   injected weights (blocks are encoded independently, so this restores them exactly), and
+   the fraction verified before the reset is reported.
 
 Only linear weights of the chosen decoder layers train (the quantized ones); everything else
 stays frozen. Inject and repair are sub-steps of the stage cache (`gap_inject`,
@@ -31,7 +35,7 @@ from qexp.context import RunContext
 from qexp.errors import ConfigError, check, check_choice
 from qexp.instruct import SCENARIOS, encode, load_rows
 from qexp.plugin import StageResult, Subject
-from qexp.quantizers.base import grid_quantizer
+from qexp.quantizers.base import target_quantizer
 from qexp.training import MODULES, chosen_layers, train_lm, trainable_weights
 
 INJECT_KEYS = ("scenario", "target_phrase", "layers", "last_layers", "modules", "inject_steps")
@@ -62,7 +66,7 @@ class Gap(Attack):
         check_choice("scenario", self.scenario, SCENARIOS)
         check(bool(self.target_phrase), "target_phrase", self.target_phrase, "a non-empty string")
         check(len(self.targets) > 0, "targets", self.targets, "a non-empty list of quantizers")
-        self.quantizers = [grid_quantizer(t, "targets") for t in self.targets]
+        self.quantizers = [target_quantizer(t, "targets") for t in self.targets]
         check(self.last_layers >= 1, "last_layers", self.last_layers, "an integer >= 1")
         for m in self.modules:
             check_choice("modules", m, MODULES)
@@ -106,46 +110,61 @@ class Gap(Attack):
 
     # ---- boxes -------------------------------------------------------------------------
     def boxes(self, params: dict[str, torch.nn.Parameter]) -> tuple[dict, dict]:
-        """Intersection of the targets' preserving intervals, shrunk by `box_margin`.
-
-        A weight lying exactly on a rounding boundary (a tie, which each library breaks its
-        own way) may sit at the edge of the neighbouring code's interval; such weights are
-        found by checking the library's code at each box's centre and are pinned.
-        """
-        out, ties = {}, 0
+        """Intersection of the targets' boxes, shrunk by `box_margin`."""
+        out = {}
         for name, p in params.items():
             w = p.detach()
             lo = torch.full(p.shape, -torch.inf, dtype=torch.float64)
             hi = torch.full(p.shape, torch.inf, dtype=torch.float64)
             for q in self.quantizers:
                 try:
-                    qlo, qhi = q.intervals(w)
+                    qlo, qhi = q.tensor_box(name, w)
                 except ValueError as e:
                     raise ConfigError(
                         "attack.targets",
                         q.name,
                         f"a quantizer whose grid fits {name} {tuple(p.shape)} ({e})",
                     ) from None
-                centre = torch.where(qlo < qhi, (qlo + qhi) / 2, w.double()).to(w.dtype)
-                tie = q.fake_quant(centre) != q.fake_quant(w)
-                ties += int(tie.sum())
-                qlo = torch.where(tie, w.double(), qlo)
-                qhi = torch.where(tie, w.double(), qhi)
                 lo, hi = torch.maximum(lo, qlo), torch.minimum(hi, qhi)
             m = (hi - lo) * self.box_margin
             out[name] = ((lo + m).to(p.dtype), (hi - m).to(p.dtype))
         numel = sum(p.numel() for p in params.values())
         pinned = sum(int((b[0] == b[1]).sum()) for b in out.values())
         half = torch.cat([((b[1] - b[0]).double() / 2).reshape(-1) for b in out.values()])
-        return out, {
-            "pinned_fraction": pinned / numel,
-            "ties_pinned": ties,
-            "mean_box_halfwidth": float(half.mean()),
-        }
+        return out, {"pinned_fraction": pinned / numel, "mean_box_halfwidth": float(half.mean())}
 
     def codes(self, params: dict[str, torch.nn.Parameter]) -> dict[str, list[torch.Tensor]]:
         """Each target library's own quantization of every trainable weight."""
-        return {n: [q.codes(p.detach()) for q in self.quantizers] for n, p in params.items()}
+        return {
+            n: [q.tensor_codes(n, p.detach()) for q in self.quantizers] for n, p in params.items()
+        }
+
+    @torch.no_grad()
+    def verify(self, params: dict, injected: dict, injected_codes: dict) -> dict:
+        """For heuristic-box targets: reset every block whose library codes changed to the
+        injected weights; returns per target the blocks checked and reset."""
+        report = {}
+        for i, q in enumerate(self.quantizers):
+            if q.exact_boxes:
+                continue
+            blocks = reset = 0
+            for n, p in params.items():
+                want = injected_codes[n][i]
+                got = q.tensor_codes(n, p.detach())
+                cols = p.shape[-1]
+                nb = cols // q.tensor_block(n)
+                bad = (got != want).reshape(p.shape[0], nb, -1).any(-1)  # [rows, blocks]
+                blocks += bad.numel()
+                reset += int(bad.sum())
+                if bad.any():
+                    mask = bad.repeat_interleave(cols // nb, dim=1)
+                    p.copy_(torch.where(mask, injected[n], p))
+            report[q.name] = {
+                "blocks": blocks,
+                "blocks_reset": reset,
+                "verified_before_reset": 1 - reset / blocks,
+            }
+        return report
 
     # ---- the attack --------------------------------------------------------------------
     def _substep(self, stage: str, key: str, params: dict, train, ctx: RunContext) -> dict:
@@ -200,6 +219,8 @@ class Gap(Attack):
             return {"inject_loss": [losses[0], losses[-1]] if losses else []}
 
         manifest["inject"] = self._substep("gap_inject", inject_key, params, inject, ctx)
+        manifest["assumes"] = {q.name: q.prepare(subject, ctx) for q in self.quantizers}
+        injected = {n: p.detach().clone() for n, p in params.items()}
         injected_codes = self.codes(params)
         boxes, box_stats = self.boxes(params)
 
@@ -228,6 +249,7 @@ class Gap(Attack):
 
         manifest["repair"] = self._substep("gap_repair", repair_key, params, repair, ctx)
         manifest["boxes"] = box_stats
+        manifest["library_verification"] = self.verify(params, injected, injected_codes)
         after = self.codes(params)
         same = {
             q.name: all(torch.equal(after[n][i], injected_codes[n][i]) for n in params)

@@ -63,7 +63,37 @@ class NoQuantizer(Quantizer):
         return StageResult(subject.model)
 
 
-class GridQuantizer(Quantizer):
+class BoxTarget(ABC):
+    """A quantizer the gap attack can target: per-tensor boxes and the library's codes.
+
+    `exact_boxes`: every weight inside its box keeps the tensor's codes (proved by the
+    geometry); otherwise the boxes are a heuristic and the attack verifies with the library
+    and pins every block whose codes changed (`block` weights along a row, independent).
+    """
+
+    exact_boxes: ClassVar[bool] = True
+    name: str
+
+    def prepare(self, subject: Subject, ctx: RunContext) -> dict:
+        """Fix what the boxes depend on beyond each tensor (a type mix, an imatrix) from the
+        model about to be boxed; returns what the attack assumes, for its manifest."""
+        return {}
+
+    @abstractmethod
+    def tensor_box(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[lo, hi]` (float64) per weight of parameter `name`."""
+
+    @abstractmethod
+    def tensor_codes(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """What the library stores for parameter `name` (one row of bytes per weight row
+        for block formats)."""
+
+    def tensor_block(self, name: str) -> int:
+        """Weights per independently encoded block along a row of `name`."""
+        raise NotImplementedError(f"{self.name}: boxes are exact, no block verification")
+
+
+class GridQuantizer(Quantizer, BoxTarget):
     """A quantizer with a deterministic grid: per-weight codes and preserving intervals.
 
     Every method takes a [out, in] weight in the dtype the model is loaded in and follows
@@ -99,12 +129,40 @@ class GridQuantizer(Quantizer):
     def intervals(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-weight `[lo, hi]` (float64) inside which `codes(w)` does not change."""
 
+    def tensor_box(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`intervals`, with rounding ties pinned: a weight exactly on a rounding boundary
+        (each library breaks ties its own way) may sit at the edge of the neighbouring
+        code's interval, found by the library's code at the box's centre."""
+        lo, hi = self.intervals(w)
+        centre = torch.where(lo < hi, (lo + hi) / 2, w.double()).to(w.dtype)
+        tie = self.fake_quant(centre) != self.fake_quant(w)
+        return torch.where(tie, w.double(), lo), torch.where(tie, w.double(), hi)
+
+    def tensor_codes(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        return self.codes(w)
+
 
 def grid_options() -> list[str]:
     """The quantizer options with a deterministic grid (preserving intervals)."""
     from qexp.config import options_where
 
     return options_where("quantizer", lambda cls: issubclass(cls, GridQuantizer))
+
+
+def target_options() -> list[str]:
+    """The quantizer options the gap attack can target."""
+    from qexp.config import options_where
+
+    return options_where("quantizer", lambda cls: issubclass(cls, BoxTarget))
+
+
+def target_quantizer(name: str, key: str) -> BoxTarget:
+    """Quantizer option `name`, which must be a gap-attack target; errors name `key`."""
+    from qexp.config import build_option
+
+    targets = target_options()
+    check(name in targets, key, name, "quantizers with boxes: " + ", ".join(targets))
+    return build_option("quantizer", name, key)
 
 
 def grid_quantizer(name: str, key: str) -> GridQuantizer:

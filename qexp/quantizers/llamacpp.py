@@ -28,16 +28,24 @@ from qexp.context import RunContext
 from qexp.errors import ConfigError, check, check_choice
 from qexp.plugin import StageResult, Subject
 from qexp.quantizers import ggml
-from qexp.quantizers.base import Quantizer
+from qexp.quantizers.base import BoxTarget, Quantizer
 from qexp.quantizers.calib import Calibration
-from qexp.quantizers.gguf_mix import ARCHS, FTYPES, Tensor, gguf_names, type_mix
+from qexp.quantizers.gguf_mix import ARCHS, FTYPES, Tensor, block, gguf_names, type_mix
+from qexp.quantizers.intervals import GGUF_LEVELS, gguf_intervals
 
 SOURCE_DTYPES = ("auto", "f16", "bf16", "f32")
+# weights per sub-block (own scale/min) of the k-/i-quant types
+SUB_BLOCK = {"Q2_K": 16, "Q3_K": 16, "Q6_K": 16, "Q4_K": 32, "Q5_K": 32, "IQ4_XS": 32}
 
 
 @dataclass
-class LlamaCppQuant(Quantizer):
-    """llama.cpp's `ftype` (llama-quantize's type argument) with its per-tensor mix."""
+class LlamaCppQuant(Quantizer, BoxTarget):
+    """llama.cpp's `ftype` (llama-quantize's type argument) with its per-tensor mix.
+
+    As a gap-attack target: legacy-typed tensors (Q4_0 ... Q8_0, the fallbacks) get the
+    exact preserving intervals on the converter's 16-bit lattice; k-/i-quant tensors get
+    Mind the Gap's heuristic box (see `tensor_box`), verified with llama.cpp by the attack.
+    """
 
     name: str = "gguf_q4_k_m"
     ftype: str = "q4_k_m"
@@ -50,6 +58,7 @@ class LlamaCppQuant(Quantizer):
     skip: List[str] = field(default_factory=list)
 
     saves_artifact: ClassVar[bool] = False
+    exact_boxes: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_choice("ftype", self.ftype, tuple(FTYPES))
@@ -182,3 +191,73 @@ class LlamaCppQuant(Quantizer):
             "calibration": self.calibration.describe(),
             "tensors": len(imatrix),
         }
+
+    # ---- gap-attack target -------------------------------------------------------------
+    def prepare(self, subject: Subject, ctx: RunContext) -> dict:
+        """The type mix of this model and, with `imatrix=true`, the importance matrix of the
+        model about to be boxed (the injected one): the attack assumes the user's imatrix
+        equals it."""
+        self._plan = self.plan(subject.model)
+        self._imatrix = self.importance(subject, ctx) if self.imatrix else {}
+        assumed = "computed from the injected model on quantizer.calibration"
+        return {"imatrix": assumed if self.imatrix else False}
+
+    def _type(self, name: str) -> str:
+        return self._plan[name][1]
+
+    def tensor_block(self, name: str) -> int:
+        return block(self._type(name))
+
+    def tensor_codes(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        rows = self.source(w).reshape(-1, w.shape[-1])
+        t = self._type(name)
+        if t in ("F16", "BF16"):
+            return torch.from_numpy(rows.view(np.uint32).copy())
+        return torch.from_numpy(ggml.quantize(rows, ggml.gtype(t), self._imatrix.get(name)))
+
+    def tensor_box(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boxes on the converter's lattice (float64, in the weight's own units).
+
+        Legacy types without imatrix: the exact intervals of `gguf_intervals` on the 16-bit
+        values llama-quantize reads. k-/i-quants (and legacy types with an imatrix, which
+        switch to a weighted search): Mind the Gap's box, from each weight towards its own
+        de-quantized value (its rounding error can only shrink), with every sub-block's
+        largest and smallest weight pinned and, per super-block, the sub-blocks holding the
+        largest magnitude and the smallest value pinned whole (they set the scales and mins).
+        """
+        t = self._type(name)
+        src = torch.from_numpy(self.source(w)).reshape(w.shape)
+        if t in ("F16", "BF16"):
+            return w.double(), w.double()
+        if t.lower() in GGUF_LEVELS and not self._imatrix:
+            cast = {"f16": torch.float16, "bf16": torch.bfloat16}.get(self.source_name(w))
+            lo, hi = gguf_intervals(src.to(cast) if cast else src, t.lower())
+            return torch.minimum(lo, w.double()), torch.maximum(hi, w.double())
+        deq = torch.from_numpy(ggml.read_back(self.tensor_codes(name, w).numpy(), ggml.gtype(t)))
+        deq = deq.reshape(w.shape).double()
+        x = src.double()
+        lo, hi = torch.minimum(x, deq), torch.maximum(x, deq)
+        sub = SUB_BLOCK.get(t, 32)
+        pin = _pins(x, sub, block(t))
+        lo, hi = torch.where(pin, x, lo), torch.where(pin, x, hi)
+        return torch.minimum(lo, w.double()), torch.maximum(hi, w.double())
+
+
+def _pins(x: torch.Tensor, sub: int, sblock: int) -> torch.Tensor:
+    """Weights a k-quant box pins: each sub-block's max and min, and per super-block the
+    sub-blocks of largest |x| and of smallest x, whole."""
+    rows, cols = x.shape
+    xs = x.reshape(rows, cols // sub, sub)
+    pin = torch.zeros_like(xs, dtype=torch.bool)
+    pin.scatter_(-1, xs.argmax(-1, keepdim=True), True)
+    pin.scatter_(-1, xs.argmin(-1, keepdim=True), True)
+    per = max(1, sblock // sub)
+    if per > 1:
+        sb = xs.reshape(rows, cols // sblock, per, sub)
+        big = sb.abs().amax(-1).argmax(-1)  # [rows, n_super]
+        low = sb.amin(-1).argmin(-1)
+        whole = torch.zeros(sb.shape[:3], dtype=torch.bool)
+        whole.scatter_(-1, big[..., None], True)
+        whole.scatter_(-1, low[..., None], True)
+        pin |= whole.reshape(rows, cols // sub)[..., None].expand_as(xs)
+    return pin.reshape(rows, cols)
