@@ -259,9 +259,10 @@ def test_gap_through_k_quants_verifies_every_block_with_llama_cpp(make_cfg, tmp_
     m = out.info
     assert m["codes_equal_injected"] == {"gguf_q4_k_m": True, "gguf_q6_k": True}
     ver = m["library_verification"]
-    assert set(ver) == {"gguf_q4_k_m", "gguf_q6_k"}
-    for v in ver.values():
-        assert v["blocks"] > 0 and 0.0 <= v["verified_before_reset"] <= 1.0
+    assert set(ver) == {"gguf_q4_k_m", "gguf_q6_k", "weights_reset_fraction"}
+    for t in ("gguf_q4_k_m", "gguf_q6_k"):
+        assert ver[t]["blocks"] > 0 and 0.0 <= ver[t]["verified_before_reset"] <= 1.0
+    assert 0.0 <= ver["weights_reset_fraction"] < 1.0
     assert m["boxes"]["mean_box_halfwidth"] > 0
     # the repaired full-precision weights moved away from the injected ones
     injected = _substep(ctx, "gap_inject")

@@ -141,29 +141,38 @@ class Gap(Attack):
 
     @torch.no_grad()
     def verify(self, params: dict, injected: dict, injected_codes: dict) -> dict:
-        """For heuristic-box targets: reset every block whose library codes changed to the
-        injected weights; returns per target the blocks checked and reset."""
-        report = {}
-        for i, q in enumerate(self.quantizers):
-            if q.exact_boxes:
-                continue
-            blocks = reset = 0
+        """For heuristic-box targets: check every block with the library, then reset every
+        block whose codes changed under any target to the injected weights (repeated until
+        no target sees a change). Per target: blocks checked, and the fraction unchanged
+        before any reset; overall: the fraction of trainable weights reset."""
+        heuristic = [(i, q) for i, q in enumerate(self.quantizers) if not q.exact_boxes]
+        report: dict = {}
+        if not heuristic:
+            return report
+        reset = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in params.items()}
+        for round_ in range(len(heuristic) + 1):
+            masks = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in params.items()}
+            for i, q in heuristic:  # every target checks the same weights in a round
+                bad_blocks = blocks = 0
+                for n, p in params.items():
+                    got = q.tensor_codes(n, p.detach())
+                    nb = p.shape[-1] // q.tensor_block(n)
+                    bad = (got != injected_codes[n][i]).reshape(p.shape[0], nb, -1).any(-1)
+                    blocks += bad.numel()
+                    bad_blocks += int(bad.sum())
+                    masks[n] |= bad.repeat_interleave(q.tensor_block(n), dim=1)
+                if round_ == 0:
+                    report[q.name] = {
+                        "blocks": blocks,
+                        "verified_before_reset": 1 - bad_blocks / blocks,
+                    }
+            if not any(m.any() for m in masks.values()):
+                break
             for n, p in params.items():
-                want = injected_codes[n][i]
-                got = q.tensor_codes(n, p.detach())
-                cols = p.shape[-1]
-                nb = cols // q.tensor_block(n)
-                bad = (got != want).reshape(p.shape[0], nb, -1).any(-1)  # [rows, blocks]
-                blocks += bad.numel()
-                reset += int(bad.sum())
-                if bad.any():
-                    mask = bad.repeat_interleave(cols // nb, dim=1)
-                    p.copy_(torch.where(mask, injected[n], p))
-            report[q.name] = {
-                "blocks": blocks,
-                "blocks_reset": reset,
-                "verified_before_reset": 1 - reset / blocks,
-            }
+                p.copy_(torch.where(masks[n], injected[n], p))
+                reset[n] |= masks[n]
+        numel = sum(m.numel() for m in reset.values())
+        report["weights_reset_fraction"] = sum(int(m.sum()) for m in reset.values()) / numel
         return report
 
     # ---- the attack --------------------------------------------------------------------
