@@ -209,7 +209,9 @@ class LlamaCppQuant(Quantizer, BoxTarget):
         return block(self._type(name))
 
     def tensor_codes(self, name: str, w: torch.Tensor) -> torch.Tensor:
-        rows = self.source(w).reshape(-1, w.shape[-1])
+        return self._encode(name, self.source(w).reshape(-1, w.shape[-1]))
+
+    def _encode(self, name: str, rows: np.ndarray) -> torch.Tensor:
         t = self._type(name)
         if t in ("F16", "BF16"):
             return torch.from_numpy(rows.view(np.uint32).copy())
@@ -233,7 +235,8 @@ class LlamaCppQuant(Quantizer, BoxTarget):
             cast = {"f16": torch.float16, "bf16": torch.bfloat16}.get(self.source_name(w))
             lo, hi = gguf_intervals(src.to(cast) if cast else src, t.lower())
             return torch.minimum(lo, w.double()), torch.maximum(hi, w.double())
-        deq = torch.from_numpy(ggml.read_back(self.tensor_codes(name, w).numpy(), ggml.gtype(t)))
+        codes = self._encode(name, src.numpy().reshape(-1, w.shape[-1]))
+        deq = torch.from_numpy(ggml.read_back(codes.numpy(), ggml.gtype(t)))
         deq = deq.reshape(w.shape).double()
         x = src.double()
         lo, hi = torch.minimum(x, deq), torch.maximum(x, deq)
