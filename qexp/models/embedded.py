@@ -5,11 +5,17 @@ its GGUF file is de-quantized by transformers once and kept as a safetensors che
 under `cache_dir/models/` (keyed by the file's sha256, written with the stage cache's lock
 and atomic rename; it exists with `cache=off` too, since every load reads it). The weights
 sit on the Q4_1 grid of that file.
+
+transformers' GGUF loader gives byte-level (GPT-2 type) vocabularies llama's byte-fallback
+decoder; the saved tokenizer gets the byte-level decoder back (encoding is unchanged), so
+that llama.cpp's converter recognises it as the original checkpoint's (`tokenizer.ggml.model
+gpt2`, pre-tokenizer `smollm`) when `save_quantized=true` writes a GGUF file.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +64,27 @@ def convert_gguf(gguf: Path, out: Path, eos_token: str, pad_token: str) -> None:
         with atomic_dir(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
+            byte_level_decoder(tmp / "tokenizer.json")
+
+
+def byte_level_decoder(path: Path) -> None:
+    """Give a byte-level BPE tokenizer.json the byte-level decoder (no byte fallback)."""
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if not any(p.get("type") == "ByteLevel" for p in parts):
+        return
+    spec["model"]["byte_fallback"] = False  # every byte is a token: fallback cannot fire
+    spec["decoder"] = {
+        "type": "ByteLevel",
+        "add_prefix_space": True,
+        "trim_offsets": True,
+        "use_regex": True,
+    }
+    path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")  # in atomic_dir
+
+
+CONVERSION = "t2"  # bumped when the converted checkpoint changes (t2: byte-level decoder)
 
 
 @dataclass
@@ -75,7 +102,7 @@ class EmbeddedGGUFModel(ModelSource):
 
     def checkpoint_dir(self, ctx: RunContext) -> Path:
         """The converted safetensors directory (created on first use)."""
-        out = ctx.cache_dir / "models" / f"{self.name}-{file_digest(self.path)}"
+        out = ctx.cache_dir / "models" / f"{self.name}-{file_digest(self.path)}-{CONVERSION}"
         if not (out / "config.json").exists():
             convert_gguf(self.path, out, self.eos_token, self.pad_token)
         return out

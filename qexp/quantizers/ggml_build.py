@@ -3,8 +3,10 @@
 `qexp-build-ggml` (run by `make setup`) downloads the pinned llama-cpp-python sdist from
 PyPI, checks its sha256, unpacks only the vendored `ggml/` tree and builds the one shared
 library that holds every GGUF quantizer (`ggml_quantize_chunk`), about a minute on two
-cores. `pip install 'qexp[llamacpp]'` (the whole llama-cpp-python package, a 15-30 min
-build) gives the same library; either is found by `qexp.quantizers.ggml`.
+cores. It also installs the same release's HF -> GGUF converter (`convert_hf_to_gguf.py`,
+its `conversion/` package and `gguf-py`), which `save_quantized=true` runs to write a .gguf
+file llama.cpp loads. `pip install 'qexp[llamacpp]'` (the whole llama-cpp-python package,
+a 15-30 min build) gives the same library; either is found by `qexp.quantizers.ggml`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ CMAKE_FLAGS = [
     "-DGIT_EXE=/bin/true",  # the sources are no git checkout: never ask an enclosing repo
 ]
 INFO = "build.json"  # next to the library: what it was built from
+CONVERTER = "convert"  # the converter's directory next to the library
+PREFIX = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE")
 LOG = console("qexp-build-ggml")
 
 
@@ -75,52 +80,82 @@ def download(dest: Path) -> Path:
     return path
 
 
-def unpack_ggml(sdist: Path, dest: Path) -> Path:
-    """Extract only vendor/llama.cpp/ggml (and the licence) from the sdist."""
-    prefix = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
+def converter_dir(out: Path | None = None) -> Path:
+    """Where the converter is installed (holds convert_hf_to_gguf.py and gguf-py/)."""
+    return (out or default_dir()) / CONVERTER
+
+
+def _extract(sdist: Path, dest: Path, paths: tuple[str, ...]) -> Path:
+    """Extract the vendored llama.cpp files under `paths` into dest; returns their root."""
     with tarfile.open(sdist) as tar:
         members = [
-            m
-            for m in tar.getmembers()
-            if m.name.startswith(prefix + "ggml/") or m.name == prefix + "LICENSE"
+            m for m in tar.getmembers() if m.name.startswith(tuple(PREFIX + p for p in paths))
         ]
         tar.extractall(dest, members=members, filter="data")
-    src = dest / prefix / "ggml"
+    return dest / PREFIX
+
+
+def unpack_ggml(sdist: Path, dest: Path) -> Path:
+    """Extract only vendor/llama.cpp/ggml (and the licence) from the sdist."""
+    src = _extract(sdist, dest, ("ggml/", "LICENSE")) / "ggml"
     # the sdist leaves out ggml.pc.in, which ggml's CMakeLists configures unconditionally
     (src / "ggml.pc.in").touch()
     return src
 
 
-def build(out: Path, keep: Path | None = None) -> Path:
-    """Download, build and install libggml-base into `out`; returns the library path."""
-    for tool in ("cmake", "c++"):
+def install_converter(sdist: Path, out: Path) -> Path:
+    """Install the sdist's convert_hf_to_gguf.py, conversion/ and gguf-py/ into `out`."""
+    dest = converter_dir(out)
+    with tempfile.TemporaryDirectory(prefix="qexp-convert-", dir=out) as tmp:
+        root = _extract(sdist, Path(tmp), CONVERTER_FILES)
+        staged = Path(tmp) / "staged"
+        staged.mkdir()
+        for name in ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE"):
+            (root / name).rename(staged / name)
+        if dest.exists():
+            shutil.rmtree(dest)
+        staged.rename(dest)
+    return dest
+
+
+def build(out: Path, keep: Path | None = None, library: bool = True) -> Path:
+    """Download the sdist, build and install libggml-base into `out` (unless `library` is
+    false) and install the converter; returns the install directory."""
+    for tool in ("cmake", "c++") if library else ():
         if shutil.which(tool) is None:
             raise SystemExit(f"qexp-build-ggml: needs cmake and a C++ compiler; `{tool}` not found")
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="qexp-ggml-") as tmp:
         work = Path(tmp)
         sdist = download(keep or work)
-        src = unpack_ggml(sdist, work)
-        bdir = work / "build"
-        gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-        jobs = str(os.cpu_count() or 1)
-        LOG.info("building libggml-base (llama.cpp %s) ...", COMMIT)
-        for cmd in (
-            ["cmake", "-S", str(src), "-B", str(bdir), *gen, *CMAKE_FLAGS],
-            ["cmake", "--build", str(bdir), "-j", jobs, "--target", "ggml-base"],
-        ):
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode:
-                sys.stderr.write(r.stdout[-4000:] + r.stderr[-4000:])
-                raise SystemExit(f"qexp-build-ggml: `{' '.join(cmd[:3])} ...` failed")
-        lib = next(p for p in bdir.rglob("libggml-base.so*") if not p.is_symlink())
-        out.mkdir(parents=True, exist_ok=True)
-        staged = out / ".libggml-base.so.tmp"
-        shutil.copy2(lib, staged)
-        shutil.copy2(src.parent / "LICENSE", out / "LICENSE")
-        info = {"package": f"{PACKAGE} {VERSION}", "sha256": SHA256, "commit": COMMIT}
-        (out / INFO).write_text(json.dumps(info, indent=1) + "\n")
-        staged.replace(out / "libggml-base.so")
-    return out / "libggml-base.so"
+        LOG.info("installing llama.cpp's converter (convert_hf_to_gguf.py)")
+        install_converter(sdist, out)
+        if library:
+            _build_library(sdist, work, out)
+    return out
+
+
+def _build_library(sdist: Path, work: Path, out: Path) -> None:
+    src = unpack_ggml(sdist, work)
+    bdir = work / "build"
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    jobs = str(os.cpu_count() or 1)
+    LOG.info("building libggml-base (llama.cpp %s) ...", COMMIT)
+    for cmd in (
+        ["cmake", "-S", str(src), "-B", str(bdir), *gen, *CMAKE_FLAGS],
+        ["cmake", "--build", str(bdir), "-j", jobs, "--target", "ggml-base"],
+    ):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            sys.stderr.write(r.stdout[-4000:] + r.stderr[-4000:])
+            raise SystemExit(f"qexp-build-ggml: `{' '.join(cmd[:3])} ...` failed")
+    lib = next(p for p in bdir.rglob("libggml-base.so*") if not p.is_symlink())
+    staged = out / ".libggml-base.so.tmp"
+    shutil.copy2(lib, staged)
+    shutil.copy2(src.parent / "LICENSE", out / "LICENSE")
+    info = {"package": f"{PACKAGE} {VERSION}", "sha256": SHA256, "commit": COMMIT}
+    (out / INFO).write_text(json.dumps(info, indent=1) + "\n")
+    staged.replace(out / "libggml-base.so")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,12 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="rebuild even if already installed")
     args = p.parse_args(argv)
     lib = args.out / "libggml-base.so"
-    if lib.exists() and not args.force:
-        LOG.info("libggml-base already built: %s", lib)
+    have_lib = lib.exists() and not args.force
+    if have_lib and (converter_dir(args.out) / "convert_hf_to_gguf.py").exists():
+        LOG.info("libggml-base and the converter already installed: %s", args.out)
         return 0
     if args.keep_sdist:
         args.keep_sdist.mkdir(parents=True, exist_ok=True)
-    LOG.info("installed %s", build(args.out, args.keep_sdist))
+    LOG.info("installed %s", build(args.out, args.keep_sdist, library=not have_lib))
     return 0
 
 

@@ -11,12 +11,18 @@ read back de-quantized into the model. Rows are quantized independently, so HF's
 `imatrix=true` computes the importance matrix as `llama-imatrix` does: for every linear
 layer but the output head, the mean over calibration tokens of each input column's squared
 activation, from the model being quantized.
+
+`save_quantized=true` writes `quantized/<branch>/model-<FTYPE>.gguf` through llama.cpp's
+converter (qexp/quantizers/gguf_file.py) and checks that it holds the evaluated weights.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, List
 
 import numpy as np
@@ -27,7 +33,7 @@ from tqdm.auto import tqdm
 from qexp.context import RunContext
 from qexp.errors import ConfigError, check, check_choice
 from qexp.plugin import StageResult, Subject
-from qexp.quantizers import ggml
+from qexp.quantizers import ggml, gguf_file
 from qexp.quantizers.base import BoxTarget, Quantizer
 from qexp.quantizers.calib import Calibration
 from qexp.quantizers.gguf_mix import ARCHS, FTYPES, Tensor, block, gguf_names, type_mix
@@ -57,7 +63,7 @@ class LlamaCppQuant(Quantizer, BoxTarget):
     # llama.cpp picks the tensors itself (every 2-D weight but norms, the head included)
     skip: List[str] = field(default_factory=list)
 
-    saves_artifact: ClassVar[bool] = False
+    saves_artifact: ClassVar[bool] = True
     exact_boxes: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -151,6 +157,24 @@ class LlamaCppQuant(Quantizer, BoxTarget):
         model = subject.model
         plan = self.plan(model)
         imatrix = self.importance(subject, ctx) if self.imatrix else {}
+        with ExitStack() as stack:
+            f16 = None
+            if ctx.save_quantized:  # first: the converter reads the weights before quantization
+                outtype = self.source_name(dict(model.named_parameters())[next(iter(plan))])
+                where = ctx.run_dir / "quantized"
+                f16 = stack.enter_context(gguf_file.converted(subject, where, outtype))
+            info = self._quantize(model, plan, imatrix, ctx)
+            if f16 is not None:
+                info.update(self._save(f16, subject, plan, imatrix, ctx))
+        return StageResult(model, info)
+
+    def _quantize(
+        self,
+        model: nn.Module,
+        plan: dict[str, tuple[str, str]],
+        imatrix: dict[str, np.ndarray],
+        ctx: RunContext,
+    ) -> dict:
         params = dict(model.named_parameters())
         types: dict[str, str] = {}
         nbytes = nweights = 0
@@ -170,7 +194,7 @@ class LlamaCppQuant(Quantizer, BoxTarget):
             nbytes += size
             nweights += rows.size
         v = ggml.version()
-        info = {
+        return {
             "library": "llama.cpp",
             "version": f"ggml {v['ggml']}, commit {v['commit']}",
             "ftype": self.ftype.upper(),
@@ -180,7 +204,42 @@ class LlamaCppQuant(Quantizer, BoxTarget):
             "bits_per_weight": round(8 * nbytes / nweights, 4),
             "tensor_types": types,
         }
-        return StageResult(model, info)
+
+    def _save(
+        self,
+        f16: Path,
+        subject: Subject,
+        plan: dict[str, tuple[str, str]],
+        imatrix: dict[str, np.ndarray],
+        ctx: RunContext,
+    ) -> dict:
+        """Encode the converter's file `f16` with this type mix, as llama-quantize does, and
+        check the result against the quantized model."""
+        out = ctx.run_dir / "quantized" / subject.branch / f"model-{self.ftype.upper()}.gguf"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {}
+        if imatrix:  # the keys llama-quantize adds for an imatrix
+            meta = {
+                # llama-quantize keeps 127 characters; no imatrix file exists to name
+                "quantize.imatrix.dataset": json.dumps(self.calibration.describe())[:127],
+                "quantize.imatrix.entries_count": len(imatrix),
+                "quantize.imatrix.chunks_count": self.calibration.samples,
+            }
+        gguf_file.requantize(
+            f16,
+            out,
+            {g: t for g, t in plan.values()},
+            {plan[n][0]: m for n, m in imatrix.items() if n in plan},
+            self.ftype,
+            meta,
+            ctx.progress,
+        )
+        params = dict(subject.model.named_parameters())
+        checked = gguf_file.check_file(out, {g: params[n] for n, (g, _) in plan.items()})
+        return {
+            "artifact": str(out.relative_to(ctx.run_dir)),
+            "artifact_check": f"{checked} tensors de-quantize to the evaluated weights",
+        }
 
     def _imatrix_info(self, imatrix: dict[str, np.ndarray]) -> Any:
         if not self.imatrix:
