@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -35,6 +40,51 @@ CLI_TINY = [
     "benchmark.max_new_tokens=4",
     "progress=false",
 ]
+
+# `qexp`'s entry point (qexp.app.main) on each argv in turn, in one fresh interpreter: what a
+# user's command does, without paying the interpreter's start-up (torch, transformers) per case.
+_BATCH = """
+import contextlib, io, json, sys, traceback
+from hydra.core.global_hydra import GlobalHydra
+from qexp.app import main
+cases, dest, out = sys.argv[1], sys.argv[2], []
+for argv in json.load(open(cases)):
+    so, se, code = io.StringIO(), io.StringIO(), 0
+    sys.argv = ["qexp", *argv]
+    with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    GlobalHydra.instance().clear()
+    out.append({"returncode": code, "stdout": so.getvalue(), "stderr": se.getvalue()})
+json.dump(out, open(dest, "w"))
+"""
+
+
+def qexp_batch(cases: list[list[str]], tmp: Path, cache_dir: Path, env=None) -> list:
+    """Results (returncode, stdout, stderr) of `qexp <argv>` for every argv of `cases`."""
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    full = {
+        **os.environ,
+        "QEXP_CACHE_DIR": str(cache_dir),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        **(env or {}),
+    }
+    p = subprocess.run(
+        [sys.executable, "-c", _BATCH, str(tmp / "cases.json"), str(tmp / "out.json")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=full,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return [SimpleNamespace(**r) for r in json.loads((tmp / "out.json").read_text())]
 
 
 @pytest.fixture(scope="session")

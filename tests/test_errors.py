@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CLI_TINY, ROOT
+from tests.conftest import CLI_TINY, ROOT, qexp_batch
 
 pytestmark = pytest.mark.slow
 TINY = [*CLI_TINY, "similarity.enabled=false", "conditions=[original,original_q]"]
@@ -104,65 +104,73 @@ def test_a_complete_result_is_never_overwritten(tmp_path, cache_dir):
     assert (run_dir / "results.json").read_bytes() == before
 
 
+BAD_INPUTS = [
+    ("device=cuda", ["device='cuda'", "no CUDA GPU"]),
+    ("device=cuda:abc", ["device='cuda:abc'", "cuda:N"]),
+    ("quantizer=gptq5", ["quantizer='gptq5'", "gptq4", "rtn4"]),
+    ("attack.kappaa=3", ["attack.kappaa", "+attack.kappaa"]),
+    ("attack=encrypt attack.kappaa=3", ["attack.kappaa", "kappa_one_layers"]),
+    ("attack=gap attack.targets=[gptq4]", ["attack.targets='gptq4'", "bnb_nf4"]),
+    ("attack=encrypt attack.band=[0,5]", ["attack.band", "2 layers"]),
+    ("similarity.enabled=true similarity.encoder=/nonexistent", ["similarity.encoder"]),
+    ("benchmark.source=hub", ["benchmark.hub_id", "ChilleD/SVAMP"]),
+    ("model=llama8b", ["DeepSeek-R1-Distill-Llama-8B", "not in the cache", "hf download"]),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory, cache_dir):
+    """Every BAD_INPUTS command, run by qexp's entry point in one interpreter."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    cases = [
+        [*TINY, *override.split(), f"hydra.run.dir={root / str(i)}"]
+        for i, (override, _) in enumerate(BAD_INPUTS)
+    ]
+    env = {"HF_HUB_CACHE": str(root / "empty-hub-cache")}
+    return root, qexp_batch(cases, root, cache_dir, env)
+
+
+@pytest.mark.parametrize(("i", "override", "needles"), [(i, *c) for i, c in enumerate(BAD_INPUTS)])
+def test_bad_inputs_are_one_line_before_any_model_loads(bad_input_runs, i, override, needles):
+    root, runs = bad_input_runs
+    one_line_error(runs[i], *needles)
+    assert not (root / str(i) / "results.json").exists()  # refused before the pipeline started
+
+
+BAD_FILES = {
+    "empty.json": "[]",
+    "text_answer.json": json.dumps([{"Body": "b", "Question": "q?", "Answer": "seven"}]),
+    "broken.jsonl": '{"Body": "a", "Question": "q", "Answer": 1}\n'
+    '{"Body": "b", "Question": "q", "Answer": 2}\n{"Body": oops}\n',
+    "instruct_fields.jsonl": json.dumps({"instruction": "x", "clean": "y"}) + "\n",
+}
+BAD_FILE_CASES = [
+    ("empty.json", [], ["benchmark.path", "at least one row"]),
+    ("text_answer.json", [], ["text_answer.json[0]", "numeric Answer"]),
+    ("broken.jsonl", [], ["broken.jsonl:3"]),
+    ("instruct_fields.jsonl", ["benchmark=instruct"], ["instruct_fields.jsonl:1", "missing"]),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_file_runs(tmp_path_factory, cache_dir):
+    root = tmp_path_factory.mktemp("bad-files")
+    for name, text in BAD_FILES.items():
+        (root / name).write_text(text)
+    cases = [
+        [*TINY, *extra, f"benchmark.path={root / name}", f"hydra.run.dir={root / str(i)}"]
+        for i, (name, extra, _) in enumerate(BAD_FILE_CASES)
+    ]
+    return root, qexp_batch(cases, root, cache_dir)
+
+
 @pytest.mark.parametrize(
-    ("override", "needles"),
-    [
-        ("device=cuda", ["device='cuda'", "no CUDA GPU"]),
-        ("device=cuda:abc", ["device='cuda:abc'", "cuda:N"]),
-        ("quantizer=gptq5", ["quantizer='gptq5'", "gptq4", "rtn4"]),
-        ("attack.kappaa=3", ["attack.kappaa", "+attack.kappaa"]),
-        ("attack=encrypt attack.kappaa=3", ["attack.kappaa", "kappa_one_layers"]),
-        ("attack=gap attack.targets=[gptq4]", ["attack.targets='gptq4'", "bnb_nf4"]),
-        ("attack=encrypt attack.band=[0,5]", ["attack.band", "2 layers"]),
-        ("similarity.enabled=true similarity.encoder=/nonexistent", ["similarity.encoder"]),
-        ("benchmark.source=hub", ["benchmark.hub_id", "ChilleD/SVAMP"]),
-        ("model=llama8b", ["DeepSeek-R1-Distill-Llama-8B", "not in the cache", "hf download"]),
-    ],
+    ("i", "name", "needles"), [(i, n, nd) for i, (n, _, nd) in enumerate(BAD_FILE_CASES)]
 )
-def test_bad_inputs_are_one_line_before_any_model_loads(tmp_path, cache_dir, override, needles):
-    run_dir = tmp_path / "run"
-    env = {"HF_HUB_CACHE": str(tmp_path / "empty-hub-cache")}
-    p = cli(*TINY, *override.split(), f"hydra.run.dir={run_dir}", cache_dir=cache_dir, env=env)
-    one_line_error(p, *needles)
-    assert not (run_dir / "results.json").exists()  # refused before the pipeline started
-
-
-@pytest.fixture
-def bad_files(tmp_path) -> dict[str, Path]:
-    files = {
-        "empty.json": "[]",
-        "text_answer.json": json.dumps([{"Body": "b", "Question": "q?", "Answer": "seven"}]),
-        "broken.jsonl": '{"Body": "a", "Question": "q", "Answer": 1}\n'
-        '{"Body": "b", "Question": "q", "Answer": 2}\n{"Body": oops}\n',
-        "instruct_fields.jsonl": json.dumps({"instruction": "x", "clean": "y"}) + "\n",
-    }
-    for name, text in files.items():
-        (tmp_path / name).write_text(text)
-    return {k: tmp_path / k for k in files}
-
-
-@pytest.mark.parametrize(
-    ("name", "extra", "needles"),
-    [
-        ("empty.json", [], ["benchmark.path", "at least one row"]),
-        ("text_answer.json", [], ["text_answer.json[0]", "numeric Answer"]),
-        ("broken.jsonl", [], ["broken.jsonl:3"]),
-        ("instruct_fields.jsonl", ["benchmark=instruct"], ["instruct_fields.jsonl:1", "missing"]),
-    ],
-)
-def test_bad_benchmark_files_fail_at_validation(
-    tmp_path, cache_dir, bad_files, name, extra, needles
-):
-    run_dir = tmp_path / "run"
-    p = cli(
-        *TINY,
-        *extra,
-        f"benchmark.path={bad_files[name]}",
-        f"hydra.run.dir={run_dir}",
-        cache_dir=cache_dir,
-    )
-    one_line_error(p, *needles)
-    assert not (run_dir / "results.json").exists()
+def test_bad_benchmark_files_fail_at_validation(bad_file_runs, i, name, needles):
+    root, runs = bad_file_runs
+    one_line_error(runs[i], *needles)
+    assert not (root / str(i) / "results.json").exists()
 
 
 def tiny_checkpoint(path: Path, model_type: str, **kw) -> Path:

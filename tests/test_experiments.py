@@ -83,3 +83,6 @@ def test_experiment_sweep_runs(name, tmp_path, cache_dir):
         assert body["status"] == "complete", (d.name, body.get("error"))
         assert set(body["conditions"]) == set(body["config"]["conditions"])
         assert body["config"]["model"]["name"] == "tiny_llama"
+        if name.startswith("encrypt_"):  # a reparameterization: the function is kept
+            assert body["config"]["attack"]["name"] == "encrypt"
+            assert body["function_preservation"]["max_abs_logit_diff_fp32"] < 1e-3

