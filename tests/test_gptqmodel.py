@@ -123,3 +123,14 @@ def test_bad_quantizer_configs_fail_before_loading(make_cfg, overrides, key):
     with pytest.raises(ConfigError) as e:
         validate(make_cfg(*overrides))
     assert key in str(e.value)
+
+
+def test_awq_refuses_a_group_that_splits_a_row():
+    from qexp.quantizers import GPTQModelQuant
+
+    q = GPTQModelQuant(name="awq4", method="awq", group_size=128)
+    with pytest.raises(
+        ConfigError, match=r"group_size=128 .*\[576, 1536\] for AWQ: one of \[32, 64\] or -1"
+    ):
+        q.check_widths([576, 1536])
+    GPTQModelQuant(name="gptq4", method="gptq", group_size=128).check_widths([576, 1536])  # pads

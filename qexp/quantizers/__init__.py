@@ -4,6 +4,7 @@ from qexp.quantizers.base import GridQuantizer, NoQuantizer, Quantizer
 from qexp.quantizers.bnb import BitsAndBytes
 from qexp.quantizers.gguf import GGUFQuant
 from qexp.quantizers.gptqmodel import GPTQModelQuant
+from qexp.quantizers.hqq import HQQQuant
 from qexp.quantizers.llamacpp import LlamaCppQuant
 from qexp.quantizers.llmcompressor import LLMCompressorQuant
 from qexp.quantizers.rtn import RTN, rtn_fake_quant
@@ -14,6 +15,7 @@ __all__ = [
     "GGUFQuant",
     "GPTQModelQuant",
     "GridQuantizer",
+    "HQQQuant",
     "LlamaCppQuant",
     "LLMCompressorQuant",
     "NoQuantizer",

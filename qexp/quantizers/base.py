@@ -12,7 +12,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from qexp.context import RunContext
-from qexp.errors import check
+from qexp.errors import ConfigError, check
 from qexp.models.geometry import linear_shapes
 from qexp.plugin import Plugin, StageResult, Subject
 
@@ -193,6 +193,20 @@ def config_widths(config: Any) -> list[int] | None:
     """Input widths of the decoder linears, from config.json (None if it lacks the keys)."""
     shapes = linear_shapes(config)
     return None if shapes is None else sorted({i for _, i in shapes.values()})
+
+
+def require_group_fit(
+    widths: Sequence[int], group_size: int, who: str, per_channel: bool, why: str = ""
+) -> None:
+    """ConfigError naming `quantizer.group_size` unless it divides every input width."""
+    bad, ok = group_fit(widths, group_size)
+    if bad:
+        alts = f"one of {ok or [-1]}" + (" or -1" if per_channel else "")
+        raise ConfigError(
+            "quantizer.group_size",
+            group_size,
+            f"a divisor of every input width {list(widths)} for {who}: {alts}{why}",
+        )
 
 
 def group_fit(widths: Sequence[int], group_size: int) -> tuple[list[int], list[int]]:

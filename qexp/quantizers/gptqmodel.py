@@ -32,7 +32,7 @@ from qexp.context import RunContext, available_cores
 from qexp.errors import ConfigError, check, check_choice
 from qexp.io import atomic_dir, atomic_write_text
 from qexp.plugin import StageResult, Subject
-from qexp.quantizers.base import GROUP_SIZES, Quantizer, group_fit, model_widths
+from qexp.quantizers.base import GROUP_SIZES, Quantizer, model_widths, require_group_fit
 from qexp.quantizers.calib import Calibration
 from qexp.quantizers.readback import copy_checked, copy_rest, relative_error
 
@@ -149,13 +149,7 @@ class GPTQModelQuant(Quantizer):
         """AWQ needs every in_features to be a multiple of the group (GPTQ pads, AWQ refuses)."""
         if self.method != "awq" or self.group_size == -1:
             return
-        bad, ok = group_fit(widths, self.group_size)
-        if bad:
-            raise ConfigError(
-                "quantizer.group_size",
-                self.group_size,
-                f"a divisor of every input width {widths} for AWQ: one of {ok or [-1]} or -1",
-            )
+        require_group_fit(widths, self.group_size, "AWQ", per_channel=True)
 
     @staticmethod
     @contextlib.contextmanager

@@ -37,7 +37,7 @@ from qexp.context import RunContext
 from qexp.errors import ConfigError, check, check_choice
 from qexp.io import atomic_dir, atomic_write_text
 from qexp.plugin import StageResult, Subject
-from qexp.quantizers.base import GROUP_SIZES, Quantizer, group_fit, model_widths
+from qexp.quantizers.base import GROUP_SIZES, Quantizer, model_widths, require_group_fit
 from qexp.quantizers.calib import Calibration
 from qexp.quantizers.readback import copy_checked, copy_rest, relative_error
 
@@ -189,15 +189,8 @@ class LLMCompressorQuant(Quantizer):
         """llm-compressor refuses a group that does not divide a layer's input width."""
         if self.group_size == -1:
             return
-        bad, ok = group_fit(widths, self.group_size)
-        if bad:
-            raise ConfigError(
-                "quantizer.group_size",
-                self.group_size,
-                f"a divisor of every quantized layer's input width {widths} (llm-compressor "
-                f"refuses groups that split a row; {bad} do not divide): one of {ok} or -1 "
-                "(per channel); SmolLM2-135M (width 576) needs 64",
-            )
+        why = " (llm-compressor refuses groups that split a row; SmolLM2-135M needs 64)"
+        require_group_fit(widths, self.group_size, "llm-compressor", per_channel=True, why=why)
 
     @staticmethod
     @contextlib.contextmanager
