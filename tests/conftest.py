@@ -65,16 +65,38 @@ json.dump(out, open(dest, "w"))
 """
 
 
-def qexp_batch(cases: list[list[str]], tmp: Path, cache_dir: Path, env=None) -> list:
-    """Results (returncode, stdout, stderr) of `qexp <argv>` for every argv of `cases`."""
-    (tmp / "cases.json").write_text(json.dumps(cases))
-    full = {
+def cli_env(cache_dir: Path, extra: dict | None = None) -> dict:
+    """The environment of a qexp command in the tests: its cache, offline (never the hub)."""
+    return {
         **os.environ,
         "QEXP_CACHE_DIR": str(cache_dir),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
-        **(env or {}),
+        **(extra or {}),
     }
+
+
+def embedded_first_last(cache_dir: Path, run_dir: Path):
+    """The embedded model (real weights and tokenizer) cut to its first and last decoder
+    layers."""
+
+    def make_cfg(*overrides):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose("config", [f"cache_dir={cache_dir}", "logger=none", *overrides])
+
+    _, _, lm = load_spec(make_cfg, run_dir)
+    layers = lm.model.model.layers
+    lm.model.model.layers = torch.nn.ModuleList([layers[0], layers[-1]])
+    lm.model.config.num_hidden_layers = 2
+    if getattr(lm.model.config, "layer_types", None):
+        lm.model.config.layer_types = lm.model.config.layer_types[:2]
+    return lm
+
+
+def qexp_batch(cases: list[list[str]], tmp: Path, cache_dir: Path, env=None) -> list:
+    """Results (returncode, stdout, stderr) of `qexp <argv>` for every argv of `cases`."""
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    full = cli_env(cache_dir, env)
     p = subprocess.run(
         [sys.executable, "-c", _BATCH, str(tmp / "cases.json"), str(tmp / "out.json")],
         capture_output=True,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CLI_TINY, ROOT, qexp_batch
+from tests.conftest import CLI_TINY, ROOT, cli_env, qexp_batch
 
 pytestmark = pytest.mark.slow
 TINY = [*CLI_TINY, "similarity.enabled=false", "conditions=[original,original_q]"]
@@ -23,13 +23,7 @@ NOISE = ("torchao", "_pytree", "Traceback")
 
 def cli(*args, cache_dir, env=None, module="qexp", timeout=300):
     """Run a qexp command the way a user does (offline: the tests never use the hub)."""
-    full = {
-        **os.environ,
-        "QEXP_CACHE_DIR": str(cache_dir),
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        **(env or {}),
-    }
+    full = cli_env(cache_dir, env)
     t0 = time.perf_counter()
     p = subprocess.run(
         [sys.executable, "-m", module, *args],

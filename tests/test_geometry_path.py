@@ -12,7 +12,7 @@ import torch
 
 from qexp.quantizers import RTN, BitsAndBytes, GGUFQuant
 from qexp.quantizers.intervals import lattice_step
-from tests.conftest import load_spec, subject
+from tests.conftest import embedded_first_last, subject
 
 pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.slow
@@ -25,20 +25,7 @@ def two_layers(tmp_path_factory, cache_dir):
     """The embedded model cut to its first and last decoder layers (real weights) and its
     first 512 vocabulary rows (embeddings are not quantized; a small checkpoint saves and
     reloads fast)."""
-    from hydra import compose, initialize_config_dir
-
-    from tests.conftest import CONF
-
-    def make_cfg(*overrides):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose("config", [f"cache_dir={cache_dir}", "logger=none", *overrides])
-
-    _, _, lm = load_spec(make_cfg, tmp_path_factory.mktemp("load"))
-    layers = lm.model.model.layers
-    lm.model.model.layers = torch.nn.ModuleList([layers[0], layers[-1]])
-    lm.model.config.num_hidden_layers = 2
-    if getattr(lm.model.config, "layer_types", None):
-        lm.model.config.layer_types = lm.model.config.layer_types[:2]
+    lm = embedded_first_last(cache_dir, tmp_path_factory.mktemp("load"))
     lm.model.resize_token_embeddings(512)
     return lm
 

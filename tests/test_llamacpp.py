@@ -14,7 +14,7 @@ from qexp.errors import ConfigError
 from qexp.quantizers import LlamaCppQuant, ggml, gguf_file
 from qexp.quantizers.gguf_mix import Tensor, type_mix
 from qexp.run import run
-from tests.conftest import load_spec, subject
+from tests.conftest import embedded_first_last, load_spec, subject
 
 # a tiny llama whose widths are multiples of 256, so k-/i-quants apply without fallback
 WIDE = ["model.hidden_size=256", "model.intermediate_size=512", "model.head_dim=64"]
@@ -290,21 +290,7 @@ def _substep(ctx, stage: str) -> dict:
 def two_layer_embedded(cache_dir, tmp_path_factory):
     """The embedded model (real tokenizer, which llama.cpp's converter recognises) cut to
     its first and last decoder layers."""
-    from hydra import compose, initialize_config_dir
-
-    from tests.conftest import CONF
-
-    def make_cfg(*overrides):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose("config", [f"cache_dir={cache_dir}", "logger=none", *overrides])
-
-    _, _, lm = load_spec(make_cfg, tmp_path_factory.mktemp("load"))
-    layers = lm.model.model.layers
-    lm.model.model.layers = torch.nn.ModuleList([layers[0], layers[-1]])
-    lm.model.config.num_hidden_layers = 2
-    if getattr(lm.model.config, "layer_types", None):
-        lm.model.config.layer_types = lm.model.config.layer_types[:2]
-    return lm
+    return embedded_first_last(cache_dir, tmp_path_factory.mktemp("load"))
 
 
 @pytest.mark.slow
