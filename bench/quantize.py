@@ -25,6 +25,9 @@ EMBEDDED_OVERRIDES = {
     "awq4": ["quantizer.group_size=64"],
     "awq4_llmc": ["quantizer.group_size=64"],
     "gptq4_llmc": ["quantizer.group_size=64"],
+    # AutoRound's default 200 steps take ~45 min on 2 cores; its "light" setting
+    "autoround4": ["quantizer.iters=50"],
+    "autoround8": ["quantizer.iters=50"],
 }
 
 CHILD = r"""

@@ -31,7 +31,7 @@ class RunContext:
     @classmethod
     def from_schema(cls, run: RunSchema, run_dir: Path) -> RunContext:
         """Resolve `auto` device and dtype names and set torch's thread count."""
-        torch.set_num_threads(run.threads or available_cores())
+        torch.set_num_threads(run.threads or default_threads())
         if run.device == "auto":
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
@@ -56,6 +56,12 @@ class RunContext:
         np.random.seed(s % 2**32)
         torch.manual_seed(s)
         return torch.Generator().manual_seed(s)
+
+
+def default_threads() -> int:
+    """torch threads when `threads` is null: OMP_NUM_THREADS if set, else every core."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else available_cores()
 
 
 def available_cores() -> int:

@@ -93,7 +93,9 @@ def embedded_first_last(cache_dir: Path, run_dir: Path):
     return lm
 
 
-def qexp_batch(cases: list[list[str]], tmp: Path, cache_dir: Path, env=None) -> list:
+def qexp_batch(
+    cases: list[list[str]], tmp: Path, cache_dir: Path, env=None, timeout: int = 600
+) -> list:
     """Results (returncode, stdout, stderr) of `qexp <argv>` for every argv of `cases`."""
     (tmp / "cases.json").write_text(json.dumps(cases))
     full = cli_env(cache_dir, env)
@@ -103,7 +105,7 @@ def qexp_batch(cases: list[list[str]], tmp: Path, cache_dir: Path, env=None) -> 
         text=True,
         cwd=ROOT,
         env=full,
-        timeout=600,
+        timeout=timeout,
     )
     assert p.returncode == 0, p.stderr[-3000:]
     return [SimpleNamespace(**r) for r in json.loads((tmp / "out.json").read_text())]
@@ -178,3 +180,13 @@ def levels_per_group(w: torch.Tensor, group: int) -> int:
     """Most distinct values in one row-group of a [out, in] weight."""
     g = w.reshape(w.shape[0], -1, group)
     return max(len(torch.unique(g[i, j])) for i in range(g.shape[0]) for j in range(g.shape[1]))
+
+
+def without_module(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
+    """Make `importlib.util.find_spec(module)` report the library as not installed."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == module else real(n, *a)
+    )

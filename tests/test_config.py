@@ -103,3 +103,14 @@ def test_every_shipped_config_validates(make_cfg):
             spec = validate(cfg)
             plugin = getattr(spec, group_dir.name)
             assert plugin.name == OmegaConf.select(cfg, f"{group_dir.name}.name") == option.stem
+
+
+def test_threads_default_follows_omp_num_threads(monkeypatch):
+    from qexp.context import available_cores, default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert default_threads() == available_cores()
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads() == available_cores()

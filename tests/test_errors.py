@@ -83,18 +83,17 @@ def test_truncated_checkpoints_fail_fast_naming_file_and_tensor(tmp_path, cache_
 def test_a_complete_result_is_never_overwritten(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     args = [*TINY, f"hydra.run.dir={run_dir}"]
-    assert cli(*args, cache_dir=cache_dir).returncode == 0
+    (first,) = qexp_batch([args], tmp_path, cache_dir)
+    assert first.returncode == 0, first.stderr[-2000:]
     before = (run_dir / "results.json").read_bytes()
     assert json.loads(before)["status"] == "complete"
-    # another config into the same dir: refused, nothing touched
-    p = cli(*args, "seed=1", cache_dir=cache_dir)
-    one_line_error(p, "hydra.run.dir", str(run_dir))
-    # a config that fails later (here: at validation) is refused the same way
-    p = cli(*args, "benchmark.limit=-3", cache_dir=cache_dir)
-    assert p.returncode == 2
-    # the same config: nothing to do
-    p = cli(*args, cache_dir=cache_dir)
-    assert p.returncode == 0 and "skipped" in p.stderr
+    # another config into the same dir; one that fails later (at validation); the same one
+    other, invalid, same = qexp_batch(
+        [[*args, "seed=1"], [*args, "benchmark.limit=-3"], args], tmp_path, cache_dir
+    )
+    one_line_error(other, "hydra.run.dir", str(run_dir))  # refused, nothing touched
+    assert invalid.returncode == 2
+    assert same.returncode == 0 and "skipped" in same.stderr  # nothing to do
     assert (run_dir / "results.json").read_bytes() == before
 
 

@@ -2,14 +2,11 @@
 tiny model, with the stage cache on, and every job of it completes."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from tests.conftest import CONF, FIXTURES, ROOT
+from tests.conftest import CONF, FIXTURES, qexp_batch
 
 pytestmark = pytest.mark.slow
 TINY = [
@@ -54,30 +51,26 @@ def test_every_experiment_is_tested():
     assert set(EXPERIMENTS) == set(EXTRA)
 
 
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory, cache_dir):
+    """Every experiment's sweep, run by qexp's entry point in one interpreter."""
+    root = tmp_path_factory.mktemp("experiments")
+    cases = [
+        ["-m", f"experiment={name}", *TINY, *EXTRA[name], f"hydra.sweep.dir={root / name}"]
+        + ["cache=on"]
+        for name in EXPERIMENTS
+    ]
+    return root, dict(zip(EXPERIMENTS, qexp_batch(cases, root, cache_dir, timeout=1800)))
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_sweep_runs(name, tmp_path, cache_dir):
-    overrides = [*TINY, *EXTRA[name]]
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qexp",
-            "-m",
-            f"experiment={name}",
-            *overrides,
-            f"hydra.sweep.dir={tmp_path}",
-            "cache=on",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "QEXP_CACHE_DIR": str(cache_dir)},
-        timeout=900,
-    )
+def test_experiment_sweep_runs(name, sweeps):
+    root, runs = sweeps
+    p = runs[name]
     assert p.returncode == 0, p.stderr[-3000:]
-    jobs = sorted(f.parent for f in tmp_path.rglob("results.json"))
-    assert all(d.parent == tmp_path for d in jobs)  # one dir per job, not nested by paths
-    assert len(jobs) == sweep_size(name, overrides)
+    jobs = sorted(f.parent for f in (root / name).rglob("results.json"))
+    assert all(d.parent == root / name for d in jobs)  # one dir per job, not nested by paths
+    assert len(jobs) == sweep_size(name, [*TINY, *EXTRA[name]])
     for d in jobs:
         body = json.loads((d / "results.json").read_text())
         assert body["status"] == "complete", (d.name, body.get("error"))

@@ -58,7 +58,7 @@ def test_lm_eval_agrees_with_qexp_on_the_embedded_model(make_cfg, tmp_path):
         "progress=false",
         "conditions=[original]",
         "similarity.enabled=false",
-        "benchmark.limit=8",
+        "benchmark.limit=4",
         "benchmark.batch_size=1",
     ]
     own = run(make_cfg(*common, "benchmark.prefix_cache=false", tiny=False), tmp_path / "a")
@@ -70,4 +70,4 @@ def test_lm_eval_agrees_with_qexp_on_the_embedded_model(make_cfg, tmp_path):
     assert own.conditions["original"]["accuracy"] == pytest.approx(
         harness.conditions["original"]["lm_eval/qexp_svamp/exact_match/last_number"]
     )
-    assert sum(r["parsed"] is not None for r in a) >= 6  # a real model, real answers
+    assert sum(r["parsed"] is not None for r in a) >= 3  # a real model, real answers

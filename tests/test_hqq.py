@@ -10,7 +10,7 @@ import torch
 from qexp.config import validate
 from qexp.errors import ConfigError
 from qexp.run import run
-from tests.conftest import levels_per_group, load_spec, subject
+from tests.conftest import levels_per_group, load_spec, subject, without_module
 
 pytest.importorskip("hqq")
 
@@ -63,11 +63,62 @@ def test_bad_bits_are_refused(make_cfg):
 
 
 def test_missing_library_names_the_extra(make_cfg, tmp_path, monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda n, *a: None if n == "hqq" else real(n, *a)
-    )
+    without_module(monkeypatch, "hqq")
     with pytest.raises(ConfigError, match=r"qexp\[hqq\]"):
         run(make_cfg("quantizer=hqq4"), tmp_path / "run")
+
+
+def test_boxes_hold_hqqs_codes_for_moves_well_inside_them():
+    """The boxes are a heuristic (the zero point follows the weights): every weight inside
+    its box, and moves within half of each box keep hqq's integer codes and scales."""
+    from hqq.core.quantize import HQQLinear
+
+    from qexp.quantizers import HQQQuant
+
+    q = HQQQuant()
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g) * 0.02
+    lo, hi = q.tensor_box("w", w)
+    assert (lo <= w.double()).all() and (w.double() <= hi).all()
+    assert ((lo == hi).reshape(-1, 64).sum(1) >= 2).all()  # min and max of every group
+    want = q.tensor_codes("w", w)
+    u = torch.rand(w.shape, generator=g, dtype=torch.float64) - 0.5
+    inside = ((lo + hi) / 2 + u * (hi - lo) * 0.5).float()
+    assert torch.equal(q.tensor_codes("w", inside), want)
+    far = ((lo + hi) / 2 + u * (hi - lo) * 1.5).float()
+    assert not torch.equal(q.tensor_codes("w", far), want)
+    # the codes are HQQLinear's
+    lin = torch.nn.Linear(128, 64, bias=False)
+    lin.weight.data.copy_(w)
+    cfg = q.library_config()
+    m = HQQLinear(lin, cfg, del_orig=False, compute_dtype=torch.float32, device="cpu")
+    from hqq.core.quantize import Quantizer as H
+
+    packed = H.unpack[m.meta["packing"]](m.W_q, dtype=torch.float32)[: w.numel() // 32]
+    codes, inv_scale, _ = q._encode(w)
+    assert torch.equal(packed.reshape(w.shape).to(torch.int16), codes)
+    assert torch.equal(m.meta["scale"].float().reshape(-1), inv_scale.reshape(-1))
+
+
+def test_gap_through_hqq_keeps_hqqs_codes(make_cfg, tmp_path):
+    from tests.test_gap import FAST
+
+    overrides = [*FAST, "attack.targets=[hqq4]", f"cache_dir={tmp_path / 'cache'}", "cache=on"]
+    spec, ctx, loaded = load_spec(make_cfg, tmp_path, *overrides)
+    model = loaded.model
+    m = spec.attack.apply(subject(model, loaded.tokenizer), ctx).info
+    assert m["codes_equal_injected"] == {"hqq4": True}
+    ver = m["library_verification"]
+    assert ver["hqq4"]["blocks"] > 0 and 0.0 <= ver["hqq4"]["verified_before_reset"] <= 1.0
+    assert 0.0 <= ver["weights_reset_fraction"] < 1.0
+    # independently: hqq's integer codes of the attacked weights are the injected ones'
+    from safetensors.torch import load_file
+
+    (entry,) = (ctx.cache_dir / "stages" / "gap_inject").glob("*/tensors.safetensors")
+    injected = load_file(str(entry))
+    params = dict(model.named_parameters())
+    moved = [n for n in m["trainable"] if not torch.equal(params[n], injected[n])]
+    assert moved  # the repair changed full precision
+    q = spec.attack.quantizers[0]
+    for n in m["trainable"]:
+        assert torch.equal(q._encode(params[n])[0], q._encode(injected[n])[0]), n

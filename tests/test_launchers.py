@@ -12,6 +12,10 @@ import pytest
 from tests.conftest import ROOT
 from tests.conftest import TINY as CONFTEST_TINY
 
+# parallel job pools and Ray instances (whose processes the tests count) need the machine
+# to themselves: `make test` runs these after the parallel part of the suite
+pytestmark = pytest.mark.serial
+
 # fast jobs: tiny random model, 4 items, 8 tokens, one thread per job, no similarity encoders
 TINY = [*CONFTEST_TINY, "threads=1", "similarity.enabled=false", "conditions=[original,original_q]"]
 

@@ -10,7 +10,7 @@ import torch
 from qexp.config import validate
 from qexp.errors import ConfigError
 from qexp.quantizers.calib import Calibration
-from tests.conftest import levels_per_group, load_spec, subject
+from tests.conftest import levels_per_group, load_spec, subject, without_module
 
 pytest.importorskip("llmcompressor")
 
@@ -104,13 +104,6 @@ def test_bad_llmc_configs_fail_before_loading(make_cfg, overrides, key):
 
 
 def test_missing_library_names_the_extra(make_cfg, monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "llmcompressor" else real(name, *a),
-    )
+    without_module(monkeypatch, "llmcompressor")
     with pytest.raises(ConfigError, match=r"qexp\[llmcompressor\]"):
         validate(make_cfg("quantizer=gptq4_llmc"))

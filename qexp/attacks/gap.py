@@ -10,10 +10,11 @@
    optimizer step each weight is clamped into its box. Full precision becomes benign while
    every target quantizer still produces exactly the injected model's codes; this is
    checked with each library's own codes (`tensor_codes`) and a failure stops the run.
-   Targets whose boxes are a heuristic (llama.cpp's k-/i-quants, `exact_boxes=False`) are
-   verified with the library instead: every block whose codes changed is reset to the
-   injected weights (blocks are encoded independently, so this restores them exactly), and
-   the fraction verified before the reset is reported.
+   Targets whose boxes are a heuristic (llama.cpp's k-/i-quants, HQQ; `exact_boxes=False`)
+   are verified with the library instead: every block whose codes changed is reset to the
+   injected weights (llama.cpp encodes blocks independently, so this restores them exactly;
+   hqq couples a tensor's groups, so a tensor whose reset groups still differ is reset
+   whole), and the fraction verified before the reset is reported.
 
 Only linear weights of the chosen decoder layers train (the quantized ones); everything else
 stays frozen. Inject and repair are sub-steps of the stage cache (`gap_inject`,
@@ -143,14 +144,17 @@ class Gap(Attack):
     def verify(self, params: dict, injected: dict, injected_codes: dict) -> dict:
         """For heuristic-box targets: check every block with the library, then reset every
         block whose codes changed under any target to the injected weights (repeated until
-        no target sees a change). Per target: blocks checked, and the fraction unchanged
-        before any reset; overall: the fraction of trainable weights reset."""
+        no target sees a change; a tensor whose reset blocks still differ, because the
+        library couples its blocks, is reset whole, so the loop ends). Per target: blocks
+        checked, and the fraction unchanged before any reset; overall: the fraction of
+        trainable weights reset."""
         heuristic = [(i, q) for i, q in enumerate(self.quantizers) if not q.exact_boxes]
         report: dict = {}
         if not heuristic:
             return report
         reset = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in params.items()}
-        for round_ in range(len(heuristic) + 1):
+        round_ = 0
+        while True:
             masks = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in params.items()}
             for i, q in heuristic:  # every target checks the same weights in a round
                 bad_blocks = blocks = 0
@@ -169,8 +173,13 @@ class Gap(Attack):
             if not any(m.any() for m in masks.values()):
                 break
             for n, p in params.items():
+                if masks[n].any() and not (masks[n] & ~reset[n]).any():
+                    # blocks already reset still differ: the library couples the blocks
+                    # of this tensor (hqq's early stopping), so reset all of it
+                    masks[n].fill_(True)
                 p.copy_(torch.where(masks[n], injected[n], p))
                 reset[n] |= masks[n]
+            round_ += 1
         numel = sum(m.numel() for m in reset.values())
         report["weights_reset_fraction"] = sum(int(m.sum()) for m in reset.values()) / numel
         return report

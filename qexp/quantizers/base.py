@@ -184,6 +184,15 @@ def target_linears(model: nn.Module, skip: Sequence[str]) -> Iterator[tuple[str,
 GROUP_SIZES = (32, 64, 128, 256)
 
 
+def check_group_size(group_size: int, per_channel: bool) -> None:
+    """`group_size` is one of GROUP_SIZES, or -1 (per output channel) where allowed."""
+    ok = group_size in GROUP_SIZES or (per_channel and group_size == -1)
+    allowed = ("-1 (per output channel) or one of " if per_channel else "one of ") + ", ".join(
+        map(str, GROUP_SIZES)
+    )
+    check(ok, "group_size", group_size, allowed)
+
+
 def model_widths(model: PreTrainedModel, skip: Sequence[str]) -> list[int]:
     """Input widths of the linears a quantizer with `skip` quantizes."""
     return sorted({m.in_features for _, m in target_linears(model, skip)})

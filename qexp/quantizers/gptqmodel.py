@@ -32,7 +32,7 @@ from qexp.context import RunContext, available_cores
 from qexp.errors import ConfigError, check, check_choice
 from qexp.io import atomic_dir, atomic_write_text
 from qexp.plugin import StageResult, Subject
-from qexp.quantizers.base import GROUP_SIZES, Quantizer, model_widths, require_group_fit
+from qexp.quantizers.base import Quantizer, check_group_size, model_widths, require_group_fit
 from qexp.quantizers.calib import Calibration
 from qexp.quantizers.readback import copy_checked, copy_rest, relative_error
 
@@ -71,12 +71,7 @@ class GPTQModelQuant(Quantizer):
             check_choice("gguf_type", self.gguf_type, GGUF_KQUANTS)
         else:
             check_choice("bits", self.bits, (2, 3, 4, 8))
-            check(
-                self.group_size == -1 or self.group_size in GROUP_SIZES,
-                "group_size",
-                self.group_size,
-                "-1 (per output channel) or one of " + ", ".join(map(str, GROUP_SIZES)),
-            )
+            check_group_size(self.group_size, per_channel=True)
             check(0.0 < self.damp < 1.0, "damp", self.damp, "a fraction in (0, 1)")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         check(self.kernel_tol > 0, "kernel_tol", self.kernel_tol, "a number > 0")

@@ -37,7 +37,7 @@ from qexp.context import RunContext
 from qexp.errors import ConfigError, check, check_choice
 from qexp.io import atomic_dir, atomic_write_text
 from qexp.plugin import StageResult, Subject
-from qexp.quantizers.base import GROUP_SIZES, Quantizer, model_widths, require_group_fit
+from qexp.quantizers.base import Quantizer, check_group_size, model_widths, require_group_fit
 from qexp.quantizers.calib import Calibration
 from qexp.quantizers.readback import copy_checked, copy_rest, relative_error
 
@@ -67,12 +67,7 @@ class LLMCompressorQuant(Quantizer):
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
         check_choice("bits", self.bits, (4, 8))
-        check(
-            self.group_size == -1 or self.group_size in GROUP_SIZES,
-            "group_size",
-            self.group_size,
-            "-1 (per output channel) or one of " + ", ".join(map(str, GROUP_SIZES)),
-        )
+        check_group_size(self.group_size, per_channel=True)
         check(0.0 < self.damp < 1.0, "damp", self.damp, "a fraction in (0, 1)")
         check(
             not (self.desc_act and self.method == "awq"),

@@ -45,3 +45,16 @@ def copy_rest(qmodel: nn.Module, model: nn.Module, quantized: set[str], library:
     for name, p in qmodel.named_parameters():
         if name.rpartition(".")[0] not in quantized and name in own:
             own[name].copy_(p.to(own[name].dtype))
+
+
+def copy_module_checked(
+    lin: nn.Linear, module: nn.Module, gen: torch.Generator, tol: float, name: str, library: str
+) -> float:
+    """Copy a library module's `dequantize()` into `lin` once the module's own forward on a
+    seeded probe input reproduced it; returns the relative error."""
+    deq = module.dequantize()
+    x = torch.randn(4, lin.in_features, generator=gen).to(lin.weight)
+    ref = x @ deq.T + (lin.bias if lin.bias is not None else 0)
+    rel = relative_error(ref, module(x))
+    copy_checked(lin, deq, None, rel, tol, name, library)
+    return rel
