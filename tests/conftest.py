@@ -113,8 +113,14 @@ def qexp_batch(
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One cache for the whole session (the embedded model is converted once)."""
-    return tmp_path_factory.mktemp("qexp-cache")
+    """One cache for the whole session; under pytest-xdist the workers share its converted
+    models (the conversion is locked and atomic), so the embedded model converts once."""
+    path = tmp_path_factory.mktemp("qexp-cache")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "qexp-models"
+        shared.mkdir(exist_ok=True)
+        (path / "models").symlink_to(shared, target_is_directory=True)
+    return path
 
 
 @pytest.fixture
