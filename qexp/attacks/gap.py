@@ -23,6 +23,7 @@ stays frozen. Inject and repair are sub-steps of the stage cache (`gap_inject`,
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -153,8 +154,7 @@ class Gap(Attack):
         if not heuristic:
             return report
         reset = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in params.items()}
-        round_ = 0
-        while True:
+        for round_ in itertools.count():
             masks = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in params.items()}
             for i, q in heuristic:  # every target checks the same weights in a round
                 bad_blocks = blocks = 0
@@ -179,7 +179,6 @@ class Gap(Attack):
                     masks[n].fill_(True)
                 p.copy_(torch.where(masks[n], injected[n], p))
                 reset[n] |= masks[n]
-            round_ += 1
         numel = sum(m.numel() for m in reset.values())
         report["weights_reset_fraction"] = sum(int(m.sum()) for m in reset.values()) / numel
         return report

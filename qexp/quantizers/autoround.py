@@ -34,10 +34,16 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from qexp.context import RunContext
-from qexp.errors import ConfigError, check, check_choice
+from qexp.errors import check, check_choice
 from qexp.io import atomic_dir, atomic_write_text
 from qexp.plugin import StageResult, Subject
-from qexp.quantizers.base import Quantizer, check_group_size, model_widths, require_group_fit
+from qexp.quantizers.base import (
+    Quantizer,
+    check_group_size,
+    model_widths,
+    require_group_fit,
+    require_library,
+)
 from qexp.quantizers.calib import Calibration
 from qexp.quantizers.readback import copy_checked, relative_error
 
@@ -84,8 +90,7 @@ class AutoRoundQuant(Quantizer):
         )
 
     def check_model(self, config) -> None:
-        if importlib.util.find_spec("auto_round") is None:
-            raise ConfigError("quantizer", self.name, f"another quantizer, or install: {EXTRA}")
+        require_library("auto_round", self.name, EXTRA)
         super().check_model(config)
 
     def check_widths(self, widths: list[int]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -182,6 +183,12 @@ def target_linears(model: nn.Module, skip: Sequence[str]) -> Iterator[tuple[str,
 
 
 GROUP_SIZES = (32, 64, 128, 256)
+
+
+def require_library(module: str, quantizer: str, install: str) -> None:
+    """ConfigError naming the quantizer option when its library `module` is not installed."""
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError("quantizer", quantizer, f"another quantizer, or install: {install}")
 
 
 def check_group_size(group_size: int, per_channel: bool) -> None:

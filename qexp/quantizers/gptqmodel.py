@@ -29,10 +29,16 @@ import torch
 from transformers import PreTrainedModel
 
 from qexp.context import RunContext, available_cores
-from qexp.errors import ConfigError, check, check_choice
+from qexp.errors import check, check_choice
 from qexp.io import atomic_dir, atomic_write_text
 from qexp.plugin import StageResult, Subject
-from qexp.quantizers.base import Quantizer, check_group_size, model_widths, require_group_fit
+from qexp.quantizers.base import (
+    Quantizer,
+    check_group_size,
+    model_widths,
+    require_group_fit,
+    require_library,
+)
 from qexp.quantizers.calib import Calibration
 from qexp.quantizers.readback import copy_checked, copy_rest, relative_error
 
@@ -81,8 +87,7 @@ class GPTQModelQuant(Quantizer):
             self.skip,
             "[lm_head] (GPTQModel quantizes every decoder linear and never lm_head here)",
         )
-        if importlib.util.find_spec("gptqmodel") is None:
-            raise ConfigError("quantizer", self.name, f"another quantizer, or install: {EXTRA}")
+        require_library("gptqmodel", self.name, EXTRA)
 
     def library_config(self):
         """The GPTQModel quantization config."""

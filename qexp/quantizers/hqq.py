@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qexp.context import RunContext
-from qexp.errors import ConfigError, check_choice
+from qexp.errors import check_choice
 from qexp.plugin import StageResult, Subject
 from qexp.quantizers.base import (
     BoxTarget,
@@ -39,6 +39,7 @@ from qexp.quantizers.base import (
     check_group_size,
     model_widths,
     require_group_fit,
+    require_library,
 )
 from qexp.quantizers.readback import copy_module_checked
 
@@ -62,8 +63,7 @@ class HQQQuant(Quantizer, BoxTarget):
         check_group_size(self.group_size, per_channel=False)
 
     def check_model(self, config: Any) -> None:
-        if importlib.util.find_spec("hqq") is None:
-            raise ConfigError("quantizer", self.name, f"another quantizer, or install: {EXTRA}")
+        require_library("hqq", self.name, EXTRA)
         super().check_model(config)
 
     def check_widths(self, widths: list[int]) -> None:

@@ -34,10 +34,16 @@ import torch
 from transformers import PreTrainedModel
 
 from qexp.context import RunContext
-from qexp.errors import ConfigError, check, check_choice
+from qexp.errors import check, check_choice
 from qexp.io import atomic_dir, atomic_write_text
 from qexp.plugin import StageResult, Subject
-from qexp.quantizers.base import Quantizer, check_group_size, model_widths, require_group_fit
+from qexp.quantizers.base import (
+    Quantizer,
+    check_group_size,
+    model_widths,
+    require_group_fit,
+    require_library,
+)
 from qexp.quantizers.calib import Calibration
 from qexp.quantizers.readback import copy_checked, copy_rest, relative_error
 
@@ -83,8 +89,7 @@ class LLMCompressorQuant(Quantizer):
             self.skip,
             "a list of module-name substrings that includes lm_head (tied to the embeddings)",
         )
-        if importlib.util.find_spec("llmcompressor") is None:
-            raise ConfigError("quantizer", self.name, f"another quantizer, or install: {EXTRA}")
+        require_library("llmcompressor", self.name, EXTRA)
 
     def scheme(self):
         """The compressed-tensors weight scheme: int `bits`, per group (or channel), W-only."""

@@ -30,9 +30,15 @@ import torch
 from tqdm.auto import tqdm
 
 from qexp.context import RunContext
-from qexp.errors import ConfigError, check_choice
+from qexp.errors import check_choice
 from qexp.plugin import StageResult, Subject
-from qexp.quantizers.base import Quantizer, check_group_size, model_widths, require_group_fit
+from qexp.quantizers.base import (
+    Quantizer,
+    check_group_size,
+    model_widths,
+    require_group_fit,
+    require_library,
+)
 from qexp.quantizers.readback import copy_module_checked
 
 log = logging.getLogger(__name__)
@@ -59,8 +65,7 @@ class SINQQuant(Quantizer):
         check_group_size(self.group_size, per_channel=False)
 
     def check_model(self, config: Any) -> None:
-        if importlib.util.find_spec("sinq") is None:
-            raise ConfigError("quantizer", self.name, f"another quantizer, or install: {EXTRA}")
+        require_library("sinq", self.name, EXTRA)
         if os.environ.get("SINQ_PTH_LOADED") == "1":
             log.warning(
                 "sinq's sitecustomize.py patched transformers' from_pretrained in this "
@@ -100,8 +105,7 @@ class SINQQuant(Quantizer):
         worst, fallback = 0.0, []
         for name, lin in tqdm(layers, desc=self.name, disable=not ctx.progress, leave=False):
             w = lin.weight.detach()
-            device = torch.device(w.device)
-            solver = torch.float32 if device == "cpu" else torch.float16  # sinq's own test
+            solver = torch.float32 if w.device == "cpu" else torch.float16  # sinq's own test
             if float(kurtosis(w.to(solver))) > KURTOSIS_THRESHOLD:
                 fallback.append(name)
             q = SINQLinear(
@@ -110,7 +114,7 @@ class SINQQuant(Quantizer):
                 bias=lin.bias is not None,
                 quant_config=cfg,
                 compute_dtype=w.dtype,
-                device=str(device),
+                device=str(w.device),
                 use_unpack_kernel=True,
             )
             q.quantize(w, bias=lin.bias)
