@@ -55,6 +55,7 @@ class RunSchema:
     cache_dir: str = "~/.cache/qexp"
     progress: bool = True
     save_quantized: bool = False
+    save_attacked: bool = False
     cache: str = "on"
     cache_weights: List[str] = field(default_factory=lambda: ["attack", "quantize"])
     similarity: SimilaritySettings = field(default_factory=SimilaritySettings)
@@ -190,6 +191,13 @@ def validate(cfg: DictConfig) -> Spec:
             "false with quantizer="
             + spec.quantizer.name
             + " (native artifacts: GPTQModel, llm-compressor, bitsandbytes, llama.cpp quantizers)",
+        )
+    if run.save_attacked:
+        check(
+            not spec.attack.identity and bool({"attacked", "attacked_q"} & set(run.conditions)),
+            "save_attacked",
+            True,
+            "true only with an attack (not attack=none) and an attacked or attacked_q condition",
         )
     for plugin in spec.plugins():  # checks across groups, e.g. a defense reading the quantizer
         plugin.check_spec(spec)

@@ -26,6 +26,7 @@ class RunContext:
     stages: StageCache  # the stage cache (mode on | off | refresh), also for sub-steps
     progress: bool = True
     save_quantized: bool = False
+    save_attacked: bool = False
     cache_weights: tuple[str, ...] = ("attack", "quantize")
 
     @classmethod
@@ -46,6 +47,7 @@ class RunContext:
             stages=StageCache(cache_dir / "stages", run.cache),
             progress=run.progress,
             save_quantized=run.save_quantized,
+            save_attacked=run.save_attacked,
             cache_weights=tuple(run.cache_weights),
         )
 

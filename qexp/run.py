@@ -25,7 +25,7 @@ from qexp.context import RunContext
 from qexp.data import reference_text
 from qexp.defenses.base import Defense
 from qexp.errors import ConfigError
-from qexp.io import atomic_write_json
+from qexp.io import atomic_dir, atomic_write_json
 from qexp.metrics import token_nll
 from qexp.models.geometry import max_positions
 from qexp.plots import plot_loglik
@@ -180,6 +180,16 @@ def quantize_step(spec: Spec, ctx: RunContext, results: Results, branch: str) ->
     )
 
 
+def save_attacked(chain: Chain, ctx: RunContext) -> None:
+    """The attacked model and its tokenizer as a plain Hugging Face safetensors checkpoint
+    in `attacked/` of the run dir (what an attacker would publish), written atomically."""
+    loaded = chain.model()
+    with atomic_dir(ctx.run_dir / "attacked") as tmp:
+        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
+    log.info("attacked model written to %s", ctx.run_dir / "attacked")
+
+
 def run_pipeline(spec: Spec, ctx: RunContext, results: Results) -> None:
     """Run every requested condition, two branches of (full precision, quantized)."""
     c = results.config
@@ -200,6 +210,8 @@ def run_pipeline(spec: Spec, ctx: RunContext, results: Results) -> None:
         chain = Chain(lambda: spec.model.load(ctx), root, ctx, results, base)
         if base == "attacked" and not spec.attack.identity:
             chain.add(attack_step(spec, ctx, results))
+            if ctx.save_attacked:
+                save_attacked(chain, ctx)
         if base in wanted:
             evaluate(spec, ctx, results, base, chain, originals)
         if quantized in wanted:

@@ -10,6 +10,7 @@ from qexp import CONDITIONS
 from qexp.benchmarks.generation import GenerationSettings, generate
 from qexp.config import validate
 from qexp.context import RunContext
+from qexp.errors import ConfigError
 from qexp.run import run
 from tests.conftest import continuation_nll
 
@@ -187,3 +188,43 @@ def test_ppl_benchmark_and_loglik_curves(make_cfg, tmp_path):
     curve = json.loads((tmp_path / "run" / "loglik" / "original.json").read_text())["nll"]
     assert len(curve) > 100
     assert (tmp_path / "run" / "loglik.png").stat().st_size > 1000
+
+
+def test_save_attacked_writes_a_checkpoint_stock_transformers_loads(make_cfg, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qexp.plugin import Subject
+
+    cfg = make_cfg(
+        "attack=encrypt",
+        "attack.kappa_one_layers=0",
+        "save_attacked=true",
+        "conditions=[attacked]",
+        "cache=off",
+    )
+    run(cfg, tmp_path / "run")
+    out = tmp_path / "run" / "attacked"
+    assert not list((tmp_path / "run").glob(".attacked.*"))  # the atomic write left no temp
+    # the checkpoint holds exactly the attacked weights (the attack re-run on a fresh model)
+    spec = validate(cfg)
+    ctx = RunContext.from_schema(spec.run, tmp_path / "again")
+    lm = spec.model.load(ctx)
+    attacked = spec.attack.apply(Subject(lm.model, lm.tokenizer, "attacked", "k"), ctx).model
+    saved = load_file(str(out / "model.safetensors"))
+    state = attacked.state_dict()
+    assert set(saved) <= set(state) and len(saved) > 0
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, state[name]), name
+    original = spec.model.load(ctx).model.state_dict()
+    assert any(not torch.equal(saved[n], original[n]) for n in saved)  # the attack moved them
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("The quick brown fox", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, attacked(ids).logits)
+
+
+def test_save_attacked_needs_an_attack(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"save_attacked=True is not valid; allowed: true only"):
+        validate(make_cfg("attack=none", "save_attacked=true"))

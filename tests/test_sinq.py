@@ -85,3 +85,74 @@ def test_missing_library_names_the_install(make_cfg, tmp_path, monkeypatch):
     without_module(monkeypatch, "sinq")
     with pytest.raises(ConfigError, match=r"--no-deps sinq==0.2.0"):
         run(make_cfg("quantizer=sinq4"), tmp_path / "run")
+
+
+def structured_weight(rows: int, cols: int) -> torch.Tensor:
+    """Gaussian weights with log-normal row and column scales, as trained layers have (on
+    i.i.d. Gaussian matrices all column deviations are nearly equal and sinq's Sinkhorn
+    iterate of least imbalance is a near tie that tiny moves flip)."""
+    g = torch.Generator().manual_seed(0)
+    col = torch.exp(0.5 * torch.randn(1, cols, generator=g))
+    row = torch.exp(0.3 * torch.randn(rows, 1, generator=g))
+    return torch.randn(rows, cols, generator=g) * 0.02 * col * row
+
+
+def test_codes_are_sinqlinears_and_boxes_hold_them_for_sparse_moves():
+    """The target's codes are what SINQLinear stores; moving 1% of the weights to 90% of
+    their box keeps nearly every group's codes, moving them half a box past it does not."""
+    from sinq.quantizer import Quantizer as SQ
+    from sinq.quantizer import dq8
+    from sinq.sinqlinear_hf import SINQLinear
+
+    from qexp.quantizers import SINQQuant
+
+    q = SINQQuant()
+    w = structured_weight(128, 256)
+    lin = SINQLinear(
+        in_features=256,
+        out_features=128,
+        bias=False,
+        quant_config=q.library_config(),
+        compute_dtype=torch.float32,
+        device="cpu",
+        use_unpack_kernel=True,
+    )
+    lin.quantize(w)
+    codes, zero = q._encode(w)
+    stored = SQ.unpack[lin.meta["packing"]](lin.W_q, dtype=torch.float32)
+    assert torch.equal(stored.reshape(w.shape).to(torch.int16), codes)
+    assert torch.equal(dq8(lin.meta["zero"]).float().reshape(-1, 1), zero)
+
+    lo, hi = q.tensor_box("w", w)
+    wd = w.double()
+    assert (lo <= wd).all() and (wd <= hi).all()
+    assert ((lo == hi).reshape(-1, 64).sum(1) >= 2).all()  # every group's min and max
+    g = torch.Generator().manual_seed(1)
+    pick = (torch.rand(w.shape, generator=g) < 0.01) & (lo < hi)
+    down = torch.rand(w.shape, generator=g) < 0.5
+    want = q.tensor_codes("w", w)
+    near = torch.where(pick, torch.where(down, wd + 0.9 * (lo - wd), wd + 0.9 * (hi - wd)), wd)
+    bad = (q.tensor_codes("w", near.float()) != want).reshape(128, 4, -1).any(-1)
+    assert float(bad.float().mean()) <= 0.01
+    past = torch.where(pick, torch.where(down, lo - 0.5 * (hi - lo), hi + 0.5 * (hi - lo)), wd)
+    assert float((q._encode(past.float())[0] != codes)[pick].float().mean()) >= 0.95
+
+
+def test_gap_through_sinq_keeps_sinqs_codes(make_cfg, tmp_path):
+    from tests.test_gap import FAST
+
+    overrides = [*FAST, "attack.targets=[sinq4]", f"cache_dir={tmp_path / 'cache'}", "cache=on"]
+    spec, ctx, loaded = load_spec(make_cfg, tmp_path, *overrides)
+    model = loaded.model
+    m = spec.attack.apply(subject(model, loaded.tokenizer), ctx).info
+    assert m["codes_equal_injected"] == {"sinq4": True}
+    ver = m["library_verification"]
+    assert ver["sinq4"]["blocks"] > 0 and 0.0 <= ver["sinq4"]["verified_before_reset"] <= 1.0
+    assert 0.0 <= ver["weights_reset_fraction"] <= 1.0
+    (entry,) = (ctx.cache_dir / "stages" / "gap_inject").glob("*/tensors.safetensors")
+    injected = load_file(str(entry))
+    params = dict(model.named_parameters())
+    q = spec.attack.quantizers[0]
+    for n in m["trainable"]:  # independently: sinq's codes and zeros are the injected ones'
+        got, want = q._encode(params[n]), q._encode(injected[n])
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), n

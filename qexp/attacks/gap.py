@@ -10,11 +10,12 @@
    optimizer step each weight is clamped into its box. Full precision becomes benign while
    every target quantizer still produces exactly the injected model's codes; this is
    checked with each library's own codes (`tensor_codes`) and a failure stops the run.
-   Targets whose boxes are a heuristic (llama.cpp's k-/i-quants, HQQ; `exact_boxes=False`)
-   are verified with the library instead: every block whose codes changed is reset to the
-   injected weights (llama.cpp encodes blocks independently, so this restores them exactly;
-   hqq couples a tensor's groups, so a tensor whose reset groups still differ is reset
-   whole), and the fraction verified before the reset is reported.
+   Targets whose boxes are a heuristic (llama.cpp's k-/i-quants, HQQ, SINQ;
+   `exact_boxes=False`) are verified with the library instead: every block whose codes
+   changed is reset to the injected weights (llama.cpp encodes blocks independently, so this
+   restores them exactly; where reset blocks still differ, what the library couples is reset:
+   a SINQ tile, then the whole tensor, as hqq's early stopping requires), and the fraction
+   verified before the reset is reported.
 
 Only linear weights of the chosen decoder layers train (the quantized ones); everything else
 stays frozen. Inject and repair are sub-steps of the stage cache (`gap_inject`,
@@ -145,10 +146,10 @@ class Gap(Attack):
     def verify(self, params: dict, injected: dict, injected_codes: dict) -> dict:
         """For heuristic-box targets: check every block with the library, then reset every
         block whose codes changed under any target to the injected weights (repeated until
-        no target sees a change; a tensor whose reset blocks still differ, because the
-        library couples its blocks, is reset whole, so the loop ends). Per target: blocks
-        checked, and the fraction unchanged before any reset; overall: the fraction of
-        trainable weights reset."""
+        no target sees a change; where reset blocks still differ, because the library
+        couples them, what it couples is reset, then the whole tensor, so the loop ends).
+        Per target: blocks checked, and the fraction unchanged before any reset; overall:
+        the fraction of trainable weights reset."""
         heuristic = [(i, q) for i, q in enumerate(self.quantizers) if not q.exact_boxes]
         report: dict = {}
         if not heuristic:
@@ -156,15 +157,19 @@ class Gap(Attack):
         reset = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in params.items()}
         for round_ in itertools.count():
             masks = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in params.items()}
+            wider = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in params.items()}
             for i, q in heuristic:  # every target checks the same weights in a round
                 bad_blocks = blocks = 0
                 for n, p in params.items():
                     got = q.tensor_codes(n, p.detach())
-                    nb = p.shape[-1] // q.tensor_block(n)
+                    size = q.tensor_block(n)
+                    nb = p.shape[-1] // size
                     bad = (got != injected_codes[n][i]).reshape(p.shape[0], nb, -1).any(-1)
                     blocks += bad.numel()
                     bad_blocks += int(bad.sum())
-                    masks[n] |= bad.repeat_interleave(q.tensor_block(n), dim=1)
+                    masks[n] |= bad.repeat_interleave(size, dim=1)
+                    if bad.any():
+                        wider[n] |= q.coupled_blocks(n, bad).repeat_interleave(size, dim=1)
                 if round_ == 0:
                     report[q.name] = {
                         "blocks": blocks,
@@ -174,9 +179,10 @@ class Gap(Attack):
                 break
             for n, p in params.items():
                 if masks[n].any() and not (masks[n] & ~reset[n]).any():
-                    # blocks already reset still differ: the library couples the blocks
-                    # of this tensor (hqq's early stopping), so reset all of it
-                    masks[n].fill_(True)
+                    # blocks already reset still differ: the library couples them (sinq's
+                    # tiles), so reset what it couples; if that was reset too, the whole
+                    # tensor (hqq's early stopping couples every block)
+                    masks[n] = wider[n] if (wider[n] & ~reset[n]).any() else wider[n].fill_(True)
                 p.copy_(torch.where(masks[n], injected[n], p))
                 reset[n] |= masks[n]
         numel = sum(m.numel() for m in reset.values())

@@ -93,6 +93,11 @@ class BoxTarget(ABC):
         """Weights per independently encoded block along a row of `name`."""
         raise NotImplementedError(f"{self.name}: boxes are exact, no block verification")
 
+    def coupled_blocks(self, name: str, bad: torch.Tensor) -> torch.Tensor:
+        """The blocks ([out, blocks] bool) to reset when the reset `bad` blocks still differ
+        because the library couples them: by default the whole tensor."""
+        return torch.ones_like(bad)
+
 
 class GridQuantizer(Quantizer, BoxTarget):
     """A quantizer with a deterministic grid: per-weight codes and preserving intervals.
