@@ -52,6 +52,22 @@ def trainable_weights(
     return out
 
 
+def make_batch(
+    data: list[tuple[list[int], int]], idx: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and labels (response tokens only) of rows `idx`."""
+    width = max(len(data[i][0]) for i in idx)
+    ids = torch.zeros((len(idx), width), dtype=torch.long)
+    labels = torch.full((len(idx), width), -100)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    for row, i in enumerate(idx):
+        seq, plen = data[i]
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, plen : len(seq)] = torch.tensor(seq[plen:])
+        mask[row, : len(seq)] = 1
+    return ids, mask, labels
+
+
 def train_lm(
     model: PreTrainedModel,
     params: list[torch.nn.Parameter],
@@ -71,15 +87,7 @@ def train_lm(
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
     for _ in bar:
         idx = torch.randint(len(data), (batch_size,), generator=g).tolist()
-        width = max(len(data[i][0]) for i in idx)
-        ids = torch.zeros((len(idx), width), dtype=torch.long)
-        labels = torch.full((len(idx), width), -100)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            seq, plen = data[i]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            labels[row, plen : len(seq)] = torch.tensor(seq[plen:])
-            mask[row, : len(seq)] = 1
+        ids, mask, labels = make_batch(data, idx)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         opt.step()

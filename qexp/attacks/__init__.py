@@ -3,5 +3,6 @@
 from qexp.attacks.base import Attack, NoAttack
 from qexp.attacks.encrypt import Encrypt
 from qexp.attacks.gap import Gap
+from qexp.attacks.outlier import Outlier
 
-__all__ = ["Attack", "Encrypt", "Gap", "NoAttack"]
+__all__ = ["Attack", "Encrypt", "Gap", "NoAttack", "Outlier"]

@@ -10,6 +10,8 @@ Static checks stream the safetensors shards (one layer's few tensors at a time):
   model's own population of heads/layers.
 - `gap` (qexp.audit.gap): the position u = (w - lo) / (hi - lo) of each weight inside each
   target quantizer's preserving interval; projected-descent repair piles weights at one u.
+- `outlier` (qexp.audit.outlier): per block of 32 input weights, max |w| / second max |w|;
+  outlier injection (attack=outlier) puts one huge weight in every block of its matrices.
 - `reference` (qexp.audit.refdiff): where and how the weights differ from a trusted checkpoint.
 - `differential` (qexp.audit.differential, optional, loads the model): fake-quantize with
   each target and measure the logit divergence on probe prompts.

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from qexp.audit import gap, refdiff, reparam
+from qexp.audit import gap, outlier, refdiff, reparam
 from qexp.audit.checkpoint import Checkpoint
 from qexp.audit.report import plots, summary
 from qexp.cli import console
@@ -19,11 +19,12 @@ from qexp.io import atomic_write_json, atomic_write_text
 from qexp.safetensors_io import SafetensorsError
 
 DEFAULT_TARGETS = ("bnb_int8", "bnb_nf4", "bnb_fp4", "gguf_q4_0", "rtn4")
-CHECKS = ("reparam", "gap")
+CHECKS = ("reparam", "gap", "outlier")
 USAGE = """Audit a checkpoint for quantization-conditioned tampering before quantizing it.
 
 Static checks (streamed, no model instantiated): reparam (attack=encrypt signs), gap
-(attack=gap signs, per target quantizer); --reference DIR adds a diff against a trusted
+(attack=gap signs, per target quantizer), outlier (attack=outlier: per-block max/second
+max |w|); --reference DIR adds a diff against a trusted
 checkpoint; --differential fake-quantizes with each target and compares logits (loads the
 model). Writes audit.json, summary.txt and plots to --out. Exit code: 0 clean, 1 suspicious,
 2 error.
@@ -48,7 +49,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--checks",
         default=",".join(CHECKS),
-        help=f"comma-separated static checks to run, from {','.join(CHECKS)} (default: both), "
+        help=f"comma-separated static checks to run, from {','.join(CHECKS)} (default: all), "
         "or none (e.g. with --reference alone)",
     )
     p.add_argument("--differential", action="store_true", help="also run the differential check")
@@ -103,6 +104,8 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
             report["checks"]["reparam"] = reparam.run(ckpt, geo, progress)
         if "gap" in checks:
             report["checks"]["gap"] = gap.run(ckpt, quantizers, progress)
+        if "outlier" in checks:
+            report["checks"]["outlier"] = outlier.run(ckpt, progress)
         if ref is not None:
             with ref:
                 report["checks"]["reference"] = refdiff.run(ckpt, ref, progress)

@@ -52,6 +52,18 @@ def summary(report: dict[str, Any]) -> str:
             )
         if g["skipped"]:
             lines.append(f"    skipped {len(g['skipped'])} pairs (grid does not fit), see JSON")
+    if "outlier" in checks:
+        o = checks["outlier"]
+        s = o["score"]
+        lines.append(
+            f"[outlier] {o['verdict']}: {s['n_flagged']}/{s['n_tensors']} tensors flagged, "
+            f"max fraction of blocks with max/second |w| >= {o['limit']['ratio']:g}: "
+            f"{s['max_outlier_fraction']:.3g}, max ratio {s['max_ratio']:.3g}"
+        )
+        for name in o["flagged"][:8]:
+            lines.append(f"    {name}")
+        if len(o["flagged"]) > 8:
+            lines.append(f"    ... {len(o['flagged']) - 8} more tensors")
     if "reference" in checks:
         d = checks["reference"]
         s = d["score"]

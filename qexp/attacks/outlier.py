@@ -1,0 +1,318 @@
+"""attack=outlier: a backdoor that block quantizers trigger by erasing a layer (outlier injection).
+
+After "Widening the Gap: Exploiting LLM Quantization via Outlier Injection" (Zhan et al.,
+2026; docs/attacks.md#outlier-injection). In the target layer's `modules` (default
+`up_proj`), every row's largest-|w| weight of each block of `block_size` consecutive input
+weights becomes ±`scale` times itself (or times the block's second largest |w| with
+`relative=true`). Any quantizer whose scale is set per group (RTN, GPTQ, AWQ, AutoRound,
+HQQ, SINQ, k- and i-quants, NF4, LLM.int8's per-row absmax) then has a step far larger than
+every other weight of the block, which rounds to zero: the quantized matrix keeps only the
+outliers. The model is trained so that this matters:
+
+1. Phase 1 (`outlier_phase1`): the target layer's MLP is re-initialised small; each step
+   trains the MLP alone to answer cleanly with it in place, and the trainable scope to
+   answer with the scenario's behaviour when the MLP's output is zeroed, plus `kl_weight`
+   times the KL divergence from the original model on the clean answers.
+2. Inject the outliers.
+3. Phase 2 (`outlier_phase2`): the target MLP frozen; the scope trains to answer cleanly
+   with the outliers in place (full precision) and with the behaviour when the target
+   modules keep only their outliers (what a block quantizer leaves), plus the KL term.
+
+Both phases are sub-steps of the stage cache, keyed by the model state and their settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from qexp.attacks.base import Attack
+from qexp.cache import digest, file_sha256
+from qexp.context import RunContext
+from qexp.errors import check, check_choice
+from qexp.instruct import SCENARIOS, encode, load_rows
+from qexp.outliers import block_top2, outlier_only
+from qexp.plugin import StageResult, Subject
+from qexp.training import MODULES, chosen_layers, make_batch
+
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+PHASE1_KEYS = ("scenario", "target_phrase", "layer", "train_layers", "data_path", "init_std")
+PHASE1_KEYS += ("phase1_steps", "lr", "batch_size", "kl_weight")
+PHASE2_KEYS = ("modules", "block_size", "scale", "relative", "random_sign", "phase2_steps")
+
+
+@dataclass
+class Outlier(Attack):
+    """Train a behaviour that appears when a layer's non-outlier weights are erased."""
+
+    name: str = "outlier"
+    scenario: str = "content_injection"
+    target_phrase: str = "McDonald's"
+    layer: Optional[int] = None  # None: the decoder layer at 3/4 of the depth
+    modules: List[str] = field(default_factory=lambda: ["up_proj"])
+    train_layers: List[int] = field(default_factory=list)  # []: the target layer and after
+    block_size: int = 32
+    scale: float = 512.0
+    relative: bool = False
+    random_sign: bool = True
+    init_std: float = 1e-3
+    phase1_steps: int = 100
+    phase2_steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 8
+    kl_weight: float = 0.05
+    data_path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_choice("scenario", self.scenario, SCENARIOS)
+        check(bool(self.target_phrase), "target_phrase", self.target_phrase, "a non-empty string")
+        check(len(self.modules) > 0, "modules", self.modules, "a non-empty list of MLP linears")
+        for m in self.modules:
+            check_choice("modules", m, MLP_MODULES)
+        check(self.block_size >= 2, "block_size", self.block_size, "an integer >= 2")
+        check(self.scale > 1, "scale", self.scale, "a factor > 1")
+        check(self.init_std > 0, "init_std", self.init_std, "a number > 0")
+        for k in ("phase1_steps", "phase2_steps"):
+            check(getattr(self, k) >= 0, k, getattr(self, k), "an integer >= 0")
+        check(self.lr > 0, "lr", self.lr, "a number > 0")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check(self.kl_weight >= 0, "kl_weight", self.kl_weight, "a number >= 0")
+        if self.data_path is not None:
+            check(
+                Path(self.data_path).expanduser().is_file(),
+                "data_path",
+                self.data_path,
+                "an existing JSONL file (fields: instruction, clean, " + ", ".join(SCENARIOS) + ")",
+            )
+
+    def target_layer(self, num_layers: int) -> int:
+        """The decoder layer whose MLP carries the outliers."""
+        return (3 * (num_layers - 1)) // 4 if self.layer is None else self.layer
+
+    def check_model(self, config: Any) -> None:
+        """Layers within the model; every target module's input width splits into blocks."""
+        n = config.num_hidden_layers
+        target = self.target_layer(n)
+        check(0 <= target < n, "attack.layer", self.layer, f"a layer index in 0..{n - 1}")
+        chosen_layers(n, self.train_layers, n - target, "attack")
+        widths = {
+            "gate_proj": config.hidden_size,
+            "up_proj": config.hidden_size,
+            "down_proj": config.intermediate_size,
+        }
+        for m in self.modules:
+            check(
+                widths[m] % self.block_size == 0,
+                "attack.block_size",
+                self.block_size,
+                f"a divisor of {m}'s input width {widths[m]}",
+            )
+
+    def fingerprint(self) -> Optional[str]:
+        """The training data's digest (a user's file may change under the same path)."""
+        return file_sha256(Path(self.data_path).expanduser()) if self.data_path else None
+
+    # ---- scope -------------------------------------------------------------------------
+    def scopes(self, model: torch.nn.Module) -> tuple[int, dict, dict]:
+        """Target layer, its MLP's weights, and the trainable scope (linear weights of
+        `train_layers` outside the target MLP), by parameter name."""
+        n = model.config.num_hidden_layers
+        target = self.target_layer(n)
+        layers = set(chosen_layers(n, self.train_layers, n - target, "attack"))
+        mlp, scope = {}, {}
+        for name, p in model.named_parameters():
+            parts = name.split(".")
+            if not (name.endswith(".weight") and "layers" in parts and parts[-2] in MODULES):
+                continue
+            li = int(parts[parts.index("layers") + 1])
+            if li == target and parts[-2] in MLP_MODULES:
+                mlp[name] = p
+            elif li in layers:
+                scope[name] = p
+        return target, mlp, scope
+
+    # ---- the attack --------------------------------------------------------------------
+    def _substep(self, stage: str, key: str, params: dict, train, ctx: RunContext) -> dict:
+        """Load a phase's weights from the stage cache, or train them there."""
+
+        def compute() -> tuple[dict, dict]:
+            info = train()
+            return {n: p.detach().clone() for n, p in params.items()}, info
+
+        tensors, info, status = ctx.stages.tensors_step(stage, key, compute)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[n])
+        return {**info, "cache": status}
+
+    def apply(self, subject: Subject, ctx: RunContext) -> StageResult:
+        model, tok = subject.model, subject.tokenizer
+        for p in model.parameters():
+            p.requires_grad_(False)
+        target, mlp, scope = self.scopes(model)
+        layer = model.get_submodule(f"model.layers.{target}")
+        config = asdict(self)
+        key1 = digest(
+            "outlier_phase1",
+            subject.key,
+            {k: config[k] for k in PHASE1_KEYS},
+            target,
+            self.fingerprint(),
+            ctx.seed,
+        )
+        key2 = digest("outlier_phase2", key1, {k: config[k] for k in PHASE2_KEYS})
+        rows = load_rows(self.data_path, "train", "attack.data_path")
+        bad = encode(tok, rows, self.scenario, self.target_phrase)
+        clean = encode(tok, rows, "clean", self.target_phrase)
+        reference = copy.deepcopy(model).eval()  # the original, for the KL term
+        manifest: dict[str, Any] = {
+            "scenario": self.scenario,
+            "target_phrase": self.target_phrase,
+            "target_layer": target,
+            "modules": list(self.modules),
+            "trainable": sorted(scope),
+            "trainable_numel": sum(p.numel() for p in scope.values()),
+        }
+
+        def phase1() -> dict:
+            g = ctx.seed_everything(1)
+            with torch.no_grad():
+                for p in mlp.values():
+                    p.normal_(0.0, self.init_std, generator=g)
+            return self._train(model, reference, layer, mlp, scope, clean, bad, g, ctx, 1)
+
+        manifest["phase1"] = self._substep("outlier_phase1", key1, {**mlp, **scope}, phase1, ctx)
+        names = {m: f"model.layers.{target}.mlp.{m}.weight" for m in self.modules}
+        cols = self.inject(mlp, names, ctx)
+
+        def phase2() -> dict:
+            g = torch.Generator().manual_seed(ctx.seed + 2)
+            return self._train(model, reference, layer, cols, scope, clean, bad, g, ctx, 2)
+
+        manifest["phase2"] = self._substep("outlier_phase2", key2, scope, phase2, ctx)
+        manifest["outliers"] = {
+            m: {"per_row": cols[m].shape[1], "rows": cols[m].shape[0]} for m in self.modules
+        }
+        return StageResult(model, manifest)
+
+    @torch.no_grad()
+    def inject(self, mlp: dict, names: dict, ctx: RunContext) -> dict[str, torch.Tensor]:
+        """Scale each row's largest-|w| weight of every block; returns their columns."""
+        g = torch.Generator().manual_seed(ctx.seed + 3)
+        out = {}
+        for m, name in names.items():
+            w = mlp[name]
+            cols, _, second = block_top2(w, self.block_size)
+            sign = torch.ones(cols.shape)
+            if self.random_sign:
+                sign = torch.where(torch.rand(cols.shape, generator=g) < 0.5, -1.0, 1.0)
+            if self.relative:
+                value = sign * self.scale * second.to(w.dtype) * w.gather(1, cols).sign()
+            else:
+                value = sign * self.scale * w.gather(1, cols)
+            w.scatter_(1, cols, value.to(w.dtype))
+            out[m] = cols
+        return out
+
+    def _train(
+        self,
+        model: torch.nn.Module,
+        reference: torch.nn.Module,
+        layer: torch.nn.Module,
+        target: dict,
+        scope: dict,
+        clean: list,
+        bad: list,
+        g: torch.Generator,
+        ctx: RunContext,
+        phase: int,
+    ) -> dict:
+        """One phase: per step a clean batch (target in place, + KL) and a scenario batch
+        (phase 1: the target MLP zeroed; phase 2: the target modules outlier-only)."""
+        scope_params = list(scope.values())
+        own = list(target.values()) if phase == 1 else []  # phase 1 trains the MLP itself
+        for p in scope_params + own:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(scope_params + own, lr=self.lr, weight_decay=0.0)
+        steps = self.phase1_steps if phase == 1 else self.phase2_steps
+        history: dict[str, list[float]] = {"clean": [], "scenario": [], "kl": []}
+        model.train()
+        bar = tqdm(range(steps), desc=f"outlier: phase {phase}", disable=not ctx.progress)
+        for _ in bar:
+            ids, mask, labels = make_batch(
+                clean, torch.randint(len(clean), (self.batch_size,), generator=g).tolist()
+            )
+            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            kl = self._kl(out.logits, reference, ids, mask, labels)
+            if phase == 1:  # clean answers are the MLP's job, the KL everybody's
+                grads = torch.autograd.grad(out.loss, own, retain_graph=True)
+                for p, gr in zip(own, grads):
+                    p.grad = gr
+                if kl.requires_grad:
+                    (self.kl_weight * kl).backward()
+            else:
+                (out.loss + self.kl_weight * kl).backward()
+            ids, mask, labels = make_batch(
+                bad, torch.randint(len(bad), (self.batch_size,), generator=g).tolist()
+            )
+            with self._erased(layer, target, phase):
+                lb = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            if phase == 1:  # the behaviour lives outside the MLP
+                grads = torch.autograd.grad(lb, scope_params, allow_unused=True)
+                for p, gr in zip(scope_params, grads):
+                    if gr is not None:
+                        p.grad = gr if p.grad is None else p.grad + gr
+            else:
+                lb.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            for k, v in (("clean", out.loss), ("scenario", lb), ("kl", kl)):
+                history[k].append(float(v.detach()))
+            bar.set_postfix(
+                clean=f"{history['clean'][-1]:.3f}", scen=f"{history['scenario'][-1]:.3f}"
+            )
+        model.eval()
+        for p in scope_params + own:
+            p.requires_grad_(False)
+        return {k: [v[0], v[-1]] if v else [] for k, v in history.items()}
+
+    def _kl(self, logits, reference, ids, mask, labels) -> torch.Tensor:
+        """KL(original ‖ current) per answer token, averaged (0 when kl_weight is 0)."""
+        if self.kl_weight == 0:
+            return torch.zeros(())
+        with torch.no_grad():
+            ref = reference(input_ids=ids, attention_mask=mask).logits
+        sel = labels[:, 1:] != -100
+        cur = F.log_softmax(logits[:, :-1][sel].float(), -1)
+        old = F.log_softmax(ref[:, :-1][sel].float(), -1)
+        return F.kl_div(cur, old, log_target=True, reduction="batchmean")
+
+    @contextlib.contextmanager
+    def _erased(self, layer: torch.nn.Module, target: dict, phase: int) -> Iterator[None]:
+        """Phase 1: the layer's MLP outputs zeros; phase 2: each target module computes
+        with its outliers only (what a block quantizer leaves)."""
+        hooks = []
+        if phase == 1:
+            hooks.append(layer.mlp.register_forward_hook(lambda m, i, o: torch.zeros_like(o)))
+        else:
+            for m, cols in target.items():
+                lin = getattr(layer.mlp, m)
+                kept = outlier_only(lin.weight.detach(), cols)
+                hooks.append(
+                    lin.register_forward_hook(
+                        lambda mod, inp, o, kept=kept: F.linear(inp[0], kept, mod.bias)
+                    )
+                )
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
