@@ -97,9 +97,10 @@ def test_relative_scale_is_a_multiple_of_the_second_largest(make_cfg, tmp_path):
 def test_bad_outlier_configs_are_refused_before_weights(make_cfg, tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         run(make_cfg(*FAST, override), tmp_path / "run")
-    assert not (tmp_path / "run" / "results.json").exists() or "complete" not in (
-        tmp_path / "run" / "results.json"
-    ).read_text()
+    assert (
+        not (tmp_path / "run" / "results.json").exists()
+        or "complete" not in (tmp_path / "run" / "results.json").read_text()
+    )
 
 
 def test_clip_removes_injected_outliers_and_spares_clean_blocks(make_cfg, tmp_path):
