@@ -71,3 +71,15 @@ def test_short_pipeline_on_the_embedded_model(embedded, tmp_path):
     assert q["ref_ppl"] != orig["ref_ppl"]
     rows = [json.loads(x) for x in (tmp_path / "generations" / "original.jsonl").open()]
     assert sum(r["parsed"] is not None for r in rows) >= 6  # it answers with numbers
+
+
+def test_audit_outlier_check_passes_the_embedded_model(embedded):
+    from qexp.audit import outlier
+    from qexp.audit.checkpoint import Checkpoint
+
+    spec, ctx = embedded
+    with Checkpoint(spec.model.checkpoint_dir(ctx), "CHECKPOINT") as ckpt:
+        rep = outlier.run(ckpt, progress=False)
+    assert rep["verdict"] == "clean" and rep["score"]["n_tensors"] == 210
+    assert rep["score"]["max_outlier_fraction"] == 0.0
+    assert 10 < rep["score"]["max_ratio"] < outlier.RATIO  # SmolLM2's own largest block: 22.7
