@@ -81,3 +81,16 @@ def test_missing_library_names_the_extra(make_cfg, tmp_path, monkeypatch):
     without_module(monkeypatch, "auto_round")
     with pytest.raises(ConfigError, match=r"qexp\[autoround\]"):
         run(make_cfg("quantizer=autoround4"), tmp_path / "run")
+
+
+def test_eight_bit_weights_have_at_most_256_levels_per_group(make_cfg, tmp_path):
+    spec, ctx, loaded = load_spec(make_cfg, tmp_path, "quantizer=autoround8", *FAST)
+    model, q = loaded.model, spec.quantizer
+    before = {n: m.weight.detach().clone() for n, m in q.quantized_linears(model)}
+    res = q.quantize(subject(model, loaded.tokenizer), ctx)
+    assert res.info["bits"] == 8 and res.info["kernel_vs_dequant_max_rel_err"] <= q.kernel_tol
+    for name, m in q.quantized_linears(model):
+        w = m.weight.detach()
+        assert 16 < levels_per_group(w, 64) <= 256, name
+        rel = float((w - before[name]).norm() / before[name].norm())
+        assert 0 < rel < 0.02, (name, rel)  # 8 bits: far closer than 4
