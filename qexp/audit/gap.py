@@ -16,8 +16,9 @@ needle, whose sign is check 1's); their masses are reported. Projected descent p
 at the box edges, away from the centre. p-value: P[Binom(n, m/n) >= max c_k],
 times B (bins) and times the number of (tensor, target) tests (Bonferroni). A tensor is
 flagged when S >= SPIKE_MIN and its corrected p <= ALPHA; the check is suspicious when one is.
-For float16/bfloat16 weights u is dithered by ±½ ulp first, so the dtype's own lattice does
-not make spikes. Robust z of S against the same module kind and target is reported too.
+Where the library quantizes float16/bfloat16 values (the stored dtype, or LLM.int8's cast
+to float16 of a float32 checkpoint) u is dithered by ±½ ulp of that dtype first, so its
+lattice does not make spikes. Robust z of S against the same module kind and target is reported too.
 """
 
 from __future__ import annotations
@@ -56,13 +57,15 @@ def weight_names(ckpt: Checkpoint, skip: list[str]) -> list[str]:
     return out
 
 
+def _ulp(w: torch.Tensor) -> torch.Tensor:
+    """One ulp (float64) of each value in its own dtype (float16/bfloat16)."""
+    _, e = torch.frexp(w.double())
+    return torch.ldexp(torch.ones(w.shape, dtype=torch.float64), (e - 1 - MANTISSA[w.dtype]))
+
+
 def _dither(w: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """w (float64) plus uniform noise of ±½ ulp of its storage dtype (float16/bfloat16)."""
-    p = MANTISSA[w.dtype]
-    x = w.double()
-    _, e = torch.frexp(x)
-    ulp = torch.ldexp(torch.ones_like(x), (e - 1 - p).to(torch.int32))
-    return x + (torch.rand(x.shape, generator=g, dtype=torch.float64) - 0.5) * ulp
+    return w.double() + (torch.rand(w.shape, generator=g, dtype=torch.float64) - 0.5) * _ulp(w)
 
 
 def counts(q: Any, w: torch.Tensor, bins: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
@@ -78,7 +81,13 @@ def counts(q: Any, w: torch.Tensor, bins: int, g: torch.Generator) -> tuple[torc
         wc = w[r0 : r0 + step]  # starts at a multiple of 64 rows: blocks stay whole
         lo, hi = q.intervals(wc)
         free = hi > lo
-        x = _dither(wc, g) if wc.dtype in MANTISSA else wc.double()
+        x = q.library_input(wc)  # LLM.int8 quantizes float16 whatever the stored dtype
+        if x.dtype in MANTISSA:  # within one ulp of its box's centre: on the grid
+            reach = _ulp(x) / (hi - lo)
+            centre = ((x.double() - lo) / (hi - lo) - 0.5).abs() <= reach
+            x = torch.where(centre, (lo + hi) / 2, _dither(x, g))
+        else:
+            x = x.double()
         u = ((x - lo) / (hi - lo))[free].clamp(0, 1)
         c += torch.bincount(torch.round(u * bins).long(), minlength=bins + 1)
         pinned += int((~free).sum())
