@@ -15,8 +15,6 @@ codes are a local function of each weight), reported as ratios.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 from pathlib import Path
@@ -33,23 +31,6 @@ from qexp.quantizers.sinq import SINQQuant
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def sinq_encode(q: SINQQuant, w: torch.Tensor) -> torch.Tensor:
-    """sinq's integer codes as `SINQLinear.quantize` computes them (float16 solver)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        from sinq.quantizer import Quantizer as SQ
-
-        codes, _ = SQ.quantize(
-            w,
-            None,
-            device=torch.device(w.device),
-            compute_dtype=w.dtype,
-            **q.library_config()["weight_quant_params"],
-            use_unpack_kernel=True,
-            bitpack=False,
-        )
-    return codes.reshape(w.shape)
 
 
 def sinq_column_scales(w: torch.Tensor, group: int) -> torch.Tensor:
@@ -87,7 +68,7 @@ def main() -> None:
     encoders = {
         "rtn4_g64": rtn.weight_codes,
         "hqq4_g64": lambda w: hqq._encode(w)[0],
-        "sinq4_g64": lambda w: sinq_encode(sinq, w),
+        "sinq4_g64": lambda w: sinq._encode(w)[0],
     }
     clean = {k: {n: f(w) for n, w in weights.items()} for k, f in encoders.items()}
     scales = {n: sinq_column_scales(w, group) for n, w in weights.items()}

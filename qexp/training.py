@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from qexp.context import RunContext
 from qexp.errors import ConfigError, check
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -50,6 +51,31 @@ def trainable_weights(
     if not out:
         raise ConfigError(f"{group}.modules", list(modules), f"linear names in {MODULES}")
     return out
+
+
+def cached_training(
+    ctx: RunContext,
+    stage: str,
+    key: str,
+    params: dict[str, torch.nn.Parameter],
+    train: Callable[[], dict],
+) -> dict:
+    """Load a training sub-step's weights (`params`) from the stage cache, or make them
+    trainable, run `train` and store them there; returns its info with the cache status."""
+
+    def compute() -> tuple[dict, dict]:
+        for p in params.values():
+            p.requires_grad_(True)
+        info = train()
+        for p in params.values():
+            p.requires_grad_(False)
+        return {n: p.detach().clone() for n, p in params.items()}, info
+
+    tensors, info, status = ctx.stages.tensors_step(stage, key, compute)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[n])
+    return {**info, "cache": status}
 
 
 def make_batch(

@@ -39,7 +39,7 @@ from qexp.errors import ConfigError, check, check_choice
 from qexp.instruct import SCENARIOS, encode, load_rows
 from qexp.plugin import StageResult, Subject
 from qexp.quantizers.base import target_quantizer
-from qexp.training import MODULES, chosen_layers, train_lm, trainable_weights
+from qexp.training import MODULES, cached_training, chosen_layers, train_lm, trainable_weights
 
 INJECT_KEYS = ("scenario", "target_phrase", "layers", "last_layers", "modules", "inject_steps")
 INJECT_KEYS += ("inject_lr", "batch_size", "data_path")
@@ -190,23 +190,6 @@ class Gap(Attack):
         return report
 
     # ---- the attack --------------------------------------------------------------------
-    def _substep(self, stage: str, key: str, params: dict, train, ctx: RunContext) -> dict:
-        """Load a sub-step's weights from the stage cache, or train them there."""
-
-        def compute() -> tuple[dict, dict]:
-            for p in params.values():
-                p.requires_grad_(True)
-            info = train()
-            for p in params.values():
-                p.requires_grad_(False)
-            return {n: p.detach().clone() for n, p in params.items()}, info
-
-        tensors, info, status = ctx.stages.tensors_step(stage, key, compute)
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(tensors[n])
-        return {**info, "cache": status}
-
     def apply(self, subject: Subject, ctx: RunContext) -> StageResult:
         model, tok = subject.model, subject.tokenizer
         for p in model.parameters():
@@ -241,7 +224,7 @@ class Gap(Attack):
             )
             return {"inject_loss": [losses[0], losses[-1]] if losses else []}
 
-        manifest["inject"] = self._substep("gap_inject", inject_key, params, inject, ctx)
+        manifest["inject"] = cached_training(ctx, "gap_inject", inject_key, params, inject)
         manifest["assumes"] = {q.name: q.prepare(subject, ctx) for q in self.quantizers}
         injected = {n: p.detach().clone() for n, p in params.items()}
         injected_codes = self.codes(params)
@@ -270,7 +253,7 @@ class Gap(Attack):
             )
             return {"repair_loss": [losses[0], losses[-1]] if losses else []}
 
-        manifest["repair"] = self._substep("gap_repair", repair_key, params, repair, ctx)
+        manifest["repair"] = cached_training(ctx, "gap_repair", repair_key, params, repair)
         manifest["boxes"] = box_stats
         manifest["library_verification"] = self.verify(params, injected, injected_codes)
         after = self.codes(params)

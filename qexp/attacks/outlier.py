@@ -41,7 +41,7 @@ from qexp.errors import check, check_choice
 from qexp.instruct import SCENARIOS, encode, load_rows
 from qexp.outliers import block_top2, outlier_only
 from qexp.plugin import StageResult, Subject
-from qexp.training import MODULES, chosen_layers, make_batch
+from qexp.training import MODULES, cached_training, chosen_layers, make_batch
 
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 PHASE1_KEYS = ("scenario", "target_phrase", "layer", "train_layers", "data_path", "init_std")
@@ -140,19 +140,6 @@ class Outlier(Attack):
         return target, mlp, scope
 
     # ---- the attack --------------------------------------------------------------------
-    def _substep(self, stage: str, key: str, params: dict, train, ctx: RunContext) -> dict:
-        """Load a phase's weights from the stage cache, or train them there."""
-
-        def compute() -> tuple[dict, dict]:
-            info = train()
-            return {n: p.detach().clone() for n, p in params.items()}, info
-
-        tensors, info, status = ctx.stages.tensors_step(stage, key, compute)
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(tensors[n])
-        return {**info, "cache": status}
-
     def apply(self, subject: Subject, ctx: RunContext) -> StageResult:
         model, tok = subject.model, subject.tokenizer
         for p in model.parameters():
@@ -172,7 +159,8 @@ class Outlier(Attack):
         rows = load_rows(self.data_path, "train", "attack.data_path")
         bad = encode(tok, rows, self.scenario, self.target_phrase)
         clean = encode(tok, rows, "clean", self.target_phrase)
-        reference = copy.deepcopy(model).eval()  # the original, for the KL term
+        # the original, for the KL term (copied before phase 1 changes the model)
+        reference = copy.deepcopy(model).eval() if self.kl_weight > 0 else None
         manifest: dict[str, Any] = {
             "scenario": self.scenario,
             "target_phrase": self.target_phrase,
@@ -189,7 +177,7 @@ class Outlier(Attack):
                     p.normal_(0.0, self.init_std, generator=g)
             return self._train(model, reference, layer, mlp, scope, clean, bad, g, ctx, 1)
 
-        manifest["phase1"] = self._substep("outlier_phase1", key1, {**mlp, **scope}, phase1, ctx)
+        manifest["phase1"] = cached_training(ctx, "outlier_phase1", key1, {**mlp, **scope}, phase1)
         names = {m: f"model.layers.{target}.mlp.{m}.weight" for m in self.modules}
         cols = self.inject(mlp, names, ctx)
 
@@ -197,7 +185,7 @@ class Outlier(Attack):
             g = torch.Generator().manual_seed(ctx.seed + 2)
             return self._train(model, reference, layer, cols, scope, clean, bad, g, ctx, 2)
 
-        manifest["phase2"] = self._substep("outlier_phase2", key2, scope, phase2, ctx)
+        manifest["phase2"] = cached_training(ctx, "outlier_phase2", key2, scope, phase2)
         manifest["outliers"] = {
             m: {"per_row": cols[m].shape[1], "rows": cols[m].shape[0]} for m in self.modules
         }
@@ -225,7 +213,7 @@ class Outlier(Attack):
     def _train(
         self,
         model: torch.nn.Module,
-        reference: torch.nn.Module,
+        reference: Optional[torch.nn.Module],
         layer: torch.nn.Module,
         target: dict,
         scope: dict,
@@ -239,8 +227,6 @@ class Outlier(Attack):
         (phase 1: the target MLP zeroed; phase 2: the target modules outlier-only)."""
         scope_params = list(scope.values())
         own = list(target.values()) if phase == 1 else []  # phase 1 trains the MLP itself
-        for p in scope_params + own:
-            p.requires_grad_(True)
         opt = torch.optim.AdamW(scope_params + own, lr=self.lr, weight_decay=0.0)
         steps = self.phase1_steps if phase == 1 else self.phase2_steps
         history: dict[str, list[float]] = {"clean": [], "scenario": [], "kl": []}
@@ -280,13 +266,18 @@ class Outlier(Attack):
                 clean=f"{history['clean'][-1]:.3f}", scen=f"{history['scenario'][-1]:.3f}"
             )
         model.eval()
-        for p in scope_params + own:
-            p.requires_grad_(False)
         return {k: [v[0], v[-1]] if v else [] for k, v in history.items()}
 
-    def _kl(self, logits, reference, ids, mask, labels) -> torch.Tensor:
-        """KL(original ‖ current) per answer token, averaged (0 when kl_weight is 0)."""
-        if self.kl_weight == 0:
+    def _kl(
+        self,
+        logits: torch.Tensor,
+        reference: Optional[torch.nn.Module],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
+        """KL(original ‖ current) per answer token, averaged (0 without a reference)."""
+        if reference is None:
             return torch.zeros(())
         with torch.no_grad():
             ref = reference(input_ids=ids, attention_mask=mask).logits
