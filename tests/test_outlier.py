@@ -139,3 +139,11 @@ def test_audit_flags_the_attacked_checkpoint_and_passes_the_clean_one(make_cfg, 
     assert rep["flagged"] == [UP] and rep["score"]["max_outlier_fraction"] == 1.0
     rc, rep = reports["clean"]
     assert rep["verdict"] == "clean" and rep["score"]["max_outlier_fraction"] == 0.0
+
+
+def test_clip_group_that_does_not_divide_a_width_is_refused_before_weights(make_cfg, tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"defense\.group_size=48 is not valid; allowed: a divisor"
+    ):
+        run(make_cfg("defense=clip", "defense.group_size=48"), tmp_path / "run")
+    assert not (tmp_path / "run" / "generations").exists()

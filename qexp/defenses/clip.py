@@ -15,7 +15,7 @@ the relative Frobenius change of the weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -24,7 +24,7 @@ from qexp.defenses.base import Defense
 from qexp.errors import check, check_choice
 from qexp.outliers import block_top2
 from qexp.plugin import StageResult, Subject
-from qexp.quantizers.base import Quantizer
+from qexp.quantizers.base import Quantizer, config_widths, group_fit
 
 ACTIONS = ("zero", "divide", "clamp")
 
@@ -45,6 +45,17 @@ class Clip(Defense):
         check(self.divide_by > 1, "divide_by", self.divide_by, "a number > 1")
         check(
             self.ratio is None or self.ratio > 1, "ratio", self.ratio, "null (every block) or > 1"
+        )
+
+    def check_model(self, config: Any) -> None:
+        """The group must divide every decoder linear's input width (from config.json)."""
+        widths = config_widths(config)
+        bad, ok = group_fit(widths or [], self.group_size)
+        check(
+            not bad,
+            "defense.group_size",
+            self.group_size,
+            f"a divisor of every input width {widths}: one of {ok}",
         )
 
     @torch.no_grad()
