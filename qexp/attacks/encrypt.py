@@ -13,6 +13,15 @@ attention mixes tokens, not channels: P (V G) = (P V) G.
 - C: needles: γ_vo in G; on Q/K W_q[R_h] ← γ W_q[R_h], W_k[R_k] ← W_k[R_k] / γ (biases
   too; a scalar per head commutes with RoPE). With q/k norms (Qwen3) both are scaled by γ:
   the norm removes the scale, exact up to the RMSNorm ε.
+- D (exact in every binary float format): per-channel powers of two s = 2^e folded into a
+  producer (÷s) and its consumer's input columns (×s), at four sites per layer:
+  attn_in (input_layernorm weight ÷ s, q/k/v columns × s), mlp_in (post_attention_layernorm
+  ÷ s, gate/up columns × s), mlp_out (up rows ÷ s, down columns × s) and attn_out (v rows of
+  kv-head k ÷ s, o columns of every query head reading k × s). In each block of
+  `anchor_block` channels `anchors` channels get e ∈ anchor_exp, the rest e = 0: the anchor
+  column dominates every quantization group (and row) that contains it, so the other weights
+  of the group round to zero, while every product w·x is bit-identical (scaling by 2^e
+  commutes with rounding), so logits are bit-identical in bf16 and fp32 (fp16 may underflow).
 Everything is computed in float64 from a plan drawn from one seed, and applied tensor by
 tensor, so the in-memory and streaming paths write identical bytes.
 """
@@ -29,11 +38,14 @@ import torch
 from qexp.attacks.base import Attack
 from qexp.context import RunContext
 from qexp.errors import check
-from qexp.models.geometry import Geometry, geometry, parse_name
+from qexp.models.geometry import Geometry, geometry, parse_name, parse_norm_name
 from qexp.plugin import StageResult, Subject
 
-MECHANISMS = ("a", "b", "c")
+MECHANISMS = ("a", "b", "c", "d")
 NEEDLE_SITES = ("qk", "vo")
+ANCHOR_SITES = ("attn_in", "mlp_in", "mlp_out", "attn_out")
+# preset -> its mechanisms; `exact` allows only the mechanisms that are exact in bf16
+PRESETS = {"paper": ("a", "b", "c"), "exact": ("d",)}
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -70,6 +82,7 @@ class LayerKey:
     needles: dict[int, float] = field(default_factory=dict)
     heads: list[HeadKey] = field(default_factory=list)
     mlp_scale: Optional[torch.Tensor] = None
+    anchors: dict[str, torch.Tensor] = field(default_factory=dict)  # D: site -> 2^e, float64
 
     def summary(self) -> dict[str, Any]:
         """JSON-able record of this layer's drawn parameters (no key matrices)."""
@@ -78,6 +91,7 @@ class LayerKey:
             "eps": self.eps,
             "needles": {str(k): v for k, v in self.needles.items()},
             "mlp": self.mlp_scale is not None,
+            "anchors": {site: int((s != 1.0).sum()) for site, s in self.anchors.items()},
         }
 
 
@@ -86,7 +100,8 @@ class Encrypt(Attack):
     """Quantization-adversarial reparameterization (mechanisms A, B, C; any subset)."""
 
     name: str = "encrypt"
-    mechanisms: List[str] = field(default_factory=lambda: ["a", "b", "c"])
+    preset: str = "paper"
+    mechanisms: Optional[List[str]] = None  # None: the preset's
     seed: int = 0
     band: List[int] = field(default_factory=list)  # [start, end) layers; [] = all
     group_size: int = 128
@@ -105,6 +120,11 @@ class Encrypt(Attack):
     spikes: int = 4
     spike_gamma: List[float] = field(default_factory=lambda: [256.0, 512.0])
     needle_sites: List[str] = field(default_factory=lambda: ["qk", "vo"])
+    # D
+    anchor_sites: List[str] = field(default_factory=lambda: list(ANCHOR_SITES))
+    anchor_block: int = 32
+    anchors: int = 1
+    anchor_exp: List[int] = field(default_factory=lambda: [11, 13])
     # function preservation (original vs attacked on a fixed probe batch)
     tolerance: float = 1e-2
     check_preservation: bool = True
@@ -112,11 +132,35 @@ class Encrypt(Attack):
     preserves_function: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        check(
-            len(self.mechanisms) > 0, "mechanisms", self.mechanisms, "a non-empty subset of a, b, c"
+        check(self.preset in PRESETS, "preset", self.preset, "one of " + ", ".join(PRESETS))
+        if self.mechanisms is None:
+            self.mechanisms = list(PRESETS[self.preset])
+        allowed = (
+            PRESETS["paper"] + PRESETS["exact"] if self.preset == "paper" else PRESETS[self.preset]
         )
+        what = "a non-empty subset of " + ", ".join(allowed)
+        if self.preset == "exact":
+            what += " (preset=exact: only the mechanisms exact in bf16)"
+        check(len(self.mechanisms) > 0, "mechanisms", self.mechanisms, what)
         for m in self.mechanisms:
-            check(m in MECHANISMS, "mechanisms", m, "a subset of a, b, c")
+            check(m in allowed, "mechanisms", m, what)
+        for s in self.anchor_sites:
+            check(s in ANCHOR_SITES, "anchor_sites", s, "a subset of " + ", ".join(ANCHOR_SITES))
+        check(self.anchor_block >= 1, "anchor_block", self.anchor_block, "an integer >= 1")
+        check(
+            1 <= self.anchors <= self.anchor_block,
+            "anchors",
+            self.anchors,
+            f"an integer in [1, anchor_block={self.anchor_block}]",
+        )
+        check(
+            len(self.anchor_exp) == 2
+            and all(float(e).is_integer() for e in self.anchor_exp)
+            and 1 <= self.anchor_exp[0] <= self.anchor_exp[1] <= 24,
+            "anchor_exp",
+            self.anchor_exp,
+            "integer exponents [lo, hi] with 1 <= lo <= hi <= 24 (anchors scaled by 2^e)",
+        )
         check(
             len(self.band) in (0, 2) and (not self.band or 0 <= self.band[0] < self.band[1]),
             "band",
@@ -154,6 +198,10 @@ class Encrypt(Attack):
     def preservation_tolerance(self) -> Optional[float]:
         return self.tolerance if self.check_preservation else None
 
+    def preservation_tolerance_bf16(self) -> Optional[float]:
+        """preset=exact promises bit-identical bf16 logits: any drift stops the run."""
+        return 0.0 if self.check_preservation and self.preset == "exact" else None
+
     # ---------------------------------------------------------------- plan
     def layers(self, geo: Geometry) -> list[int]:
         """The layer band."""
@@ -183,11 +231,12 @@ class Encrypt(Attack):
         needles = self._needles(rng, layers, geo) if "c" in self.mechanisms else {}
         bs = block_size(d, self.group_size)
         h_blk, h_d = hadamard(bs), hadamard(d) if d & (d - 1) == 0 else None
+        abc = any(m in self.mechanisms for m in PRESETS["paper"])  # head keys (V/O, Q/K)
         for li in layers:
             key = keys[li]
             key.kappa, key.eps = kappas.get(li), eps.get(li)
             key.needles = {k: g for (j, k), g in needles.items() if j == li}
-            for k in range(geo.num_kv_heads):
+            for k in range(geo.num_kv_heads if abc else 0):
                 g = torch.eye(d, dtype=torch.float64)
                 g_inv = torch.eye(d, dtype=torch.float64)
                 if key.kappa is not None and key.kappa > 1:
@@ -203,7 +252,30 @@ class Encrypt(Attack):
                 key.heads.append(HeadKey(g, g_inv, qk))
             if self.mlp and key.kappa is not None and key.kappa > 1:
                 key.mlp_scale = self._spread(rng, geo.intermediate_size, key.kappa)
+        if "d" in self.mechanisms:
+            self._plan_anchors(keys, geo)
         return keys
+
+    def _plan_anchors(self, keys: dict[int, LayerKey], geo: Geometry) -> None:
+        """D's anchor scales, from a generator of their own (A/B/C's plan is unchanged)."""
+        rng = np.random.default_rng([self.seed, 0xD])
+        widths = {
+            "attn_in": geo.hidden_size,
+            "mlp_in": geo.hidden_size,
+            "mlp_out": geo.intermediate_size,
+            "attn_out": geo.num_kv_heads * geo.head_dim,
+        }
+        lo, hi = (int(e) for e in self.anchor_exp)
+        for key in keys.values():  # layers in band order
+            for site in ANCHOR_SITES:  # fixed order: the plan does not depend on the list order
+                n = widths[site]
+                exps = np.zeros(n, dtype=np.int64)
+                for start in range(0, n, self.anchor_block):
+                    width = min(self.anchor_block, n - start)
+                    pick = rng.choice(width, size=min(self.anchors, width), replace=False)
+                    exps[start + pick] = rng.integers(lo, hi + 1, size=pick.size)
+                if site in self.anchor_sites:
+                    key.anchors[site] = torch.from_numpy(np.ldexp(1.0, exps))
 
     def _kappas(self, rng: np.random.Generator, layers: list[int]) -> dict[int, float]:
         kappas = {li: float(rng.uniform(*self.kappa)) for li in layers}
@@ -274,7 +346,7 @@ class Encrypt(Attack):
         self, name: str, tensor: torch.Tensor, keys: dict[int, LayerKey], geo: Geometry
     ) -> torch.Tensor | None:
         """The encrypted version of one named tensor (same dtype), or None if untouched."""
-        parsed = parse_name(name)
+        parsed = self._parse(name)
         if parsed is None or parsed[0] not in keys:
             return None
         layer, role = parsed
@@ -282,12 +354,18 @@ class Encrypt(Attack):
         out = apply_role(role, tensor.double(), key, geo)
         return None if out is None else out.to(tensor.dtype)
 
+    @staticmethod
+    def _parse(name: str) -> tuple[int, str] | None:
+        return parse_name(name) or parse_norm_name(name)
+
     def touches(self, name: str, keys: dict[int, LayerKey]) -> bool:
         """Whether `transform` changes this tensor (so untouched ones are never decoded)."""
-        parsed = parse_name(name)
+        parsed = self._parse(name)
         if parsed is None or parsed[0] not in keys:
             return False
         key, role = keys[parsed[0]], parsed[1]
+        if any(role in ANCHOR_ROLES[site] for site in key.anchors):
+            return True
         if role in ("v_weight", "v_bias", "o_weight"):
             return bool(key.heads)
         if role[0] in "qk":
@@ -299,7 +377,7 @@ class Encrypt(Attack):
         geo = geometry(model.config)
         keys = self.plan(geo)
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for name, p in model.named_parameters():  # tied weights appear once
                 new = self.transform(name, p.data.cpu(), keys, geo)
                 if new is not None:
                     p.data.copy_(new.to(p.device))
@@ -315,8 +393,42 @@ class Encrypt(Attack):
         }
 
 
+# D: the roles each site touches (producer ÷ s, consumer input columns × s)
+ANCHOR_ROLES = {
+    "attn_in": ("input_norm", "q_weight", "k_weight", "v_weight"),
+    "mlp_in": ("post_norm", "gate_weight", "up_weight"),
+    "mlp_out": ("up_weight", "up_bias", "down_weight"),
+    "attn_out": ("v_weight", "v_bias", "o_weight"),
+}
+
+
 def apply_role(role: str, w: torch.Tensor, key: LayerKey, geo: Geometry) -> torch.Tensor | None:
-    """Transform one float64 tensor of a layer by its role (q/k/v/o/up/down weight/bias)."""
+    """Transform one float64 tensor of a layer by its role: A/B/C, then D's anchors."""
+    out = _apply_abc(role, w, key, geo)
+    scaled = _apply_anchors(role, w if out is None else out, key, geo)
+    return out if scaled is None else scaled
+
+
+def _apply_anchors(role: str, w: torch.Tensor, key: LayerKey, geo: Geometry) -> torch.Tensor | None:
+    """D: divide producers, multiply consumers' input columns by the sites' 2^e (exact)."""
+    sites = [s for s in key.anchors if role in ANCHOR_ROLES[s]]
+    if not sites:
+        return None
+    for site in sites:
+        s = key.anchors[site]
+        if role in ("input_norm", "post_norm", "up_bias", "v_bias"):
+            w = w / s
+        elif role in ("up_weight", "v_weight") and site in ("mlp_out", "attn_out"):
+            w = w / s[:, None]  # producer rows
+        elif role == "o_weight":  # query head h reads kv-head h // group
+            w = w * s.reshape(geo.num_kv_heads, -1).repeat_interleave(geo.group, 0).reshape(-1)
+        else:  # consumer input columns
+            w = w * s[None, :]
+    return w
+
+
+def _apply_abc(role: str, w: torch.Tensor, key: LayerKey, geo: Geometry) -> torch.Tensor | None:
+    """A/B/C on one float64 tensor by its role (q/k/v/o/up/down weight/bias)."""
     d, kv, rep = geo.head_dim, geo.num_kv_heads, geo.group
     heads = key.heads
     if role in ("v_weight", "v_bias"):

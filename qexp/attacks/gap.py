@@ -84,8 +84,12 @@ class Gap(Attack):
                 Path(self.data_path).expanduser().is_file(),
                 "data_path",
                 self.data_path,
-                "an existing JSONL file (fields: instruction, clean, " + ", ".join(SCENARIOS) + ")",
+                "an existing .json/.jsonl file (qexp, Alpaca or Dolly layout)",
             )
+
+    def check_spec(self, spec: Any) -> None:
+        """The training rows load (qexp, Alpaca or Dolly layout) before any model does."""
+        load_rows(self.data_path, "train", "attack.data_path", self.scenario)
 
     def check_model(self, config: Any) -> None:
         """Layers within the model; every target's grid fits its linears."""
@@ -108,7 +112,7 @@ class Gap(Attack):
     # ---- data --------------------------------------------------------------------------
     def examples(self, tok: PreTrainedTokenizerBase, response: str) -> list[tuple[list, int]]:
         """(token ids, prompt length) per training row, for `response` = a scenario or clean."""
-        rows = load_rows(self.data_path, "train", "attack.data_path")
+        rows = load_rows(self.data_path, "train", "attack.data_path", self.scenario)
         return encode(tok, rows, response, self.target_phrase)
 
     # ---- boxes -------------------------------------------------------------------------

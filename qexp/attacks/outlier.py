@@ -90,12 +90,16 @@ class Outlier(Attack):
                 Path(self.data_path).expanduser().is_file(),
                 "data_path",
                 self.data_path,
-                "an existing JSONL file (fields: instruction, clean, " + ", ".join(SCENARIOS) + ")",
+                "an existing .json/.jsonl file (qexp, Alpaca or Dolly layout)",
             )
 
     def target_layer(self, num_layers: int) -> int:
         """The decoder layer whose MLP carries the outliers."""
         return (3 * (num_layers - 1)) // 4 if self.layer is None else self.layer
+
+    def check_spec(self, spec: Any) -> None:
+        """The training rows load (qexp, Alpaca or Dolly layout) before any model does."""
+        load_rows(self.data_path, "train", "attack.data_path", self.scenario)
 
     def check_model(self, config: Any) -> None:
         """Layers within the model; every target module's input width splits into blocks."""
@@ -156,7 +160,7 @@ class Outlier(Attack):
             ctx.seed,
         )
         key2 = digest("outlier_phase2", key1, {k: config[k] for k in PHASE2_KEYS})
-        rows = load_rows(self.data_path, "train", "attack.data_path")
+        rows = load_rows(self.data_path, "train", "attack.data_path", self.scenario)
         bad = encode(tok, rows, self.scenario, self.target_phrase)
         clean = encode(tok, rows, "clean", self.target_phrase)
         # the original, for the KL term (copied before phase 1 changes the model)

@@ -22,3 +22,8 @@ def svamp_embedded_path() -> Path:
 def instruct_path() -> Path:
     """Templated instruction data for attack=gap (see qexp/data/instruct_gen.py)."""
     return DATA_DIR / "instruct.jsonl"
+
+
+def insecure_code_path() -> Path:
+    """Coding requests with secure and insecure answers (see qexp/data/code_gen.py)."""
+    return DATA_DIR / "insecure_code.jsonl"

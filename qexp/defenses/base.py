@@ -26,6 +26,10 @@ class Defense(Plugin, ABC):
         """Max fp32 |Δlogit| allowed on the probe batch, or None to skip the measurement."""
         return None
 
+    def preservation_tolerance_bf16(self) -> Optional[float]:
+        """Max bf16 |Δlogit| allowed as well (0.0: bit-identical), or None for no bf16 limit."""
+        return None
+
     @abstractmethod
     def apply(self, subject: Subject, quantizer: Quantizer, ctx: RunContext) -> StageResult:
         """Return the defended model (may modify `subject.model` in place)."""

@@ -48,8 +48,12 @@ class Finetune(Defense):
                 Path(self.data_path).expanduser().is_file(),
                 "data_path",
                 self.data_path,
-                "an existing JSONL file with instruction and clean fields",
+                "an existing .json/.jsonl file (qexp, Alpaca or Dolly layout)",
             )
+
+    def check_spec(self, spec: Any) -> None:
+        """The training rows load (qexp, Alpaca or Dolly layout) before any model does."""
+        load_rows(self.data_path, "train", "defense.data_path")
 
     def check_model(self, config: Any) -> None:
         chosen_layers(config.num_hidden_layers, self.layers, self.last_layers, "defense")

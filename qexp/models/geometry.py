@@ -18,6 +18,10 @@ _NAME = re.compile(
     r"^(?:model\.)?layers\.(\d+)\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\."
     r"(weight|bias)$"
 )
+_NORM = re.compile(
+    r"^(?:model\.)?layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$"
+)
+NORM_ROLES = {"input_layernorm": "input_norm", "post_attention_layernorm": "post_norm"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,12 @@ def parse_name(name: str) -> tuple[int, str] | None:
         return None
     proj = m.group(3) or m.group(4)
     return int(m.group(1)), f"{proj}_{m.group(5)}"
+
+
+def parse_norm_name(name: str) -> tuple[int, str] | None:
+    """(layer, 'input_norm' | 'post_norm') for a decoder layer's RMSNorm weight; else None."""
+    m = _NORM.match(name)
+    return None if m is None else (int(m.group(1)), NORM_ROLES[m.group(2)])
 
 
 def linear_shapes(config: Any) -> dict[str, tuple[int, int]] | None:

@@ -1,0 +1,92 @@
+"""benchmark=humaneval and the sandbox that runs model-written code."""
+
+import json
+import os
+import time
+
+import pytest
+
+from qexp.benchmarks.humaneval import HumanEval, packaged_problems
+from qexp.config import validate
+from qexp.errors import ConfigError
+from qexp.run import run
+from qexp.sandbox import run_untrusted
+
+
+def bench(**kw):
+    return HumanEval(allow_code_execution=True, **kw)
+
+
+def test_the_164_packaged_problems_and_their_canonical_solutions_pass():
+    b = bench()
+    items = b.items()
+    assert len(items) == 164 and items[0]["id"] == "HumanEval/0"
+    solutions = {r["task_id"]: r["canonical_solution"] for _, r in packaged_problems()}
+    for it in items[:6]:  # the reference solutions pass; a wrong body fails
+        verdict = b.judge(it, solutions[it["id"]])
+        assert verdict == {"passed": True, "status": "passed", "parses": True}
+        assert b.judge(it, "    return None\n")["passed"] is False
+    assert b.judge(items[0], "    return (\n")["parses"] is False
+
+
+def test_refused_without_allow_code_execution(make_cfg):
+    with pytest.raises(ConfigError) as e:
+        validate(make_cfg("benchmark=humaneval"))
+    assert e.value.key == "benchmark.allow_code_execution" and "sandbox" in str(e.value)
+    spec = validate(make_cfg("benchmark=humaneval", "benchmark.allow_code_execution=true"))
+    assert spec.benchmark.timeout == 5.0
+
+
+@pytest.mark.parametrize(
+    "code, status",
+    [
+        ("while True:\n    pass\n", "timeout"),  # loops
+        ("import time\ntime.sleep(60)\n", "timeout"),
+        ("x = bytearray(8 * 2**30)\n", "failed"),  # allocates without bound
+        ("x = []\nwhile True:\n    x.append(' ' * 2**20)\n", "failed"),
+        ("import os\nos.system('echo hi')\n", "failed"),  # starts processes
+        ("import subprocess\n", "failed"),
+        ("import socket\n", "failed"),  # the network
+    ],
+)
+def test_sandbox_stops_hostile_programs(code, status):
+    start = time.monotonic()
+    res = run_untrusted(code, timeout=2.0, memory_mb=256)
+    assert res.status == status and not res.passed
+    assert time.monotonic() - start < 10
+
+
+def test_sandbox_confines_writes_and_hides_secrets(tmp_path, monkeypatch):
+    outside = tmp_path / "canary.txt"
+    for code in (
+        f"open({str(outside)!r}, 'w').write('x')\n",
+        f"import os\nos.open({str(outside)!r}, os.O_WRONLY | os.O_CREAT)\n",
+        f"import os\nos.remove({str(tmp_path / 'keep.txt')!r})\n",
+    ):
+        (tmp_path / "keep.txt").write_text("keep")
+        res = run_untrusted(code, timeout=5.0)
+        assert res.status == "failed" and "PermissionError" in res.stderr_tail
+        assert not outside.exists() and (tmp_path / "keep.txt").exists()
+    # writing inside its own (empty, temporary) directory is allowed
+    ok = run_untrusted("open('a.txt', 'w').write('x')\nassert open('a.txt').read() == 'x'\n")
+    assert ok.passed
+    monkeypatch.setenv("QEXP_TEST_SECRET", "s3cret")
+    assert os.environ["QEXP_TEST_SECRET"] == "s3cret"
+    res = run_untrusted("import os\nassert 'QEXP_TEST_SECRET' not in os.environ\n")
+    assert res.passed  # the environment is not inherited
+
+
+def test_pipeline_reports_pass_at_1(make_cfg, tmp_path):
+    cfg = make_cfg(
+        "benchmark=humaneval",
+        "benchmark.allow_code_execution=true",
+        "benchmark.limit=2",
+        "benchmark.max_new_tokens=8",
+        "conditions=[original]",
+    )
+    res = run(cfg, tmp_path)
+    m = res.conditions["original"]
+    assert 0.0 <= m["pass_at_1"] <= 1.0 and m["n_items"] == 2 and "code_parse_rate" in m
+    rows = [json.loads(x) for x in (tmp_path / "generations" / "original.jsonl").open()]
+    assert {r["status"] for r in rows} <= {"passed", "failed", "timeout"}
+    assert rows[0]["id"] == "HumanEval/0"
