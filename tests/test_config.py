@@ -116,3 +116,13 @@ def test_threads_default_follows_omp_num_threads(monkeypatch):
     assert default_threads() == available_cores()
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert default_threads() == available_cores()
+
+
+@pytest.mark.parametrize(
+    "model", ["llama8b", "qwen7b", "llama3_8b_instruct", "qwen2_5_7b_instruct", "mistral7b_instruct"]
+)
+def test_hub_models_default_to_bfloat16(make_cfg, model):
+    cfg = make_cfg(f"model={model}", tiny=False)
+    assert cfg.dtype == "bfloat16" and cfg.model.name == model and "/" in cfg.model.id
+    assert make_cfg(f"model={model}", "dtype=float32", tiny=False).dtype == "float32"
+    assert make_cfg(tiny=False).dtype == "float32"  # the embedded default stays fp32
