@@ -118,9 +118,10 @@ def test_threads_default_follows_omp_num_threads(monkeypatch):
     assert default_threads() == available_cores()
 
 
-@pytest.mark.parametrize(
-    "model", ["llama8b", "qwen7b", "llama3_8b_instruct", "qwen2_5_7b_instruct", "mistral7b_instruct"]
-)
+HUB_MODELS = ["llama8b", "qwen7b", "llama3_8b_instruct", "qwen2_5_7b_instruct", "mistral7b_instruct"]
+
+
+@pytest.mark.parametrize("model", HUB_MODELS)
 def test_hub_models_default_to_bfloat16(make_cfg, model):
     cfg = make_cfg(f"model={model}", tiny=False)
     assert cfg.dtype == "bfloat16" and cfg.model.name == model and "/" in cfg.model.id
