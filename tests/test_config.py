@@ -118,7 +118,13 @@ def test_threads_default_follows_omp_num_threads(monkeypatch):
     assert default_threads() == available_cores()
 
 
-HUB_MODELS = ["llama8b", "qwen7b", "llama3_8b_instruct", "qwen2_5_7b_instruct", "mistral7b_instruct"]
+HUB_MODELS = [
+    "llama8b",
+    "qwen7b",
+    "llama3_8b_instruct",
+    "qwen2_5_7b_instruct",
+    "mistral7b_instruct",
+]  # noqa: E501
 
 
 @pytest.mark.parametrize("model", HUB_MODELS)
