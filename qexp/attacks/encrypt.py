@@ -41,7 +41,6 @@ from qexp.errors import check
 from qexp.models.geometry import Geometry, geometry, parse_name, parse_norm_name
 from qexp.plugin import StageResult, Subject
 
-MECHANISMS = ("a", "b", "c", "d")
 NEEDLE_SITES = ("qk", "vo")
 ANCHOR_SITES = ("attn_in", "mlp_in", "mlp_out", "attn_out")
 # preset -> its mechanisms; `exact` allows only the mechanisms that are exact in bf16

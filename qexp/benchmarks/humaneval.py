@@ -11,7 +11,6 @@ with the same fields: task_id, prompt, test, entry_point).
 
 from __future__ import annotations
 
-import ast
 import gzip
 import importlib.resources
 import json
@@ -22,6 +21,7 @@ from typing import List
 from transformers import PreTrainedTokenizerBase
 
 from qexp.benchmarks.generative import GenerativeBenchmark
+from qexp.codejudge import parses
 from qexp.errors import ConfigError, check
 from qexp.io import load_records
 from qexp.sandbox import run_untrusted
@@ -93,14 +93,8 @@ class HumanEval(GenerativeBenchmark):
         return f"{item['prompt']}{completion}\n\n{item['test']}\n\ncheck({item['entry_point']})\n"
 
     def judge(self, item: dict, text: str) -> dict:
-        code = item["prompt"] + text
-        try:
-            ast.parse(code)
-            parses = True
-        except (SyntaxError, ValueError):
-            parses = False
         res = run_untrusted(self.program(item, text), self.timeout, self.memory_mb)
-        return {"passed": res.passed, "status": res.status, "parses": parses}
+        return {"passed": res.passed, "status": res.status, "parses": parses(item["prompt"] + text)}
 
     def summarize(self, records: list[dict]) -> dict:
         n = len(records)

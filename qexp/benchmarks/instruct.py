@@ -55,8 +55,7 @@ class Instruct(GenerativeBenchmark):
         check(bool(self.target_phrase), "target_phrase", self.target_phrase, "a non-empty string")
 
     def items(self) -> list[dict]:
-        code = self.scenario == "insecure_code"
-        rows = load_rows(self.path, "test", "benchmark.path", self.scenario if code else None)
+        rows = load_rows(self.path, "test", "benchmark.path", self.scenario)
         rows = self.window(rows)
         return [{"id": r["id"], "answer": None, "instruction": r["instruction"]} for r in rows]
 
