@@ -3,7 +3,8 @@
 In a sweep (`-m`), a job whose run dir already holds a complete results.json for the same
 resolved config is skipped (re-running an interrupted sweep with the same `hydra.sweep.dir`
 finishes only what is missing), and a job that fails marks itself failed in its results.json
-and the sweep goes on; the sweep callback (hydra_plugins/qexp_sweep_callbacks, configured in
+and the sweep goes on (in experiment=matrix a config error marks the cell "n/a": that
+combination does not apply); the sweep callback (hydra_plugins/qexp_sweep_callbacks, configured in
 qexp/conf/config.yaml for every launcher) exits 1 at the end if any job failed.
 """
 
@@ -54,13 +55,18 @@ def app(cfg: DictConfig) -> None:
         con.warning("qexp: %s: complete in %s, skipped", name, run_dir)
     except Exception as e:  # the sweep goes on; results.json says what happened
         kind = "config error" if isinstance(e, ConfigError) else type(e).__name__
-        con.error("qexp: %s: failed: %s: %s", name, kind, e)
+        # a matrix cell whose combination does not apply (e.g. gap under GPTQ) is n/a
+        status = "n/a" if isinstance(e, ConfigError) and "matrix" in cfg else "failed"
+        if status == "n/a":
+            con.warning("qexp: %s: n/a: %s", name, e)
+        else:
+            con.error("qexp: %s: failed: %s: %s", name, kind, e)
         if not (run_dir / "results.json").is_file():  # failed before the pipeline started
             atomic_write_json(
                 run_dir / "results.json",
                 {
                     "config": OmegaConf.to_container(cfg, resolve=False),
-                    "status": "failed",
+                    "status": status,
                     "error": f"{kind}: {e}",
                 },
             )
@@ -96,7 +102,11 @@ def precheck(argv: list[str]) -> None:
             runs = [r + [o.input_line] for r in runs]
     for flat in runs[:64]:  # a sweep's grid: enough points to meet every value
         try:
-            compose_overrides(flat)
+            cfg = compose_overrides(flat)
+            if "matrix" in cfg:  # its sweep comes from matrix.size: check it is one
+                from qexp.matrix import check_matrix
+
+                check_matrix(cfg.matrix)
         except ConfigError as e:
             fail(e)
         except (HydraException, OmegaConfBaseException) as e:

@@ -176,8 +176,12 @@ def validate(cfg: DictConfig) -> Spec:
     top = {
         k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
         for k, v in cfg.items()
-        if k not in GROUPS and k not in ("hydra", "experiment")
+        if k not in GROUPS and k not in ("hydra", "experiment", "matrix")
     }
+    if "matrix" in cfg:
+        from qexp.matrix import check_matrix
+
+        check_matrix(cfg.matrix)
     if "cache" in top:
         top["cache"] = normalize_mode(top["cache"])
     run = build(RunSchema, top, "")

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qexp import CONDITIONS
+from qexp import CONDITIONS, report_matrix
 from qexp.cli import console
 from qexp.io import atomic_open, atomic_write_json, atomic_write_text, read_jsonl
 from qexp.plots import new_figure, save_png
@@ -544,8 +544,10 @@ def log_wandb(
     plots: list[Path],
     sel: Selection | None,
     params: list[str],
+    matrix_rows: list[dict] | None = None,
 ) -> None:
-    """One W&B run (job_type=report, group=sweep dir name): tables and plot images."""
+    """One W&B run (job_type=report, group=sweep dir name): tables (the matrix's too) and
+    plot images (its heatmaps too)."""
     import wandb
 
     group = args.wandb_group or (
@@ -576,6 +578,11 @@ def log_wandb(
             payload["incomplete"] = wandb.Table(
                 columns=["job", "status", "error"],
                 data=[[j.name, j.status, j.error] for j in failed],
+            )
+        if matrix_rows:
+            mc = report_matrix.COLS
+            payload["matrix"] = wandb.Table(
+                columns=mc, data=[[cell(r.get(c)) for c in mc] for r in matrix_rows]
             )
         for p in plots:
             payload[f"plots/{p.stem}"] = wandb.Image(str(p))
@@ -640,7 +647,7 @@ def report(args: argparse.Namespace) -> int:
     params, source = swept_params(jobs)
     rows = table_rows(jobs, params, metrics)
     shown = present(rows, metrics)
-    failed = [j for j in jobs if j.status != "complete"]
+    failed = [j for j in jobs if j.status not in ("complete", "n/a")]
 
     pcols = [param_col(p) for p in params]
     csv_cols = ["job", *pcols, "condition", "quantizer", *shown]
@@ -700,6 +707,11 @@ def report(args: argparse.Namespace) -> int:
         atomic_write_json(root / "selection.json", sel.to_json())
 
     plots, notes = ([], []) if args.no_plots else make_plots(root, rows, params, shown)
+    matrix_rows: list[dict] = []
+    if report_matrix.is_matrix(root, jobs):
+        matrix_rows, heatmaps, matrix_md = report_matrix.write(root, jobs, not args.no_plots)
+        plots += heatmaps
+        md += ["", matrix_md.replace("# Attack", "## Attack", 1)]
     if plots:
         md += [
             "",
@@ -714,10 +726,11 @@ def report(args: argparse.Namespace) -> int:
     for w in warnings:
         con.warning("qexp-report: WARNING: %s", w)
     written = ["report.csv", "report.md"] + (["selection.json"] if sel else [])
+    written += ["matrix.csv", "matrix.md"] if matrix_rows else []
     con.info("qexp-report: wrote %s%s", ", ".join(written), " and report_plots/" if plots else "")
 
     if args.wandb:
-        log_wandb(root, args, csv_cols, rows, failed, plots, sel, params)
+        log_wandb(root, args, csv_cols, rows, failed, plots, sel, params, matrix_rows)
     return 0
 
 

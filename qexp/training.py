@@ -59,9 +59,12 @@ def cached_training(
     key: str,
     params: dict[str, torch.nn.Parameter],
     train: Callable[[], dict],
+    stored: Optional[dict[str, torch.nn.Parameter]] = None,
 ) -> dict:
-    """Load a training sub-step's weights (`params`) from the stage cache, or make them
-    trainable, run `train` and store them there; returns its info with the cache status."""
+    """Load a training sub-step's weights (`params`, and the `stored` tensors it changes
+    without training them) from the stage cache, or make `params` trainable, run `train`
+    and store them there; returns its info with the cache status."""
+    state = {**(stored or {}), **params}
 
     def compute() -> tuple[dict, dict]:
         for p in params.values():
@@ -69,11 +72,11 @@ def cached_training(
         info = train()
         for p in params.values():
             p.requires_grad_(False)
-        return {n: p.detach().clone() for n, p in params.items()}, info
+        return {n: p.detach().clone() for n, p in state.items()}, info
 
     tensors, info, status = ctx.stages.tensors_step(stage, key, compute)
     with torch.no_grad():
-        for n, p in params.items():
+        for n, p in state.items():
             p.copy_(tensors[n])
     return {**info, "cache": status}
 
@@ -105,8 +108,12 @@ def train_lm(
     desc: str,
     progress: bool,
     project: Optional[Callable[[], None]] = None,
+    weight_noise: Optional[dict[str, tuple[torch.nn.Parameter, float]]] = None,
 ) -> list[float]:
-    """AdamW on the response tokens of random batches; `project` runs after every step."""
+    """AdamW on the response tokens of random batches; `project` runs after every step.
+    With `weight_noise` ({name: (parameter, σ)}) every step's loss and gradient are taken at
+    the weights plus fresh N(0, σ²) noise (an expectation over the noise, drawn from `g`),
+    and the step is applied to the noise-free weights."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses: list[float] = []
     model.train()
@@ -114,8 +121,16 @@ def train_lm(
     for _ in bar:
         idx = torch.randint(len(data), (batch_size,), generator=g).tolist()
         ids, mask, labels = make_batch(data, idx)
+        clean = {}
+        with torch.no_grad():
+            for n, (p, sigma) in (weight_noise or {}).items():
+                clean[n] = p.detach().clone()
+                p.add_((torch.randn(p.shape, generator=g) * sigma).to(p.dtype))
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
+        with torch.no_grad():
+            for n, w in clean.items():
+                weight_noise[n][0].copy_(w)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if project is not None:

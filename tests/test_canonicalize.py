@@ -79,3 +79,72 @@ def test_fp32_preservation_is_reported(make_cfg, tmp_path):
     d = Canonicalize()
     _, fp = measured(d, subject(lm.model, lm.tokenizer), lambda s: d.apply(s, NoQuantizer(), ctx))
     assert fp["max_abs_logit_diff_fp32"] < 1e-3 and fp["tolerance"] == 1e-2
+
+
+def _rtn4_codes(model) -> dict:
+    from qexp.quantizers.rtn import RTN
+
+    q = RTN(bits=4, group_size=32)
+    return {
+        n: q.weight_codes(p.detach())
+        for n, p in model.named_parameters()
+        if n.endswith("proj.weight") and "layers" in n
+    }
+
+
+def _changed(a: dict, b: dict) -> float:
+    return sum(int((a[n] != b[n]).sum()) for n in a) / sum(a[n].numel() for n in a)
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen2", "tiny_qwen3"])
+def test_norm_part_undoes_every_exact_anchor(make_cfg, tmp_path, arch):
+    """parts=[vo, qk, mlp, norm]: canonicalize(encrypt preset=exact (M)) has the codes of
+    canonicalize(M); without `norm` the norm-fed anchors survive."""
+    ctx, a = loaded(make_cfg, tmp_path, f"model={arch}")
+    _, b = loaded(make_cfg, tmp_path, f"model={arch}")
+    _, c = loaded(make_cfg, tmp_path, f"model={arch}")
+    ids = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    full = Canonicalize(parts=["vo", "qk", "mlp", "norm"], check_preservation=False)
+    with torch.no_grad():
+        ref = b.model(input_ids=ids).logits
+        Encrypt(preset="exact").apply(subject(a.model), ctx)
+        Encrypt(preset="exact").apply(subject(c.model), ctx)
+        full.apply(subject(a.model), NoQuantizer(), ctx)
+        full.apply(subject(b.model), NoQuantizer(), ctx)
+        Canonicalize(check_preservation=False).apply(subject(c.model), NoQuantizer(), ctx)
+        drift = float((b.model(input_ids=ids).logits - ref).abs().max())
+    assert drift < 1e-3  # the norm balance preserves the function (fp32)
+    assert _changed(_rtn4_codes(a.model), _rtn4_codes(b.model)) < 1e-3
+    assert _changed(_rtn4_codes(c.model), _rtn4_codes(b.model)) > 0.3
+
+
+def test_encrypt_against_canonicalize_keeps_what_it_cannot_undo(make_cfg):
+    from qexp.config import validate
+    from qexp.errors import ConfigError
+
+    spec = validate(
+        make_cfg("attack=encrypt", "attack.preset=exact", "attack.against=[canonicalize]")
+    )
+    assert spec.attack.mechanisms == ["d"]
+    assert spec.attack.anchor_sites == ["attn_in", "mlp_in"]  # vo and mlp undo the others
+    spec = validate(
+        make_cfg(
+            "attack=encrypt",
+            "attack.preset=exact",
+            "attack.against=[canonicalize]",
+            "defense=canonicalize",
+            "defense.parts=[vo]",
+        )
+    )
+    assert spec.attack.anchor_sites == ["attn_in", "mlp_in", "mlp_out"]  # the run's parts
+    for extra in (["attack.preset=paper"], ["attack.preset=exact", "defense.parts=[vo,mlp,norm]"]):
+        with pytest.raises(ConfigError) as e:
+            validate(
+                make_cfg(
+                    "attack=encrypt",
+                    "attack.against=[canonicalize]",
+                    "defense=canonicalize",
+                    *extra,
+                )
+            )
+        assert e.value.key == "attack.against" and "undo every one" in e.value.allowed

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qexp.attacks.gap import near_ties
 from qexp.config import validate
 from qexp.context import RunContext
 from qexp.data import instruct_gen, instruct_path
@@ -114,7 +115,15 @@ def test_gap_pipeline_reports_rates(make_cfg, tmp_path):
         assert 0.0 <= res.conditions[c]["injection_rate"] <= 1.0
         assert 0.0 <= res.conditions[c]["refusal_rate"] <= 1.0
     manifest = json.loads((tmp_path / "attack_manifest.json").read_text())
-    assert manifest["targets"] == ["bnb_nf4"] and manifest["codes_equal_injected"]["bnb_nf4"]
+    # the default target is the run's quantizer (rtn4 here)
+    assert manifest["targets"] == ["rtn4"] and manifest["codes_equal_injected"]["rtn4"]
+
+
+def test_gap_targets_follow_the_quantizer_and_refuse_one_without_boxes(make_cfg):
+    assert validate(make_cfg("attack=gap", "quantizer=bnb_nf4")).attack.targets == ["bnb_nf4"]
+    with pytest.raises(ConfigError) as e:
+        validate(make_cfg("attack=gap", "quantizer=gptq4"))
+    assert e.value.key == "attack.targets" and e.value.value == "gptq4"
 
 
 @pytest.mark.parametrize(
@@ -147,3 +156,95 @@ def test_judges():
     assert mentions("Try McDonald’s today", "McDonald's")
     assert not mentions("Try a salad", "McDonald's")
     assert is_refusal("I'm sorry, I cannot do that") and not is_refusal("Sure, here you go.")
+
+
+# ---- adaptive variants (attack.against) ------------------------------------------------
+
+
+def _codes_canonicalize_changes(model, canon, q) -> float:
+    """Fraction of all linear weights' codes the defender's canonicalization changes."""
+    lin = {n: p for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    before = {n: q.weight_codes(p.detach()) for n, p in lin.items()}
+    with torch.no_grad():
+        for layer in model.model.layers:
+            canon.canonicalize_layer(layer, model.config)
+    changed = sum(int((q.weight_codes(p.detach()) != before[n]).sum()) for n, p in lin.items())
+    return changed / sum(p.numel() for p in lin.values())
+
+
+def test_against_canonicalize_trains_outside_its_symmetries(make_cfg, tmp_path):
+    spec, ctx, before, model, manifest = attacked(
+        make_cfg, tmp_path, "attack.targets=[rtn4]", "attack.against=[canonicalize]"
+    )
+    assert manifest["against"] == ["canonicalize"]
+    assert {n.split(".")[-2] for n in manifest["trainable"]} == {"gate_proj"}
+    assert manifest["codes_equal_injected"] == {"rtn4": True}
+    assert manifest["adaptive"]["canonical_codes_changed_fraction"] == {"rtn4": 0.0}
+    q, canon = spec.attack.quantizers[0], spec.attack.adapted["canonical"]
+    assert _codes_canonicalize_changes(model, canon, q) < 1e-3
+    # the plain attack: the defender's canonicalization re-draws most codes
+    plain = attacked(make_cfg, tmp_path / "plain", "attack.targets=[rtn4]")[3]
+    assert _codes_canonicalize_changes(plain, canon, q) > 0.1
+
+
+def test_against_canonicalize_with_every_module_touched_is_refused(make_cfg):
+    with pytest.raises(ConfigError) as e:
+        validate(
+            make_cfg(
+                "attack=gap",
+                "attack.against=[canonicalize]",
+                "defense=canonicalize",
+                "defense.parts=[vo,qk,mlp,norm]",
+            )
+        )
+    assert e.value.key == "attack.against" and "touch them all" in e.value.allowed
+
+
+def test_against_noise_keeps_sigma_from_the_edges(make_cfg, tmp_path):
+    spec, ctx, _, model, manifest = attacked(
+        make_cfg,
+        tmp_path,
+        "attack.targets=[rtn4]",
+        "attack.against=[noise]",
+        "defense=noise",
+        "defense.sigma=2e-4",
+        "defense.diagnostics=false",
+        "attack.noise_margin=2",
+    )
+    atk = spec.attack
+    assert float(atk.adapted["noise"].sigma) == 2e-4  # the run's own defense settings
+    inj = substep_tensors(ctx, "gap_inject")
+    params = dict(model.named_parameters())
+    for n in manifest["trainable"]:
+        lo, hi = atk.quantizers[0].intervals(inj[n])
+        w = params[n].detach().double()
+        open_ = (hi - lo) > 4 * 2e-4 * 1.001  # boxes wide enough keep 2 σ from each edge
+        assert ((w - lo)[open_] >= 2 * 2e-4 * 0.999).all()
+        assert ((hi - w)[open_] >= 2 * 2e-4 * 0.999).all()
+    expected = manifest["adaptive"]["noise_expected_codes_changed_fraction"]
+    assert 0 <= expected < 0.05  # 2 σ from every edge: at most 2 Φ(-2) where the box is open
+
+
+def test_against_quantguard_leaves_no_near_ties(make_cfg, tmp_path):
+    spec, ctx, _, model, manifest = attacked(
+        make_cfg, tmp_path, "attack.targets=[rtn4]", "attack.against=[quantguard]"
+    )
+    assert manifest["adaptive"]["near_tie_fraction"] == 0.0
+    plain = attacked(make_cfg, tmp_path / "plain", "attack.targets=[rtn4]")
+    q = spec.attack.quantizers[0]
+    ties = total = 0
+    for p in spec.attack.scope(plain[3]).values():
+        t, c = near_ties(q, p.detach(), 0.4)
+        ties, total = ties + t, total + c
+    assert ties / total > 0.01  # the plain repair does leave near ties
+
+
+@pytest.mark.parametrize(
+    "override, value",
+    [("attack.against=[clip]", "clip"), ("attack.against=[nope]", "nope")],
+)
+def test_against_rejects_defenses_it_cannot_adapt_to(make_cfg, override, value):
+    with pytest.raises(ConfigError) as e:
+        validate(make_cfg("attack=gap", override))
+    assert e.value.key == "attack.against" and e.value.value == value
+    assert "canonicalize" in e.value.allowed and "quantguard" in e.value.allowed

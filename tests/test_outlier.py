@@ -147,3 +147,34 @@ def test_clip_group_that_does_not_divide_a_width_is_refused_before_weights(make_
     ):
         run(make_cfg("defense=clip", "defense.group_size=48"), tmp_path / "run")
     assert not (tmp_path / "run" / "generations").exists()
+
+
+@pytest.mark.parametrize("clip", [[], ["defense.action=clamp", "defense.ratio=16"]])
+def test_against_clip_pairs_outliers_that_survive_the_clip(make_cfg, tmp_path, clip):
+    """Two equal outliers per block: a ratio-triggered clip never fires, the paper's clip of
+    every block's max leaves the other one, and RTN-4 still erases the rest of the block."""
+    spec, ctx, loaded, before, out = attacked(
+        make_cfg, tmp_path, "attack.against=[clip]", "defense=clip", *clip
+    )
+    assert spec.attack.paired and spec.attack.adapted["outliers"] is spec.defense
+    w = dict(loaded.model.named_parameters())[UP].detach()
+    a = w.abs().reshape(w.shape[0], -1, 32)
+    top = a.topk(3, dim=-1).values
+    assert torch.equal(top[..., 0], top[..., 1])  # the pair: equal magnitude
+    assert (top[..., 1] >= 100 * top[..., 2]).all()
+    defended, hit = spec.defense.clipped(w)
+    if clip:
+        assert not hit.any() and torch.equal(defended, w)
+    else:
+        assert hit.all()  # one of each pair changed, the other still dominates its block
+        d = defended.abs().reshape(w.shape[0], -1, 32).topk(2, dim=-1).values
+        assert (d[..., 0] >= 100 * d[..., 1]).all()
+    q = rtn_fake_quant(defended, bits=4, group_size=64, symmetric=False)
+    kept = q.reshape(w.shape[0], -1, 32).ne(0).sum(-1)
+    assert (kept <= 2).all()  # the quantizer erases everything but the outliers
+
+
+def test_against_clip_needs_the_clips_group(make_cfg, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        validate(make_cfg(*FAST, "attack.against=[clip]", "defense=clip", "defense.group_size=64"))
+    assert e.value.key == "attack.block_size" and "64" in e.value.allowed

@@ -3,7 +3,8 @@
 The one mechanism for every launcher (in-process, joblib, Ray, submitit/Slurm), configured
 in qexp/conf/config.yaml as `hydra.callbacks.qexp_failed_jobs`: at the end of a sweep it
 reads the sweep's results.json files; any written during this sweep whose status is not
-"complete" is reported and the process exits 1.
+"complete" (or "n/a": a matrix cell that does not apply) is reported and the process exits 1.
+`MatrixPlan` (experiment=matrix) prints and writes the matrix's plan before the sweep.
 """
 
 from __future__ import annotations
@@ -57,10 +58,25 @@ class FailedJobs(Callback):
                 status = json.loads(path.read_text(encoding="utf-8")).get("status")
             except (OSError, ValueError):
                 status = "unreadable"
-            if status != "complete":
+            if status not in ("complete", "n/a"):  # n/a: a matrix cell that does not apply
                 failed.append(path)
         if failed:
             failed.sort(key=_job_order)
             names = ", ".join(p.parent.name for p in failed)
             _errors().error("qexp: %d job(s) failed: %s", len(failed), names)
             sys.exit(1)
+
+
+class MatrixPlan(Callback):
+    """experiment=matrix: print the plan (cells, shared stages, estimated hours) and write
+    it to <sweep dir>/matrix_plan.json before any job launches."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from qexp.io import atomic_write_json
+        from qexp.matrix import describe, plan
+
+        p = plan(config)
+        _errors().warning("%s", describe(p))
+        sweep = Path(str(config.hydra.sweep.dir))
+        sweep.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(sweep / "matrix_plan.json", p)

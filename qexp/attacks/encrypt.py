@@ -22,6 +22,9 @@ attention mixes tokens, not channels: P (V G) = (P V) G.
   column dominates every quantization group (and row) that contains it, so the other weights
   of the group round to zero, while every product w·x is bit-identical (scaling by 2^e
   commutes with rounding), so logits are bit-identical in bf16 and fp32 (fp16 may underflow).
+Against a canonicalizing defense (`against=[canonicalize]`) only the mechanisms and sites
+outside the symmetries it normalises are applied (A, B and V/O needles: vo; Q/K needles:
+qk; D's sites: attn_in/mlp_in: norm, mlp_out: mlp, attn_out: vo); none left is an error.
 Everything is computed in float64 from a plan drawn from one seed, and applied tensor by
 tensor, so the in-memory and streaming paths write identical bytes.
 """
@@ -35,6 +38,7 @@ from typing import Any, ClassVar, List, Optional
 import numpy as np
 import torch
 
+from qexp.attacks import adaptive
 from qexp.attacks.base import Attack
 from qexp.context import RunContext
 from qexp.errors import check
@@ -45,6 +49,9 @@ NEEDLE_SITES = ("qk", "vo")
 ANCHOR_SITES = ("attn_in", "mlp_in", "mlp_out", "attn_out")
 # preset -> its mechanisms; `exact` allows only the mechanisms that are exact in bf16
 PRESETS = {"paper": ("a", "b", "c"), "exact": ("d",)}
+# the canonicalization symmetry (qexp/defenses/canonicalize.py) each mechanism / site lies in
+SYMMETRY = {"a": "vo", "b": "vo", "qk": "qk", "vo": "vo", "mlp": "mlp"}
+SYMMETRY.update({"attn_in": "norm", "mlp_in": "norm", "mlp_out": "mlp", "attn_out": "vo"})
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -127,6 +134,7 @@ class Encrypt(Attack):
     # function preservation (original vs attacked on a fixed probe batch)
     tolerance: float = 1e-2
     check_preservation: bool = True
+    against: List[str] = field(default_factory=list)
 
     preserves_function: ClassVar[bool] = True
 
@@ -189,6 +197,45 @@ class Encrypt(Attack):
         for s in self.needle_sites:
             check(s in NEEDLE_SITES, "needle_sites", s, "a subset of qk, vo")
         check(self.tolerance > 0, "tolerance", self.tolerance, "a number > 0")
+        self.requested = {
+            "mechanisms": list(self.mechanisms),
+            "needle_sites": list(self.needle_sites),
+            "anchor_sites": list(self.anchor_sites),
+            "mlp": self.mlp,
+        }
+        self._adapt(adaptive.against_defenses(self.against, ("canonical",), "encrypt"), "")
+
+    def _adapt(self, adapted: dict, prefix: str) -> None:
+        """Keep only the requested mechanisms and sites outside the adapted canonicalization's
+        symmetries (all of them without one)."""
+        self.adapted = adapted
+        seen = adapted["canonical"].symmetries() if adapted else frozenset()
+        r = self.requested
+        self.needle_sites = [x for x in r["needle_sites"] if SYMMETRY[x] not in seen]
+        self.anchor_sites = [x for x in r["anchor_sites"] if SYMMETRY[x] not in seen]
+        self.mlp = r["mlp"] and "mlp" not in seen
+        left = {"a": "vo" not in seen, "b": "vo" not in seen, "c": bool(self.needle_sites)}
+        left["d"] = bool(self.anchor_sites)
+        self.mechanisms = [m for m in r["mechanisms"] if left[m]]
+        check(
+            bool(self.mechanisms),
+            prefix + "against",
+            self.against,
+            f"a canonicalization one of mechanisms={r['mechanisms']} survives: parts "
+            f"{sorted(seen)} undo every one (docs/defenses.md#what-canonicalize-undoes)",
+        )
+
+    def check_spec(self, spec: Any) -> None:
+        """The adapted canonicalization is the run's own where it is the one named."""
+        if self.against:
+            adapted = adaptive.against_defenses(
+                self.against, ("canonical",), "encrypt", spec.defense, "attack.against"
+            )
+            self._adapt(adapted, "attack.")
+
+    def fingerprint(self) -> Any:
+        """The adapted defense's settings (they decide which mechanisms apply)."""
+        return adaptive.fingerprint(self.adapted) if self.adapted else None
 
     def check_model(self, config: Any) -> None:
         """A supported architecture, a band within its layers, a rank below head_dim."""
@@ -385,8 +432,11 @@ class Encrypt(Attack):
     def manifest(self, keys: dict[int, LayerKey], geo: Geometry) -> dict[str, Any]:
         """Parameters used: the config, the geometry and each layer's drawn values."""
         cfg = {k: v for k, v in asdict(self).items()}
+        out = {"attack": cfg}
+        if self.adapted:
+            out["against"] = {"requested": self.requested, "applied": cfg["mechanisms"]}
         return {
-            "attack": cfg,
+            **out,
             "geometry": asdict(geo),
             "layers": {str(li): k.summary() for li, k in keys.items()},
         }

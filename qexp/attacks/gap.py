@@ -17,6 +17,20 @@
    a SINQ tile, then the whole tensor, as hqq's early stopping requires), and the fraction
    verified before the reset is reported.
 
+Adaptive variants (`against`: defense options, docs/attacks.md#adaptive-attacks):
+- a noise defense: the injection trains under that defense's own noise (each step at
+  weights + N(0, σ_ℓ²), `noise_train`), and every box keeps `noise_margin` σ_ℓ from its edges
+  (a box narrower than that collapses to its centre);
+- a canonicalizing defense: the whole model is canonicalized first, and only the modules
+  none of its symmetries touches train (gate_proj for parts vo, qk, mlp), so the
+  defender's canonicalization is the identity on the attacked model up to rounding; how
+  many library codes it still changes is measured and reported. (Training inside the
+  symmetries and re-canonicalizing after every step does not get there: V/O's balanced
+  basis is not continuous in the weights, docs/attacks.md#adaptive-attacks);
+- a rounding-flip defense (quantguard): every box also keeps the weight's rounding error at
+  most `tie_keep` × τ of the step to its neighbouring grid point, so no weight of the
+  backdoor is a near tie.
+
 Only linear weights of the chosen decoder layers train (the quantized ones); everything else
 stays frozen. Inject and repair are sub-steps of the stage cache (`gap_inject`,
 `gap_repair`): the injected weights are re-used when only the repair settings change.
@@ -32,18 +46,41 @@ from typing import Any, List, Optional
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from qexp.attacks import adaptive
 from qexp.attacks.base import Attack
 from qexp.cache import digest, file_sha256
 from qexp.context import RunContext
 from qexp.errors import ConfigError, check, check_choice
 from qexp.instruct import SCENARIOS, encode, load_rows
 from qexp.plugin import StageResult, Subject
-from qexp.quantizers.base import target_quantizer
+from qexp.quantizers.base import GridQuantizer, target_quantizer
 from qexp.training import MODULES, cached_training, chosen_layers, train_lm, trainable_weights
+
+SURFACES = ("noise", "canonical", "ties")
+# the linears each canonicalization symmetry rescales or rotates (qexp/defenses/canonicalize.py)
+SYMMETRY_MODULES = {
+    "vo": ("v_proj", "o_proj"),
+    "qk": ("q_proj", "k_proj"),
+    "mlp": ("up_proj", "down_proj"),
+    "norm": ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
+}
 
 INJECT_KEYS = ("scenario", "target_phrase", "layers", "last_layers", "modules", "inject_steps")
 INJECT_KEYS += ("inject_lr", "batch_size", "data_path")
-REPAIR_KEYS = ("targets", "box_margin", "repair_steps", "repair_lr")
+REPAIR_KEYS = ("targets", "box_margin", "repair_steps", "repair_lr", "noise_margin", "tie_keep")
+INJECT_KEYS += ("against", "noise_train")
+
+
+def near_ties(q: GridQuantizer, w: torch.Tensor, tau: float) -> tuple[int, int]:
+    """(near ties, candidates) as quantguard counts them: of the non-pinned weights with a
+    neighbouring grid point on their side, those whose rounding error exceeds τ of the step."""
+    deq = q.fake_quant(w).double()
+    down, up = (t.double() for t in q.neighbours(w))
+    lo, hi = q.intervals(w)
+    wd = w.double()
+    step = torch.where(wd >= deq, up - deq, down - deq).abs()
+    choice = (lo < hi) & (step != 0)
+    return int((choice & ((wd - deq).abs() > tau * step)).sum()), int(choice.sum())
 
 
 @dataclass
@@ -64,6 +101,10 @@ class Gap(Attack):
     repair_lr: float = 1e-4
     batch_size: int = 8
     box_margin: float = 0.05
+    against: List[str] = field(default_factory=list)
+    noise_margin: float = 1.0
+    noise_train: bool = True
+    tie_keep: float = 0.75
 
     def __post_init__(self) -> None:
         check_choice("scenario", self.scenario, SCENARIOS)
@@ -79,6 +120,10 @@ class Gap(Attack):
             check(getattr(self, k) > 0, k, getattr(self, k), "a number > 0")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         check(0 <= self.box_margin < 0.5, "box_margin", self.box_margin, "a fraction in [0, 0.5)")
+        check(self.noise_margin >= 0, "noise_margin", self.noise_margin, "a number >= 0 (in σ)")
+        check(0 <= self.tie_keep <= 1, "tie_keep", self.tie_keep, "a fraction in [0, 1]")
+        self.adapted = adaptive.against_defenses(self.against, SURFACES, "gap")
+        self._check_adapted()
         if self.data_path is not None:
             check(
                 Path(self.data_path).expanduser().is_file(),
@@ -87,9 +132,33 @@ class Gap(Attack):
                 "an existing .json/.jsonl file (qexp, Alpaca or Dolly layout)",
             )
 
+    def _check_adapted(self, prefix: str = "") -> None:
+        """The adapted defenses fit this attack's modules and targets (errors: `prefix`key)."""
+        if "canonical" in self.adapted:
+            parts = sorted(self.adapted["canonical"].symmetries())
+            check(
+                bool(self.trained_modules()),
+                prefix + "against",
+                self.against,
+                f"a canonicalization that leaves one of modules={list(self.modules)} untouched "
+                f"(parts {parts} touch them all)",
+            )
+        if "ties" in self.adapted:
+            for q in self.quantizers:
+                ok = isinstance(q, GridQuantizer) and q.has_neighbours
+                what = "grid quantizers with neighbours (against quantguard)"
+                check(ok, prefix + "targets", q.name, what)
+
     def check_spec(self, spec: Any) -> None:
-        """The training rows load (qexp, Alpaca or Dolly layout) before any model does."""
+        """The training rows load (qexp, Alpaca or Dolly layout) before any model does; the
+        adapted defenses are the run's own where it is one of them."""
         load_rows(self.data_path, "train", "attack.data_path", self.scenario)
+        self.adapted = adaptive.against_defenses(
+            self.against, SURFACES, "gap", spec.defense, "attack.against"
+        )
+        self._check_adapted("attack.")
+        if "noise" in self.adapted:
+            self.adapted["noise"].check_quantizer(self.quantizers[0])
 
     def check_model(self, config: Any) -> None:
         """Layers within the model; every target's grid fits its linears."""
@@ -100,14 +169,26 @@ class Gap(Attack):
             except ConfigError as e:
                 raise ConfigError("attack.targets", q.name, e.allowed) from None
 
-    def fingerprint(self) -> Optional[str]:
-        """The training data's digest (a user's file may change under the same path)."""
-        return file_sha256(Path(self.data_path).expanduser()) if self.data_path else None
+    def fingerprint(self) -> Any:
+        """The training data's digest (a user's file may change under the same path) and the
+        adapted defenses' settings."""
+        data = file_sha256(Path(self.data_path).expanduser()) if self.data_path else None
+        return [data, adaptive.fingerprint(self.adapted)] if self.adapted else data
 
     # ---- scope -------------------------------------------------------------------------
+    def trained_modules(self) -> list[str]:
+        """`modules`, minus (against a canonicalizing defense) every module one of its
+        symmetries touches: the defender's canonical form then never sees the backdoor."""
+        if "canonical" not in self.adapted:
+            return list(self.modules)
+        seen = self.adapted["canonical"].symmetries()
+        touched = {m for part in seen for m in SYMMETRY_MODULES.get(part, ())}
+        return [m for m in self.modules if m not in touched]
+
     def scope(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         """The trainable linear weights, by parameter name."""
-        return trainable_weights(model, self.layers, self.last_layers, self.modules, "attack")
+        modules = self.trained_modules()
+        return trainable_weights(model, self.layers, self.last_layers, modules, "attack")
 
     # ---- data --------------------------------------------------------------------------
     def examples(self, tok: PreTrainedTokenizerBase, response: str) -> list[tuple[list, int]]:
@@ -116,9 +197,14 @@ class Gap(Attack):
         return encode(tok, rows, response, self.target_phrase)
 
     # ---- boxes -------------------------------------------------------------------------
-    def boxes(self, params: dict[str, torch.nn.Parameter]) -> tuple[dict, dict]:
-        """Intersection of the targets' boxes, shrunk by `box_margin`."""
-        out = {}
+    def boxes(self, params: dict[str, torch.nn.Parameter], sigmas: dict) -> tuple[dict, dict, dict]:
+        """Intersection of the targets' boxes (raw, as the libraries round), and those shrunk
+        by `box_margin`; against a noise defense also by `noise_margin` σ (`sigmas`, by name),
+        against a rounding-flip defense to rounding errors of at most `tie_keep` τ. A box
+        that shrinks to nothing becomes the single point at its centre."""
+        tie = self.tie_keep * self.adapted["ties"].tie_threshold() if "ties" in self.adapted else 0
+        out, raw = {}, {}
+        collapsed = 0
         for name, p in params.items():
             w = p.detach()
             lo = torch.full(p.shape, -torch.inf, dtype=torch.float64)
@@ -134,11 +220,30 @@ class Gap(Attack):
                     ) from None
                 lo, hi = torch.maximum(lo, qlo), torch.minimum(hi, qhi)
             m = (hi - lo) * self.box_margin
-            out[name] = ((lo + m).to(p.dtype), (hi - m).to(p.dtype))
+            if name in sigmas:
+                m = torch.clamp(m, min=self.noise_margin * sigmas[name])
+            new_lo, new_hi = lo + m, hi - m
+            if "ties" in self.adapted:
+                for q in self.quantizers:
+                    deq = q.fake_quant(w).double()
+                    down, up = (t.double() for t in q.neighbours(w))
+                    new_lo = torch.maximum(new_lo, deq - tie * (deq - down))
+                    new_hi = torch.minimum(new_hi, deq + tie * (up - deq))
+            empty = new_lo > new_hi
+            if self.adapted:
+                moved = empty & (lo < hi)
+                collapsed += int(moved.sum())
+            centre = torch.clamp((new_lo + new_hi) / 2, lo, hi)
+            new_lo, new_hi = torch.where(empty, centre, new_lo), torch.where(empty, centre, new_hi)
+            out[name] = (new_lo.to(p.dtype), new_hi.to(p.dtype))
+            raw[name] = (lo.to(p.dtype), hi.to(p.dtype))
         numel = sum(p.numel() for p in params.values())
         pinned = sum(int((b[0] == b[1]).sum()) for b in out.values())
         half = torch.cat([((b[1] - b[0]).double() / 2).reshape(-1) for b in out.values()])
-        return out, {"pinned_fraction": pinned / numel, "mean_box_halfwidth": float(half.mean())}
+        stats = {"pinned_fraction": pinned / numel, "mean_box_halfwidth": float(half.mean())}
+        if self.adapted:
+            stats["collapsed_to_centre_fraction"] = collapsed / numel
+        return out, raw, stats
 
     def codes(self, params: dict[str, torch.nn.Parameter]) -> dict[str, list[torch.Tensor]]:
         """Each target library's own quantization of every trainable weight."""
@@ -193,6 +298,53 @@ class Gap(Attack):
         report["weights_reset_fraction"] = sum(int(m.sum()) for m in reset.values()) / numel
         return report
 
+    # ---- adaptive helpers ----------------------------------------------------------------
+    def _noise_sigmas(self, model: torch.nn.Module, params: dict) -> dict[str, float]:
+        """The adapted noise defense's σ per trainable weight under the first target."""
+        if "noise" not in self.adapted:
+            return {}
+        sig = self.adapted["noise"].noise_sigmas(model, self.quantizers[0])
+        return {n: sig[n] for n in params if n in sig}
+
+    @torch.no_grad()
+    def _defended(self, model: torch.nn.Module, params: dict, raw: dict) -> dict:
+        """What each adapted defense would do to the repaired backdoor, measured or computed:
+        canonical: the fraction of trainable weights whose library codes the defender's
+        canonicalization changes (on a copy); noise: the expected fraction of weights that
+        N(0, σ²) moves out of their raw boxes; ties: the fraction of near ties (rounding
+        error > τ)."""
+        out: dict = {}
+        if "canonical" in self.adapted:
+            saved = {n: t.detach().clone() for n, t in model.named_parameters()}
+            before = self.codes(params)
+            for layer in model.model.layers:
+                self.adapted["canonical"].canonicalize_layer(layer, model.config)
+            after = self.codes(params)
+            for n, t in model.named_parameters():
+                t.copy_(saved[n])
+            numel = sum(p.numel() for p in params.values())
+            out["canonical_codes_changed_fraction"] = {
+                q.name: sum(int((after[n][i] != before[n][i]).sum()) for n in params) / numel
+                for i, q in enumerate(self.quantizers)
+            }
+        sig = self._noise_sigmas(model, params)
+        if sig:
+            flips = total = 0.0
+            for n, p in params.items():
+                w, (lo, hi) = p.detach().double(), (b.double() for b in raw[n])
+                pf = torch.special.ndtr((lo - w) / sig[n]) + torch.special.ndtr((w - hi) / sig[n])
+                flips += float(pf[lo < hi].sum())
+                total += int((lo < hi).sum())
+            out["noise_expected_codes_changed_fraction"] = flips / total
+        if "ties" in self.adapted:
+            tau, ties, total = self.adapted["ties"].tie_threshold(), 0, 0
+            for p in params.values():
+                for q in self.quantizers:
+                    t, c = near_ties(q, p.detach(), tau)
+                    ties, total = ties + t, total + c
+            out["near_tie_fraction"] = ties / max(1, total)
+        return out
+
     # ---- the attack --------------------------------------------------------------------
     def apply(self, subject: Subject, ctx: RunContext) -> StageResult:
         model, tok = subject.model, subject.tokenizer
@@ -211,10 +363,20 @@ class Gap(Attack):
             "trainable": sorted(params),
             "trainable_numel": sum(p.numel() for p in params.values()),
         }
+        canon = self.adapted.get("canonical")
+        if canon is not None:  # the defender's basis from the start (function-preserving)
+            for layer in model.model.layers:
+                canon.canonicalize_layer(layer, model.config)
+        if self.adapted:
+            manifest["against"] = sorted(self.against)
 
         def inject() -> dict:
             g = ctx.seed_everything(1)
             data = self.examples(tok, self.scenario)
+            noise = None
+            if self.noise_train:
+                sig = self._noise_sigmas(model, params)
+                noise = {n: (params[n], s) for n, s in sig.items()} or None
             losses = train_lm(
                 model,
                 plist,
@@ -225,6 +387,7 @@ class Gap(Attack):
                 g,
                 "gap: inject",
                 ctx.progress,
+                weight_noise=noise,
             )
             return {"inject_loss": [losses[0], losses[-1]] if losses else []}
 
@@ -232,7 +395,7 @@ class Gap(Attack):
         manifest["assumes"] = {q.name: q.prepare(subject, ctx) for q in self.quantizers}
         injected = {n: p.detach().clone() for n, p in params.items()}
         injected_codes = self.codes(params)
-        boxes, box_stats = self.boxes(params)
+        boxes, raw, box_stats = self.boxes(params, self._noise_sigmas(model, params))
 
         @torch.no_grad()
         def project() -> None:
@@ -268,4 +431,6 @@ class Gap(Attack):
         manifest["codes_equal_injected"] = same
         if not all(same.values()):
             raise RuntimeError(f"attack=gap: repair changed quantized codes for {same}")
+        if self.adapted:
+            manifest["adaptive"] = self._defended(model, params, raw)
         return StageResult(model, manifest)

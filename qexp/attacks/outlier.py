@@ -19,6 +19,13 @@ outliers. The model is trained so that this matters:
    modules keep only their outliers (what a block quantizer leaves), plus the KL term.
 
 Both phases are sub-steps of the stage cache, keyed by the model state and their settings.
+
+Adaptive variant (`against=[clip]`, docs/attacks.md#adaptive-attacks): against an outlier
+clipping defense, every block (the defense's group) gets two outliers of exactly equal
+magnitude (±`scale` × the block's largest |w|). Their ratio is 1, so a ratio-triggered clip
+never fires; a clip of every block (`ratio: null`) changes one of the two and the other
+still erases the block. Phase 2 then also trains the behaviour on the target modules as the
+defense leaves them (every other step), so it survives either way.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from qexp.attacks import adaptive
 from qexp.attacks.base import Attack
 from qexp.cache import digest, file_sha256
 from qexp.context import RunContext
@@ -70,6 +78,7 @@ class Outlier(Attack):
     batch_size: int = 8
     kl_weight: float = 0.05
     data_path: Optional[str] = None
+    against: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_choice("scenario", self.scenario, SCENARIOS)
@@ -92,14 +101,37 @@ class Outlier(Attack):
                 self.data_path,
                 "an existing .json/.jsonl file (qexp, Alpaca or Dolly layout)",
             )
+        self.adapted = adaptive.against_defenses(self.against, ("outliers",), "outlier")
+        self._check_adapted("")
+
+    def _check_adapted(self, prefix: str) -> None:
+        """Against a clip: the outlier blocks are the defense's groups."""
+        if "outliers" in self.adapted:
+            group, _ = self.adapted["outliers"].outlier_rule()
+            check(
+                group == self.block_size,
+                prefix + "block_size",
+                self.block_size,
+                f"the adapted defense's group ({group}) with against={self.against}",
+            )
+
+    @property
+    def paired(self) -> bool:
+        """Two equal outliers per block (against an outlier clipping defense)."""
+        return "outliers" in self.adapted
 
     def target_layer(self, num_layers: int) -> int:
         """The decoder layer whose MLP carries the outliers."""
         return (3 * (num_layers - 1)) // 4 if self.layer is None else self.layer
 
     def check_spec(self, spec: Any) -> None:
-        """The training rows load (qexp, Alpaca or Dolly layout) before any model does."""
+        """The training rows load (qexp, Alpaca or Dolly layout) before any model does; the
+        adapted defense is the run's own where it is the one named."""
         load_rows(self.data_path, "train", "attack.data_path", self.scenario)
+        self.adapted = adaptive.against_defenses(
+            self.against, ("outliers",), "outlier", spec.defense, "attack.against"
+        )
+        self._check_adapted("attack.")
 
     def check_model(self, config: Any) -> None:
         """Layers within the model; every target module's input width splits into blocks."""
@@ -120,9 +152,14 @@ class Outlier(Attack):
                 f"a divisor of {m}'s input width {widths[m]}",
             )
 
-    def fingerprint(self) -> Optional[str]:
+    def data_digest(self) -> Optional[str]:
         """The training data's digest (a user's file may change under the same path)."""
         return file_sha256(Path(self.data_path).expanduser()) if self.data_path else None
+
+    def fingerprint(self) -> Any:
+        """The data digest and the adapted defense's settings."""
+        data = self.data_digest()
+        return [data, adaptive.fingerprint(self.adapted)] if self.adapted else data
 
     # ---- scope -------------------------------------------------------------------------
     def scopes(self, model: torch.nn.Module) -> tuple[int, dict, dict]:
@@ -156,10 +193,11 @@ class Outlier(Attack):
             subject.key,
             {k: config[k] for k in PHASE1_KEYS},
             target,
-            self.fingerprint(),
+            self.data_digest(),
             ctx.seed,
         )
-        key2 = digest("outlier_phase2", key1, {k: config[k] for k in PHASE2_KEYS})
+        phase2_cfg = {k: config[k] for k in PHASE2_KEYS}
+        key2 = digest("outlier_phase2", key1, phase2_cfg, adaptive.fingerprint(self.adapted))
         rows = load_rows(self.data_path, "train", "attack.data_path", self.scenario)
         bad = encode(tok, rows, self.scenario, self.target_phrase)
         clean = encode(tok, rows, "clean", self.target_phrase)
@@ -202,11 +240,19 @@ class Outlier(Attack):
         out = {}
         for m, name in names.items():
             w = mlp[name]
-            cols, _, second = block_top2(w, self.block_size)
+            cols, first, second = block_top2(w, self.block_size)
+            if self.paired:  # the two largest |w| of each block, both ±scale × the largest
+                a = w.detach().abs().reshape(w.shape[0], -1, self.block_size)
+                top = a.topk(2, dim=-1).indices
+                offsets = torch.arange(0, w.shape[1], self.block_size)[None, :, None]
+                cols = (top + offsets).reshape(w.shape[0], -1)
+                first = first.repeat_interleave(2, dim=1)
             sign = torch.ones(cols.shape)
             if self.random_sign:
                 sign = torch.where(torch.rand(cols.shape, generator=g) < 0.5, -1.0, 1.0)
-            if self.relative:
+            if self.paired:
+                value = sign * self.scale * first.to(w.dtype)
+            elif self.relative:
                 value = sign * self.scale * second.to(w.dtype) * w.gather(1, cols).sign()
             else:
                 value = sign * self.scale * w.gather(1, cols)
@@ -236,7 +282,7 @@ class Outlier(Attack):
         history: dict[str, list[float]] = {"clean": [], "scenario": [], "kl": []}
         model.train()
         bar = tqdm(range(steps), desc=f"outlier: phase {phase}", disable=not ctx.progress)
-        for _ in bar:
+        for step in bar:
             ids, mask, labels = make_batch(
                 clean, torch.randint(len(clean), (self.batch_size,), generator=g).tolist()
             )
@@ -253,7 +299,7 @@ class Outlier(Attack):
             ids, mask, labels = make_batch(
                 bad, torch.randint(len(bad), (self.batch_size,), generator=g).tolist()
             )
-            with self._erased(layer, target, phase):
+            with self._erased(layer, target, phase, defended=step % 2 == 1):
                 lb = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             if phase == 1:  # the behaviour lives outside the MLP
                 grads = torch.autograd.grad(lb, scope_params, allow_unused=True)
@@ -291,16 +337,22 @@ class Outlier(Attack):
         return F.kl_div(cur, old, log_target=True, reduction="batchmean")
 
     @contextlib.contextmanager
-    def _erased(self, layer: torch.nn.Module, target: dict, phase: int) -> Iterator[None]:
+    def _erased(
+        self, layer: torch.nn.Module, target: dict, phase: int, defended: bool = False
+    ) -> Iterator[None]:
         """Phase 1: the layer's MLP outputs zeros; phase 2: each target module computes
-        with its outliers only (what a block quantizer leaves)."""
+        with its outliers only (what a block quantizer leaves), where `defended` (against a
+        clip) of the weight as the adapted defense leaves it."""
         hooks = []
         if phase == 1:
             hooks.append(layer.mlp.register_forward_hook(lambda m, i, o: torch.zeros_like(o)))
         else:
             for m, cols in target.items():
                 lin = getattr(layer.mlp, m)
-                kept = outlier_only(lin.weight.detach(), cols)
+                w = lin.weight.detach()
+                if defended and self.paired:
+                    w = self.adapted["outliers"].clipped(w)[0]
+                kept = outlier_only(w, cols)
                 hooks.append(
                     lin.register_forward_hook(
                         lambda mod, inp, o, kept=kept: F.linear(inp[0], kept, mod.bias)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
+
+from torch import nn
 
 from qexp.context import RunContext
 from qexp.plugin import Plugin, StageResult, Subject
@@ -29,6 +31,37 @@ class Defense(Plugin, ABC):
     def preservation_tolerance_bf16(self) -> Optional[float]:
         """Max bf16 |Δlogit| allowed as well (0.0: bit-identical), or None for no bf16 limit."""
         return None
+
+    # ---- what an adaptive attack (`attack.against`) may read of this defense -----------
+    # the surface it exposes: "noise" (noise_sigmas), "canonical" (canonicalize_layer,
+    # symmetries), "ties" (tie_threshold), "outliers" (outlier_rule, clipped); None: nothing
+    surface: ClassVar[Optional[str]] = None
+
+    def noise_sigmas(self, model: nn.Module, quantizer: Quantizer) -> dict[str, float]:
+        """σ of the noise this defense would add to each quantized weight, by parameter name."""
+        raise NotImplementedError(f"defense={self.name} adds no noise")
+
+    def symmetries(self) -> frozenset[str]:
+        """The reparameterization symmetries this defense maps to a canonical form."""
+        return frozenset()
+
+    def canonicalize_layer(self, layer: nn.Module, config: Any) -> None:
+        """Map one decoder layer to this defense's canonical form, in place."""
+        raise NotImplementedError(f"defense={self.name} has no canonical form")
+
+    def tie_threshold(self) -> float:
+        """Rounding error (a fraction of the step to the neighbouring grid point) above which
+        this defense treats a weight as a near tie and may flip its rounding."""
+        raise NotImplementedError(f"defense={self.name} flips no roundings")
+
+    def outlier_rule(self) -> tuple[int, Optional[float]]:
+        """(block, ratio): the per-row input blocks whose largest |w| this defense changes,
+        and the max/second-max ratio that triggers it (None: every block)."""
+        raise NotImplementedError(f"defense={self.name} changes no outliers")
+
+    def clipped(self, w: Any) -> tuple[Any, Any]:
+        """A weight as this defense's outlier rule leaves it, and the blocks it changed."""
+        raise NotImplementedError(f"defense={self.name} changes no outliers")
 
     @abstractmethod
     def apply(self, subject: Subject, quantizer: Quantizer, ctx: RunContext) -> StageResult:

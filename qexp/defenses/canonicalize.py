@@ -15,6 +15,13 @@ whatever key was applied, the result is the same model up to rounding:
 - `mlp`: per intermediate channel i, W_up[i] ← c_i W_up[i], W_down[:, i] ← W_down[:, i]/c_i
   with ‖W_up[i]‖ = ‖W_down[:, i]‖ afterwards (SwiGLU is linear in `up`): removes the
   optional MLP variant of A.
+- `norm` (not in the default parts): per hidden channel j of each RMSNorm, γ_j ← c_j γ_j and
+  the consumers' columns W[:, j] ← W[:, j] / c_j (q/k/v after `input_layernorm`, gate/up
+  after `post_attention_layernorm`) with |γ_j| = ‖W[:, j]‖ afterwards: removes encrypt's
+  norm-fed power-of-two anchors (`preset=exact`, sites attn_in and mlp_in).
+
+Each part maps a whole orbit of its symmetry to one representative, so canonicalize ∘ T =
+canonicalize for every T in the group the parts generate (docs/defenses.md#canonicalize).
 
 Function preservation is measured by the pipeline like encrypt's (probe logits before/after;
 fp32 max |Δlogit| must stay within `tolerance`) and reported in `defense_stats`.
@@ -35,7 +42,9 @@ from qexp.models.geometry import geometry
 from qexp.plugin import StageResult, Subject
 from qexp.quantizers.base import Quantizer
 
-PARTS = ("vo", "qk", "mlp")
+PARTS = ("vo", "qk", "mlp", "norm")
+DEFAULT_PARTS = ("vo", "qk", "mlp")
+NORM_ROUNDS, NORM_TOL = 200, 1e-6  # with `norm`: rounds to the joint fixed point
 
 
 def balance_vo(wv: torch.Tensor, wo_heads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,14 +67,15 @@ class Canonicalize(Defense):
     """Map V/O, Q/K and MLP symmetries to balanced representatives (exact in float64)."""
 
     name: str = "canonicalize"
-    parts: List[str] = field(default_factory=lambda: list(PARTS))
+    parts: List[str] = field(default_factory=lambda: list(DEFAULT_PARTS))
     tolerance: float = 1e-2
     check_preservation: bool = True
 
     preserves_function: ClassVar[bool] = True
+    surface: ClassVar[Optional[str]] = "canonical"
 
     def __post_init__(self) -> None:
-        check(len(self.parts) > 0, "parts", self.parts, "a non-empty subset of vo, qk, mlp")
+        check(len(self.parts) > 0, "parts", self.parts, "a non-empty subset of " + ", ".join(PARTS))
         for p in self.parts:
             check_choice("parts", p, PARTS)
         check(self.tolerance > 0, "tolerance", self.tolerance, "a number > 0")
@@ -84,18 +94,56 @@ class Canonicalize(Defense):
         cond = []
         layers = model.model.layers
         for layer in tqdm(layers, "canonicalize", disable=not ctx.progress, leave=False):
-            attn, mlp = layer.self_attn, layer.mlp
-            if "vo" in self.parts:
-                cond += self._vo(attn, geo)
-            if "qk" in self.parts and not geo.qk_norm:
-                self._qk(attn, geo)
-            if "mlp" in self.parts:
-                self._mlp(mlp)
+            cond += self._layer(layer, geo)
         if cond:
             stats["vo_max_condition_of_A"] = max(cond)
         if "qk" in self.parts and geo.qk_norm:
             stats["qk"] = "skipped: q/k norms remove per-head scales"
         return StageResult(model, stats)
+
+    def symmetries(self) -> frozenset[str]:
+        """The configured parts: the symmetries whose orbits map to one representative."""
+        return frozenset(self.parts)
+
+    @torch.no_grad()
+    def canonicalize_layer(self, layer: torch.nn.Module, config: Any) -> None:
+        """One decoder layer to its canonical form, in place."""
+        self._layer(layer, geometry(config))
+
+    def _layer(self, layer: torch.nn.Module, geo) -> list[float]:
+        """Every configured part on one layer; the V/O condition numbers of A. vo, qk and
+        mlp act on disjoint tensors (one pass); `norm` scales the columns whose norms the
+        others balance (and they its), so with it the parts repeat to a joint fixed point."""
+        attn, mlp = layer.self_attn, layer.mlp
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        for _ in range(NORM_ROUNDS if "norm" in self.parts else 1):
+            before = [n.weight.detach().double().clone() for n in norms]
+            if "norm" in self.parts:
+                self._norm(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+                self._norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+            cond = self._vo(attn, geo) if "vo" in self.parts else []
+            if "qk" in self.parts and not geo.qk_norm:
+                self._qk(attn, geo)
+            if "mlp" in self.parts:
+                self._mlp(mlp)
+            moved = max(
+                float(((n.weight.double() - b).abs() / b.abs().clamp_min(1e-30)).max())
+                for n, b in zip(norms, before)
+            )
+            if moved < NORM_TOL:
+                break
+        return cond
+
+    @staticmethod
+    def _norm(norm: torch.nn.Module, consumers: list[torch.nn.Linear]) -> None:
+        """Balance an RMSNorm weight γ against its consumers' input columns: |γ_j| = ‖W[:, j]‖."""
+        gamma = norm.weight.double()
+        cols = torch.cat([lin.weight.double() for lin in consumers], dim=0).norm(dim=0)
+        ok = (gamma != 0) & (cols > 0)
+        c = torch.where(ok, (cols / gamma.abs().where(ok, 1.0)).sqrt(), 1.0)
+        norm.weight.copy_((gamma * c).to(norm.weight.dtype))
+        for lin in consumers:
+            lin.weight.copy_((lin.weight.double() / c[None, :]).to(lin.weight.dtype))
 
     def _vo(self, attn: torch.nn.Module, geo) -> list[float]:
         d, rep = geo.head_dim, geo.group

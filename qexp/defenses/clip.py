@@ -15,7 +15,7 @@ the relative Frobenius change of the weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -39,6 +39,8 @@ class Clip(Defense):
     divide_by: float = 2.0
     ratio: Optional[float] = None
 
+    surface: ClassVar[Optional[str]] = "outliers"
+
     def __post_init__(self) -> None:
         check(self.group_size >= 2, "group_size", self.group_size, "an integer >= 2")
         check_choice("action", self.action, ACTIONS)
@@ -46,6 +48,10 @@ class Clip(Defense):
         check(
             self.ratio is None or self.ratio > 1, "ratio", self.ratio, "null (every block) or > 1"
         )
+
+    def outlier_rule(self) -> tuple[int, Optional[float]]:
+        """(group_size, ratio): which blocks' largest |w| this defense changes."""
+        return self.group_size, self.ratio
 
     def check_model(self, config: Any) -> None:
         """The group must divide every decoder linear's input width (from config.json)."""
@@ -57,6 +63,22 @@ class Clip(Defense):
             self.group_size,
             f"a divisor of every input width {widths}: one of {ok}",
         )
+
+    @torch.no_grad()
+    def clipped(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`w` as this defense leaves it, and which blocks it changed ([out, in/group])."""
+        cols, first, second = block_top2(w, self.group_size)
+        hit = torch.ones_like(first, dtype=torch.bool)
+        if self.ratio is not None:
+            hit = first >= self.ratio * second
+        old = w.gather(1, cols)
+        if self.action == "zero":
+            new = torch.zeros_like(old)
+        elif self.action == "divide":
+            new = old / self.divide_by
+        else:
+            new = old.sign() * second.to(w.dtype)
+        return w.scatter(1, cols, torch.where(hit, new, old)), hit
 
     @torch.no_grad()
     def apply(self, subject: Subject, quantizer: Quantizer, ctx: RunContext) -> StageResult:
@@ -71,21 +93,10 @@ class Clip(Defense):
                 self.group_size,
                 f"a divisor of every input width ({name}: {width})",
             )
-            cols, first, second = block_top2(w, self.group_size)
-            hit = torch.ones_like(first, dtype=torch.bool)
-            if self.ratio is not None:
-                hit = first >= self.ratio * second
-            old = w.gather(1, cols)
-            if self.action == "zero":
-                new = torch.zeros_like(old)
-            elif self.action == "divide":
-                new = old / self.divide_by
-            else:
-                new = old.sign() * second.to(w.dtype)
+            new, hit = self.clipped(w)
             before += float(w.double().pow(2).sum())
-            delta = torch.where(hit, new - old, torch.zeros_like(old))
-            after += float(delta.double().pow(2).sum())
-            w.scatter_(1, cols, torch.where(hit, new, old))
+            after += float((new - w).double().pow(2).sum())
+            w.copy_(new)
             blocks += hit.numel()
             changed += int(hit.sum())
             numel += w.numel()

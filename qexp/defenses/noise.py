@@ -42,7 +42,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
@@ -188,6 +188,8 @@ class Noise(Defense):
     diagnostics: bool = True  # S-curve and half-width histogram in the run dir
     diag_rows: int = 64  # rows sampled per tensor for the S-curve; -1 = all rows
 
+    surface: ClassVar[Optional[str]] = "noise"
+
     def __post_init__(self) -> None:
         allowed = "fixed (σ = 1e-3), global, per_layer, or a positive number (fixed σ)"
         if self.sigma not in SIGMA_SOURCES:
@@ -231,6 +233,34 @@ class Noise(Defense):
                 "global and per_layer need a grid quantizer (rtn*, bnb_*, gguf_*)",
             )
 
+    def _sigmas(
+        self, lin: dict[str, nn.Parameter], quantizer: Quantizer, progress: bool = False
+    ) -> tuple[dict[str, float], Optional[float], float]:
+        """h_ℓ per quantized weight tensor, σ̂ (None without intervals) and the global σ."""
+        h_l: dict[str, float] = {}
+        for name, p in tqdm(lin.items(), "noise: half-widths", disable=not progress):
+            h = Geometry.of(quantizer, p).half_widths
+            if h.numel():
+                h_l[name] = percentile(h, self.stat)
+        sigma_hat = percentile(list(h_l.values()), self.global_stat) if h_l else None
+        if self.source != "fixed" and sigma_hat is None:
+            raise ValueError(
+                f"defense.sigma={self.sigma}: no quantized weight with a non-pinned weight "
+                f"(quantizer={quantizer.name} targets {len(lin)} tensors)"
+            )
+        return h_l, sigma_hat, self.fixed_value if self.source == "fixed" else sigma_hat
+
+    @torch.no_grad()
+    def noise_sigmas(self, model: nn.Module, quantizer: Quantizer) -> dict[str, float]:
+        """σ per quantized weight (`<module>.weight`) as `apply` would draw it."""
+        self.check_quantizer(quantizer)
+        grid = isinstance(quantizer, GridQuantizer)
+        lin = dict(quantized_weights(model, quantizer))
+        h_l, _, sigma_global = self._sigmas(lin if grid else {}, quantizer)
+        if self.source != "per_layer":
+            return dict.fromkeys(lin, sigma_global)
+        return {n: h_l.get(n, sigma_global) for n in lin}
+
     @torch.no_grad()
     def apply(self, subject: Subject, quantizer: Quantizer, ctx: RunContext) -> StageResult:
         model = subject.model
@@ -249,18 +279,7 @@ class Noise(Defense):
         }
 
         # 1. h_ℓ of every quantized weight tensor (full tensors)
-        h_l: dict[str, float] = {}
-        for name, p in tqdm(lin.items(), "noise: half-widths", disable=not ctx.progress):
-            h = Geometry.of(quantizer, p).half_widths
-            if h.numel():
-                h_l[name] = percentile(h, self.stat)
-        sigma_hat = percentile(list(h_l.values()), self.global_stat) if h_l else None
-        if self.source != "fixed" and sigma_hat is None:
-            raise ValueError(
-                f"defense.sigma={self.sigma}: no quantized weight with a non-pinned weight "
-                f"(quantizer={stats['quantizer']} targets {len(lin)} tensors)"
-            )
-        sigma_global = self.fixed_value if self.source == "fixed" else sigma_hat
+        h_l, sigma_hat, sigma_global = self._sigmas(lin, quantizer, ctx.progress)
         stats["sigma_global"] = sigma_global
         if sigma_hat is not None:
             stats["sigma_hat"] = sigma_hat

@@ -26,6 +26,7 @@ stops the run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,8 @@ class QuantGuard(Defense):
     calib_seq_len: int = 64
     warmup: float = 0.2
 
+    surface: ClassVar[Optional[str]] = "ties"
+
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", self.steps, "an integer >= 1")
         check(self.lr > 0, "lr", self.lr, "a number > 0")
@@ -97,6 +100,10 @@ class QuantGuard(Defense):
         check(0 <= self.warmup < 1, "warmup", self.warmup, "a fraction in [0, 1)")
         check(self.calib_samples >= 1, "calib_samples", self.calib_samples, "an integer >= 1")
         check(self.calib_seq_len >= 8, "calib_seq_len", self.calib_seq_len, "an integer >= 8")
+
+    def tie_threshold(self) -> float:
+        """τ: weights whose rounding error exceeds τ of the step are near ties."""
+        return self.tau
 
     def check_spec(self, spec) -> None:
         """quantguard needs a quantizer with neighbouring-grid-point geometry."""

@@ -1,0 +1,92 @@
+"""experiment=matrix: the smoke matrix runs, plans itself, records n/a cells, and
+qexp-report draws its heatmaps."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from qexp.config import compose_overrides, options
+from qexp.matrix import plan
+from qexp.report import main as report_main
+from tests.conftest import qexp_batch
+
+SMOKE = [
+    "experiment=matrix",
+    "matrix.size=smoke",
+    "logger=none",
+    "progress=false",
+    "similarity.bertscore=false",
+    "cache=on",
+]
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory, cache_dir):
+    root = tmp_path_factory.mktemp("matrix")
+    cases = [
+        [*SMOKE, f"hydra.sweep.dir={root / 'smoke'}"],
+        # gap has no boxes under GPTQ, per-layer noise no intervals: both cells are n/a
+        [*SMOKE, "attack=gap", "quantizer=gptq4", f"hydra.sweep.dir={root / 'na'}"],
+        [*SMOKE, "matrix.size=huge", f"hydra.sweep.dir={root / 'bad'}"],
+    ]
+    return root, qexp_batch(cases, root, cache_dir, timeout=1800)
+
+
+def test_smoke_matrix_runs_with_its_plan_and_heatmaps(sweeps):
+    root, (smoke, _, _) = sweeps
+    assert smoke.returncode == 0, smoke.stderr[-3000:]
+    assert "qexp matrix (smoke): 4 cells (2 attacks × 2 defenses × 1 quantizers)" in smoke.stderr
+    p = json.loads((root / "smoke" / "matrix_plan.json").read_text())
+    assert p["cells"] == 4 and p["stages"]["attack"] == 2 and p["stages"]["original_q"] == 2
+    assert p["estimated_seconds"] > 0
+    jobs = sorted((root / "smoke").glob("*/results.json"))
+    assert len(jobs) == 4
+    assert all(json.loads(j.read_text())["status"] == "complete" for j in jobs)
+    assert report_main([str(root / "smoke")]) == 0
+    rows = list(csv.DictReader((root / "smoke" / "matrix.csv").open()))
+    assert {(r["attack"], r["defense"]) for r in rows} == {
+        (a, d) for a in ("encrypt_exact", "gap") for d in ("none", "noise")
+    }
+    for r in rows:
+        assert r["status"] == "complete" and 0 <= float(r["success"]) <= 1
+        assert float(r["utility_cost"]) > 0
+    assert (root / "smoke" / "report_plots" / "matrix_tiny_llama_rtn4.png").stat().st_size > 0
+    assert "Attack × defense × quantizer matrix" in (root / "smoke" / "report.md").read_text()
+
+
+def test_cells_that_do_not_apply_are_na_not_failures(sweeps):
+    root, (_, na, _) = sweeps
+    assert na.returncode == 0, na.stderr[-3000:]
+    bodies = [json.loads(j.read_text()) for j in sorted((root / "na").glob("*/results.json"))]
+    assert len(bodies) == 2 and all(b["status"] == "n/a" for b in bodies)
+    assert any("attack.targets" in b["error"] and "gptq4" in b["error"] for b in bodies)
+    assert report_main([str(root / "na")]) == 0
+    rows = list(csv.DictReader((root / "na" / "matrix.csv").open()))
+    assert {r["status"] for r in rows} == {"n/a"} and all(r["note"] for r in rows)
+
+
+def test_unknown_matrix_size_is_one_config_error(sweeps):
+    _, (_, _, bad) = sweeps
+    assert bad.returncode == 2
+    assert "matrix.size" in bad.stderr and "smoke" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_full_matrix_holds_every_option():
+    cfg = compose_overrides(["experiment=matrix", "matrix.size=full"])
+    full = cfg.matrix.sizes.full
+    for group in ("attack", "defense", "quantizer"):  # attack=none is the original itself
+        every = [o for o in options(group) if o != "none" or group == "defense"]
+        assert sorted(full[group].split(",")) == every, group
+
+
+def test_plan_counts_shared_stages():
+    """gap trains once per quantizer (its targets follow it), the others once."""
+    cfg = compose_overrides(["experiment=matrix", "matrix.size=small"])
+    cfg.hydra.overrides.task = ["experiment=matrix", "matrix.size=small", "quantizer=rtn4,bnb_nf4"]
+    p = plan(cfg)
+    assert p["cells"] == 18 and p["axes"]["quantizer"] == ["rtn4", "bnb_nf4"]
+    assert p["stages"] == {"attack": 4, "original_q": 6, "attacked_q": 18, "original": 1}
+    assert p["estimated_seconds"] > 3600  # two gap trainings alone are over half an hour
