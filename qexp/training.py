@@ -59,12 +59,9 @@ def cached_training(
     key: str,
     params: dict[str, torch.nn.Parameter],
     train: Callable[[], dict],
-    stored: Optional[dict[str, torch.nn.Parameter]] = None,
 ) -> dict:
-    """Load a training sub-step's weights (`params`, and the `stored` tensors it changes
-    without training them) from the stage cache, or make `params` trainable, run `train`
-    and store them there; returns its info with the cache status."""
-    state = {**(stored or {}), **params}
+    """Load a training sub-step's weights (`params`) from the stage cache, or make them
+    trainable, run `train` and store them there; returns its info with the cache status."""
 
     def compute() -> tuple[dict, dict]:
         for p in params.values():
@@ -72,11 +69,11 @@ def cached_training(
         info = train()
         for p in params.values():
             p.requires_grad_(False)
-        return {n: p.detach().clone() for n, p in state.items()}, info
+        return {n: p.detach().clone() for n, p in params.items()}, info
 
     tensors, info, status = ctx.stages.tensors_step(stage, key, compute)
     with torch.no_grad():
-        for n, p in state.items():
+        for n, p in params.items():
             p.copy_(tensors[n])
     return {**info, "cache": status}
 
@@ -118,19 +115,19 @@ def train_lm(
     losses: list[float] = []
     model.train()
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    noisy = list((weight_noise or {}).values())
     for _ in bar:
         idx = torch.randint(len(data), (batch_size,), generator=g).tolist()
         ids, mask, labels = make_batch(data, idx)
-        clean = {}
         with torch.no_grad():
-            for n, (p, sigma) in (weight_noise or {}).items():
-                clean[n] = p.detach().clone()
+            clean = [p.detach().clone() for p, _ in noisy]
+            for p, sigma in noisy:
                 p.add_((torch.randn(p.shape, generator=g) * sigma).to(p.dtype))
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         with torch.no_grad():
-            for n, w in clean.items():
-                weight_noise[n][0].copy_(w)
+            for (p, _), w in zip(noisy, clean):
+                p.copy_(w)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if project is not None:

@@ -66,9 +66,8 @@ SYMMETRY_MODULES = {
 }
 
 INJECT_KEYS = ("scenario", "target_phrase", "layers", "last_layers", "modules", "inject_steps")
-INJECT_KEYS += ("inject_lr", "batch_size", "data_path")
+INJECT_KEYS += ("inject_lr", "batch_size", "data_path", "against", "noise_train")
 REPAIR_KEYS = ("targets", "box_margin", "repair_steps", "repair_lr", "noise_margin", "tie_keep")
-INJECT_KEYS += ("against", "noise_train")
 
 
 def near_ties(q: GridQuantizer, w: torch.Tensor, tau: float) -> tuple[int, int]:
@@ -327,7 +326,7 @@ class Gap(Attack):
                 q.name: sum(int((after[n][i] != before[n][i]).sum()) for n in params) / numel
                 for i, q in enumerate(self.quantizers)
             }
-        sig = self._noise_sigmas(model, params)
+        sig = self._noise_sigmas(model, params)  # of the repaired model, as the defender sees it
         if sig:
             flips = total = 0.0
             for n, p in params.items():
