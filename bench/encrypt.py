@@ -3,18 +3,17 @@
 1. The embedded model's converted checkpoint (fp32): encrypt_checkpoint (what
    `python -m qexp.encrypt` runs) vs. a byte copy through the same streaming writer (atomic,
    fsync) and `shutil.copyfile`; in-process, interleaved, median of --repeats. Goal <= 1.5x.
-2. A synthetic Llama-shaped checkpoint of >= 1B parameters (bf16, random, written tensor by
-   tensor) encrypted in a child process; its peak RSS (goal < 1.5 GB) against the peak RSS
-   of a child that only imports qexp.encrypt.
+2. A synthetic Llama-3.2-1B-shaped checkpoint (bf16, random, bench/synthetic.py) encrypted
+   in a child process; its peak RSS (goal < 1.5 GB) against the peak RSS of a child that
+   only imports qexp.encrypt. (The 8B table, with canonicalize and the audit: bench/scale.py.)
 
-    python bench/encrypt.py [--params-b 1.0] [--skip-synthetic]
+    python bench/encrypt.py [--skip-synthetic]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import shutil
 import statistics
@@ -25,10 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+from synthetic import write_checkpoint
 
 from qexp.encrypt import encrypt_checkpoint, load_attack
 from qexp.io import atomic_write_json
-from qexp.safetensors_io import stream_transform, write_streaming, write_tensor
+from qexp.safetensors_io import stream_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,53 +47,6 @@ def child_peak_rss_mb(cmd: list[str]) -> tuple[float, float]:
     return float(out[0]), float(out[1])
 
 
-def synthetic_llama(dst: Path, params_b: float) -> int:
-    """Write a random bf16 Llama checkpoint with about `params_b` billion parameters."""
-    hidden, heads, kv, inter, vocab = 2048, 16, 8, 5632, 32000
-    hd = hidden // heads
-    per_layer = 2 * hidden * hidden + 2 * hidden * kv * hd + 3 * hidden * inter + 2 * hidden
-    layers = max(1, math.ceil((params_b * 1e9 - 2 * vocab * hidden) / per_layer))
-    entries = [("model.embed_tokens.weight", [vocab, hidden])]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        entries += [
-            (p + "self_attn.q_proj.weight", [hidden, hidden]),
-            (p + "self_attn.k_proj.weight", [kv * hd, hidden]),
-            (p + "self_attn.v_proj.weight", [kv * hd, hidden]),
-            (p + "self_attn.o_proj.weight", [hidden, hidden]),
-            (p + "mlp.gate_proj.weight", [inter, hidden]),
-            (p + "mlp.up_proj.weight", [inter, hidden]),
-            (p + "mlp.down_proj.weight", [hidden, inter]),
-            (p + "input_layernorm.weight", [hidden]),
-            (p + "post_attention_layernorm.weight", [hidden]),
-        ]
-    entries += [("model.norm.weight", [hidden]), ("lm_head.weight", [vocab, hidden])]
-    gen = torch.Generator().manual_seed(0)
-
-    def body(out) -> None:
-        for _, shape in entries:
-            write_tensor(out, (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16))
-
-    dst.mkdir(parents=True)
-    write_streaming(
-        dst / "model.safetensors", [(n, "BF16", s) for n, s in entries], body, {"format": "pt"}
-    )
-    config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": hidden,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv,
-        "num_hidden_layers": layers,
-        "intermediate_size": inter,
-        "vocab_size": vocab,
-        "torch_dtype": "bfloat16",
-        "rms_norm_eps": 1e-5,
-    }
-    (dst / "config.json").write_text(json.dumps(config))
-    return sum(torch.Size(s).numel() for _, s in entries)
-
-
 def embedded_checkpoint() -> Path:
     """The converted embedded model (converting it on first use)."""
     from hydra import compose, initialize_config_dir
@@ -108,7 +61,6 @@ def embedded_checkpoint() -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--params-b", type=float, default=1.0)
     p.add_argument("--skip-synthetic", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "encrypt.json")
@@ -158,7 +110,7 @@ def main() -> None:
         if not a.skip_synthetic:
             syn = tmp / "synthetic"
             t0 = time.perf_counter()
-            n = synthetic_llama(syn, a.params_b)
+            n = write_checkpoint(syn, "llama3_1b")["params"]
             t_gen = time.perf_counter() - t0
             t_syn, rss_syn = child_peak_rss_mb(
                 [
@@ -172,7 +124,9 @@ def main() -> None:
             )
             res["synthetic"] = {
                 "params": n,
-                "checkpoint_gb": round((syn / "model.safetensors").stat().st_size / 2**30, 2),
+                "checkpoint_gb": round(
+                    sum(f.stat().st_size for f in syn.glob("*.safetensors")) / 2**30, 2
+                ),
                 "generate_s": round(t_gen, 1),
                 "encrypt_s_incl_startup": round(t_syn, 1),
                 "peak_rss_mb": round(rss_syn, 1),

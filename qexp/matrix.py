@@ -65,6 +65,7 @@ def plan(cfg: DictConfig) -> dict:
     ax = axes(cfg)
     cost = OmegaConf.to_container(cfg.matrix.cost, resolve=True)
     limit = int(cfg.benchmark.limit or 60)
+    tokens = int(cfg.benchmark.get("max_new_tokens") or 64)
     conditions = list(cfg.conditions)
     cells = list(itertools.product(ax["model"], ax["attack"], ax["defense"], ax["quantizer"]))
     per = cost.get("attack_per", {})
@@ -80,7 +81,7 @@ def plan(cfg: DictConfig) -> dict:
         data = any(q.startswith(p) for p in DATA_DEPENDENT)
         return cost["quantize_data_dependent"] if data else cost["quantize"]
 
-    evaluate = cost["evaluate_per_item"] * limit
+    evaluate = cost["evaluate_per_item_token"] * limit * tokens
     for m, a, *_ in attack_stages:
         seconds += scale[m] * (cost["attack"].get(a, 0) + evaluate * ("attacked" in conditions))
     for m, d, q in original_q:
@@ -90,6 +91,7 @@ def plan(cfg: DictConfig) -> dict:
         seconds += scale[m] * (cost["defense"].get(d, 0) + quantize_s(q))
         seconds += scale[m] * evaluate * ("attacked_q" in conditions)
     seconds += sum(scale[m] * evaluate for m in ax["model"]) * ("original" in conditions)
+    seconds += cost["job"] * len(cells)  # start-up, loading, similarity, bookkeeping
     return {
         "size": str(cfg.matrix.size),
         "axes": ax,
@@ -101,6 +103,7 @@ def plan(cfg: DictConfig) -> dict:
             "original": len(ax["model"]),
         },
         "items_per_condition": limit,
+        "new_tokens_per_item": tokens,
         "estimated_seconds": round(seconds, 1),
         "estimated_cpu_hours": round(2 * seconds / 3600, 2),
         "estimate_basis": "2 CPU cores, one job at a time, cold stage cache (docs/matrix.md)",

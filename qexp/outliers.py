@@ -21,8 +21,20 @@ def block_top2(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor,
 
 def block_ratio(w: torch.Tensor, block: int) -> torch.Tensor:
     """max |w| / second max |w| of every block ([out, in/block]; 1 for an all-zero block,
-    finite and huge where only the second is 0)."""
-    _, first, second = block_top2(w, block)
+    finite and huge where only the second is 0): the two largest |w| of `block_top2` (a tied
+    maximum is its own second), from maxima instead of a top-k. For 16-bit weights the maxima
+    are taken over the magnitude bits (ordered like |w|), then decoded."""
+    x = w.detach()
+    if x.element_size() == 2:
+        it = torch.int16
+        a = (x.view(it) & 0x7FFF).reshape(x.shape[0], -1, block)
+    else:
+        a = x.abs().float().reshape(x.shape[0], -1, block)
+    top = a.argmax(-1, keepdim=True)  # one of the largest; a tie leaves its twin in the rest
+    first = a.gather(-1, top)[..., 0]
+    second = a.scatter_(-1, top, 0).amax(-1)  # `a` is a fresh tensor: changed in place
+    if x.element_size() == 2:
+        first, second = first.view(x.dtype).float(), second.view(x.dtype).float()
     return torch.where(first == 0, torch.ones_like(first), first / second.clamp_min(1e-30))
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -22,14 +23,49 @@ def probe_ids(tok: PreTrainedTokenizerBase, n: int = 8, length: int = 64) -> tor
     return torch.tensor([r for r in rows if len(r) == length])
 
 
+@contextmanager
+def computed_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Forward passes as if the model were cast to `dtype` (`model.to(dtype)`), holding one
+    module's parameters and floating buffers in `dtype` at a time instead of a second model:
+    each module with tensors of its own swaps in cast copies just before its forward and the
+    originals back just after."""
+    handles = []
+
+    def pre(m: torch.nn.Module, _: object) -> None:
+        for store in (m._parameters, m._buffers):
+            for n, t in list(store.items()):
+                if t is not None and t.is_floating_point() and t.dtype != dtype:
+                    m._qexp_stash.append((store, n, t))
+                    store[n] = t.detach().to(dtype)
+
+    def post(m: torch.nn.Module, _: object, __: object) -> None:
+        for store, n, t in m._qexp_stash:
+            store[n] = t
+        m._qexp_stash.clear()
+
+    for mod in model.modules():
+        own = [*mod._parameters.values(), *mod._buffers.values()]
+        if any(t is not None and t.is_floating_point() for t in own):
+            mod._qexp_stash = []
+            handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for mod in model.modules():
+            if hasattr(mod, "_qexp_stash"):
+                post(mod, None, None)  # a forward that raised leaves nothing swapped
+                del mod._qexp_stash
+
+
 @torch.no_grad()
 def probe_logits(model: PreTrainedModel, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Logits in float32 and bfloat16 (a temporary copy of the model for the other dtype)."""
+    """Logits in float32 and bfloat16 (the other dtype module by module: `computed_in`)."""
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        m = model if model.dtype == dtype else copy.deepcopy(model).to(dtype)
-        out[name] = m(input_ids=ids.to(model.device)).logits.float().cpu()
-        del m
+        with computed_in(model, dtype):
+            out[name] = model(input_ids=ids.to(model.device)).logits.float().cpu()
     return out
 
 

@@ -21,6 +21,7 @@ import transformers
 import qexp
 from qexp import CONDITIONS
 from qexp.io import atomic_write_json, atomic_write_jsonl
+from qexp.memory import PeakRSS
 
 TABLE_METRICS = (
     "accuracy",
@@ -95,12 +96,22 @@ class Results:
     defense_stats: dict[str, dict] = field(default_factory=dict)
     quantization: dict[str, dict] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # the memory plan (qexp/memory.py), the loaded model's bytes and each stage's peak RSS
+    memory: dict[str, Any] = field(default_factory=dict)
     # per stage and condition: computed (cache off), stored (computed, now cached) or hit
     cache: dict[str, str] = field(default_factory=dict)
     status: str = "running"
     error: str | None = None
     heartbeat_utc: str | None = None  # refreshed every HEARTBEAT_S while the job runs
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _rss: PeakRSS = field(default_factory=PeakRSS, repr=False)
+    _depth: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        self.memory.update({"baseline_rss_mb": round(self._rss.now_mb(), 1), "peak_rss_mb": {}})
+        self.memory["peak_method"] = (
+            "VmHWM reset per stage" if self._rss.exact else "ru_maxrss (peak since start)"
+        )
 
     def add(self, condition: str, metrics: dict, records: list[dict]) -> None:
         """Record one condition: metrics into results.json, records into generations/."""
@@ -111,13 +122,29 @@ class Results:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Add the wall time of the block to stage_seconds[name]."""
+        """Add the wall time of the block to stage_seconds[name] and record its peak RSS in
+        memory["peak_rss_mb"][name] (the larger, when a stage name repeats)."""
         t0 = time.perf_counter()
+        if self._depth == 0:
+            self._rss.reset()
+        self._depth += 1
         try:
             yield
         finally:
+            self._depth -= 1
             dt = time.perf_counter() - t0
             self.stage_seconds[name] = round(self.stage_seconds.get(name, 0.0) + dt, 3)
+            peaks = self.memory["peak_rss_mb"]
+            peaks[name] = round(max(peaks.get(name, 0.0), self._rss.peak_mb()), 1)
+
+    def record_model(self, model: torch.nn.Module) -> None:
+        """The bytes of a loaded model's parameters and buffers (tied tensors once)."""
+        seen, total = set(), 0
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        self.memory["model_bytes"] = total
 
     @contextmanager
     def heartbeat(self, every_s: float = 30.0) -> Iterator[None]:
@@ -155,6 +182,7 @@ class Results:
             "defense_stats": self.defense_stats,
             "quantization": self.quantization,
             "stage_seconds": self.stage_seconds,
+            "memory": self.memory,
             "cache": self.cache,
             "status": self.status,
             "heartbeat_utc": self.heartbeat_utc,

@@ -26,6 +26,7 @@ from qexp.data import reference_text
 from qexp.defenses.base import Defense
 from qexp.errors import ConfigError
 from qexp.io import atomic_dir, atomic_write_json
+from qexp.memory import check_fits
 from qexp.metrics import token_nll
 from qexp.models.geometry import max_positions
 from qexp.plots import plot_loglik
@@ -253,12 +254,14 @@ def check_run_dir(run_dir: Path, config: dict) -> None:
     )
 
 
-def check_model(spec: Spec, ctx: RunContext) -> None:
-    """Every check that needs the model's config.json or the hub, before any weights load."""
+def check_model(spec: Spec, ctx: RunContext) -> dict:
+    """Every check that needs the model's config.json or the hub, before any weights load;
+    returns the memory plan (a model that cannot fit the device stops here)."""
     spec.run.similarity.check_sources()
     config = spec.model.hf_config(ctx)
     for plugin in spec.plugins():
         plugin.check_model(config)
+    return check_fits(config, ctx.dtype, ctx.device, "model", spec.model.name)
 
 
 def run(
@@ -270,8 +273,9 @@ def run(
     config = OmegaConf.to_container(cfg, resolve=True)
     check_run_dir(Path(run_dir), config)
     ctx = RunContext.from_schema(spec.run, run_dir)
-    check_model(spec, ctx)
+    plan = check_model(spec, ctx)
     results = Results(run_dir, config, provenance(spec.model.name, str(ctx.device), spec.run.dtype))
+    results.memory["plan"] = plan
     results.save()
     spec.logger.start(config, run_dir, job_name, group)
     status = "failed"

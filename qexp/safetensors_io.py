@@ -7,9 +7,13 @@ so an unchanged tensor is byte-identical in the output.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import queue
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -141,45 +145,154 @@ def write_tensor(out: BinaryIO, t: torch.Tensor) -> None:
         out.write(memoryview(t.contiguous().view(torch.uint8).numpy()))
 
 
+class _Range:
+    """Bytes of `src` copied unchanged: in the kernel (`os.copy_file_range`, as `cp` does)
+    where the system allows it, else in CHUNK reads."""
+
+    def __init__(self, offset: int, length: int, name: str) -> None:
+        self.offset, self.length, self.name = offset, length, name
+
+    def copy(self, f: BinaryIO, out: BinaryIO) -> None:
+        out.flush()
+        offset, left = self.offset, self.length
+        while left and (n := self._kernel_copy(f, out, offset, left)):
+            offset, left = offset + n, left - n
+        f.seek(offset)
+        while left:  # no copy_file_range here (or it stopped): through memory
+            chunk = f.read(min(CHUNK, left))
+            if not chunk:  # the file shrank while being read
+                raise SafetensorsError(f"{f.name}: truncated data of tensor {self.name}")
+            out.write(chunk)
+            left -= len(chunk)
+
+    @staticmethod
+    def _kernel_copy(f: BinaryIO, out: BinaryIO, offset: int, left: int) -> int:
+        """Bytes copied by one copy_file_range (0: not available, or end of file)."""
+        try:
+            return os.copy_file_range(f.fileno(), out.fileno(), left, offset)
+        except OSError as e:
+            if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                return 0
+            raise
+
+
+class _Stage:
+    """A thread that moves items between bounded queues; any error stops the pipeline."""
+
+    DONE = object()
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop, self.error = stop, None
+
+    def put(self, q: queue.Queue, item: Any) -> bool:
+        """Put unless the pipeline stopped (False then)."""
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self, q: queue.Queue) -> Any:
+        """The next item, or DONE once the pipeline stopped."""
+        while not self.stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return self.DONE
+
+    def run(self, work: Callable[[], None]) -> threading.Thread:
+        def guarded() -> None:
+            try:
+                work()
+            except BaseException as e:  # re-raised in the calling thread
+                self.error = e
+                self.stop.set()
+
+        t = threading.Thread(target=guarded, daemon=True)
+        t.start()
+        return t
+
+
 def stream_transform(
     src: Path,
     dst: Path,
-    fn: Callable[[str, torch.Tensor], torch.Tensor | None],
+    fn: Callable[[str, torch.Tensor | None], torch.Tensor | None],
     wants: Callable[[str], bool],
     metadata: dict[str, str] | None = None,
+    reads: Callable[[str], bool] | None = None,
 ) -> int:
     """Write `dst` with the tensors of `src` for which `wants(name)` passed through `fn`.
 
     `fn` returns a tensor of the same dtype and shape, or None to keep the tensor; other
-    tensors are copied as bytes, in chunks, without being decoded. Returns the number of
-    tensors changed.
+    tensors are copied as bytes without being decoded (in the kernel where it can). `fn` gets
+    the tensor read
+    from `src`, or None where `reads(name)` is false (it reads what it needs itself). Reading,
+    `fn` and writing run in three threads joined by short queues, so the disk reads, the
+    arithmetic and the disk writes overlap (file I/O and torch release the GIL). Returns the
+    number of tensors changed.
     """
     header, base = read_header(src)
     entries = tensor_entries(header)
     meta = dict(header.get("__metadata__") or {})
     meta.update(metadata or {})
+    reads = reads or wants
     changed = 0
 
     def body(out: BinaryIO) -> None:
         nonlocal changed
-        with open(src, "rb") as f:
-            for name, entry in entries:
-                start, end = entry["data_offsets"]
-                new = fn(name, read_tensor(f, base, entry, name)) if wants(name) else None
-                if new is None:
-                    f.seek(base + start)
-                    left = end - start
-                    while left:
-                        chunk = f.read(min(CHUNK, left))
-                        if not chunk:  # the file shrank while being read
-                            raise SafetensorsError(f"{src}: truncated data of tensor {name}")
-                        out.write(chunk)
-                        left -= len(chunk)
-                    continue
-                if new.dtype != DTYPES[entry["dtype"]] or list(new.shape) != entry["shape"]:
-                    raise SafetensorsError(f"transform changed dtype/shape of {name}")
-                write_tensor(out, new)
-                changed += 1
+        stop = threading.Event()
+        stage = _Stage(stop)
+        q_in: queue.Queue = queue.Queue(maxsize=2)
+        q_out: queue.Queue = queue.Queue(maxsize=2)
+
+        def read_all() -> None:
+            with open(src, "rb") as f:
+                for name, entry in entries:
+                    if wants(name):
+                        t = read_tensor(f, base, entry, name) if reads(name) else None
+                        if not stage.put(q_in, (name, entry, t)):
+                            return
+                        continue
+                    start, end = entry["data_offsets"]
+                    if not stage.put(q_in, _Range(base + start, end - start, name)):
+                        return
+            stage.put(q_in, stage.DONE)
+
+        def write_all() -> None:
+            with open(src, "rb") as f:
+                while (item := stage.get(q_out)) is not stage.DONE:
+                    if isinstance(item, torch.Tensor):
+                        write_tensor(out, item)
+                    else:
+                        item.copy(f, out)
+
+        threads = [stage.run(read_all), stage.run(write_all)]
+        try:
+            with open(src, "rb") as f:
+                while (item := stage.get(q_in)) is not stage.DONE:
+                    if isinstance(item, _Range):
+                        stage.put(q_out, item)
+                        continue
+                    name, entry, t = item
+                    new = fn(name, t)
+                    if new is None:
+                        new = t if t is not None else read_tensor(f, base, entry, name)
+                    elif new.dtype != DTYPES[entry["dtype"]] or list(new.shape) != entry["shape"]:
+                        raise SafetensorsError(f"transform changed dtype/shape of {name}")
+                    else:
+                        changed += 1
+                    stage.put(q_out, new)
+            stage.put(q_out, stage.DONE)
+            threads[1].join()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        if stage.error is not None:
+            raise stage.error
 
     write_streaming(dst, [(n, e["dtype"], e["shape"]) for n, e in entries], body, meta)
     return changed

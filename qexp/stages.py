@@ -87,6 +87,7 @@ class Chain:
         if self.loaded is None:
             with self.results.stage(f"load_{self.branch}"):
                 self.loaded = self.load()
+            self.results.record_model(self.loaded.model)
         self._jump()
         for i in range(self.done, len(self.steps)):
             self._run(i)

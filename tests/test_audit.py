@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qexp.audit import gap, refdiff, reparam
-from qexp.audit.checkpoint import Checkpoint
 from qexp.audit.cli import main
 from qexp.audit.stats import robust_z
+from qexp.checkpoint import Checkpoint
 from qexp.models.geometry import geometry
 
 TINY = dict(
@@ -295,3 +295,66 @@ def test_gap_dither_follows_llm_int8s_float16_cast_of_float32_weights() -> None:
     bins = gap.n_bins(w.numel())
     c, _ = gap.counts(q, w, bins, g)
     assert gap.spike_stats(c, bins)["spike"] < gap.SPIKE_MIN  # 6696 before the cast was seen
+
+
+# ---- one parallel pass, sampling -----------------------------------------------------------
+
+
+def test_vo_condition_from_r_factors_equals_balance_vo() -> None:
+    from qexp.defenses.canonicalize import balance_vo
+
+    g = torch.Generator().manual_seed(3)
+    wv = torch.randn(16, 64, generator=g, dtype=torch.float64)
+    heads = [torch.randn(64, 16, generator=g, dtype=torch.float64) for _ in range(3)]
+    a, _ = balance_vo(wv, heads)
+    r_v = torch.linalg.qr(wv.T).R
+    r_o = torch.linalg.qr(torch.cat(heads)).R
+    assert reparam.vo_condition(r_v, r_o) == pytest.approx(float(torch.linalg.cond(a)), rel=1e-9)
+
+
+def test_parallel_scan_equals_serial_and_seed_reproduces(tmp_path: Path) -> None:
+    ckpt = save_tiny(tmp_path / "m", "qwen2", 5)
+    reports = {}
+    for name, extra in (
+        ("serial", ["--threads", "1", "--seed", "7"]),
+        ("parallel", ["--threads", "3", "--seed", "7"]),
+        ("other", ["--threads", "2", "--seed", "8", "--gap-sample", "2048"]),
+    ):
+        rc, rep = run_cli(ckpt, tmp_path / name, *extra)
+        assert rc == 0
+        reports[name] = rep
+    strip = ("runtime_s", "peak_rss_mib", "threads")
+    same = [{k: v for k, v in reports[n].items() if k not in strip} for n in ("serial", "parallel")]
+    assert same[0] == same[1]
+    assert same[0]["seed"] == 7 and same[0]["checks"]["gap"]["sampling"]["seed"] == 7
+    scored = {r["scored"] for r in reports["other"]["checks"]["gap"]["tensors"]}
+    assert min(scored) == 2048  # the 128x64 up/gate and 64x128 down tensors were sampled
+    _, drawn = run_cli(ckpt, tmp_path / "drawn")
+    assert isinstance(drawn["seed"], int)  # drawn at random, recorded
+
+
+def test_sample_rows_keeps_whole_blocks_and_finds_a_pile() -> None:
+    from qexp.quantizers.base import grid_quantizer
+
+    q = grid_quantizer("bnb_nf4", "target")
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(1024, 256, generator=g) * 0.02
+    assert gap.sample_rows(w, 0, 1, "t") is w and gap.sample_rows(w, 10**9, 1, "t") is w
+    s = gap.sample_rows(w, 256 * 100, 1, "t")
+    assert s.shape == (100, 256)  # width a multiple of 64: single rows
+    assert torch.equal(gap.sample_rows(w, 256 * 100, 1, "t"), s)  # seeded
+    assert not torch.equal(gap.sample_rows(w, 256 * 100, 2, "t"), s)
+    odd = torch.randn(600, 96, generator=g)  # 96 = 32 * 3: runs of 2 rows hold whole 64-blocks
+    s = gap.sample_rows(odd, 96 * 40, 1, "t")
+    assert s.shape == (40, 96)
+    rows = [next(r for r in range(600) if torch.equal(odd[r], x)) for x in s]
+    assert all(rows[i] % 2 == 0 and rows[i + 1] == rows[i] + 1 for i in range(0, 40, 2))
+    # a 10% pile at u = 0.05 over the whole tensor is found on a 1/8 sample
+    u = torch.rand(w.shape, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    u = torch.where(torch.rand(w.shape, generator=g) < 0.1, torch.full_like(u, 0.05), u)
+    piled = _place(q, w, u)
+    ws = gap.sample_rows(piled, 128 * 256, 3, "t")
+    bins = gap.n_bins(ws.numel())
+    st = gap.spike_stats(gap.counts(q, ws, bins, g)[0], bins)
+    assert st["spike_u"] == pytest.approx(0.05)
+    assert st["spike"] > 3 * gap.SPIKE_MIN and st["p_bins"] < 1e-50

@@ -148,3 +148,97 @@ def test_encrypt_against_canonicalize_keeps_what_it_cannot_undo(make_cfg):
                 )
             )
         assert e.value.key == "attack.against" and "undo every one" in e.value.allowed
+
+
+# ------------------------------------------------------- streaming (qexp-canonicalize)
+def _tiny_checkpoint(tmp_path, arch="llama", dtype=torch.bfloat16, bias=False):
+    from tests.test_encrypt import tiny
+
+    m = tiny(arch, 4, 2, 16, layers=3, bias=bias).to(dtype)
+    src = tmp_path / f"src_{arch}_{str(dtype)[6:]}"
+    m.save_pretrained(src, safe_serialization=True, max_shard_size="40KB")
+    assert len(list(src.glob("*.safetensors"))) > 1  # sharded: a layer spans shards
+    return m, src
+
+
+@pytest.mark.parametrize(
+    "arch,parts,bias,per_layer",
+    [  # tensors rewritten per layer
+        ("llama", ["vo", "qk", "mlp"], True, 9),  # v, v bias, o, q, q bias, k, k bias, up, down
+        ("qwen2", ["vo", "qk", "mlp", "norm"], True, 12),  # + both norms and gate
+        ("qwen3", ["vo", "qk", "mlp"], False, 4),  # q/k norms: no qk part; v, o, up, down
+    ],
+)
+def test_streaming_matches_in_memory_and_loads_in_transformers(
+    tmp_path, arch, parts, bias, per_layer
+):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from qexp.canonicalize import canonicalize_checkpoint, load_defense
+
+    m, src = _tiny_checkpoint(tmp_path, arch, bias=bias)
+    defense = load_defense([f"parts=[{','.join(parts)}]"])
+    manifest = canonicalize_checkpoint(src, tmp_path / "out", defense, progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    Canonicalize(parts=parts).apply(subject(m), NoQuantizer(), SimpleCtx)
+    for (n, p), (_, q) in zip(m.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(p, q), n
+    on_disk = json.loads((tmp_path / "out" / "qexp_canonicalize_manifest.json").read_text())
+    assert on_disk == manifest and manifest["defense"]["parts"] == parts
+    assert manifest["tensors_changed"] == 3 * per_layer
+
+
+class SimpleCtx:
+    progress = False
+
+
+def test_streaming_undoes_a_streamed_encrypt(tmp_path):
+    from qexp.canonicalize import canonicalize_checkpoint, load_defense
+    from qexp.checkpoint import Checkpoint
+    from qexp.encrypt import encrypt_checkpoint, load_attack
+
+    _, src = _tiny_checkpoint(tmp_path, dtype=torch.float32)
+    atk = load_attack(["kappa_one_layers=0", "group_size=8", "mlp=true", "rho=0.5", "b_every=1"])
+    encrypt_checkpoint(src, tmp_path / "enc", atk, progress=False)
+    defense = load_defense([])
+    canonicalize_checkpoint(src, tmp_path / "can", defense, progress=False)
+    canonicalize_checkpoint(tmp_path / "enc", tmp_path / "enc_can", defense, progress=False)
+    with (
+        Checkpoint(tmp_path / "can") as a,
+        Checkpoint(tmp_path / "enc_can") as b,
+        Checkpoint(tmp_path / "enc") as e,
+    ):
+        moved = max(float((e.get(n) - a.get(n)).abs().max()) for n in a.names)
+        back = max(float((b.get(n) - a.get(n)).abs().max()) for n in a.names)
+    assert moved > 0.1  # encrypt moved the weights
+    assert back < 1e-4  # the canonical forms of M and encrypt(M) agree
+
+
+def test_streaming_cli_errors_and_same_bytes(tmp_path):
+    import subprocess
+    import sys
+
+    from qexp.canonicalize import main
+    from tests.conftest import ROOT
+
+    _, src = _tiny_checkpoint(tmp_path)
+    p = subprocess.run(
+        [sys.executable, "-m", "qexp.canonicalize", str(src), str(tmp_path / "o"), "parts=[xy]"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert (
+        p.returncode == 2 and "defense.parts='xy'" in p.stderr and "vo, qk, mlp, norm" in p.stderr
+    )
+    assert not (tmp_path / "o").exists()
+    assert main([str(tmp_path / "missing"), str(tmp_path / "o2")]) == 2
+    outs = []
+    for name in ("a", "b"):
+        assert main([str(src), str(tmp_path / name), "--no-progress"]) == 0
+        outs.append({f.name: f.read_bytes() for f in sorted((tmp_path / name).iterdir())})
+    assert outs[0] == outs[1]
+    assert main([str(src), str(tmp_path / "a")]) == 2  # never overwritten

@@ -75,11 +75,12 @@ def test_short_pipeline_on_the_embedded_model(embedded, tmp_path):
 
 def test_audit_outlier_check_passes_the_embedded_model(embedded):
     from qexp.audit import outlier
-    from qexp.audit.checkpoint import Checkpoint
+    from qexp.audit.scan import scan
+    from qexp.checkpoint import Checkpoint
 
     spec, ctx = embedded
     with Checkpoint(spec.model.checkpoint_dir(ctx), "CHECKPOINT") as ckpt:
-        rep = outlier.run(ckpt, progress=False)
+        rep = scan(ckpt, [outlier.OutlierCheck()], jobs=2, progress=False)["outlier"]
     assert rep["verdict"] == "clean" and rep["score"]["n_tensors"] == 210
     assert rep["score"]["max_outlier_fraction"] == 0.0
     assert 10 < rep["score"]["max_ratio"] < outlier.RATIO  # SmolLM2's own largest block: 22.7

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,14 @@ from typing import Any
 import torch
 
 from qexp.audit import gap, outlier, refdiff, reparam
-from qexp.audit.checkpoint import Checkpoint
 from qexp.audit.report import plots, summary
+from qexp.audit.scan import Check, scan
+from qexp.checkpoint import Checkpoint
 from qexp.cli import console
+from qexp.context import available_cores
 from qexp.errors import ConfigError
 from qexp.io import atomic_write_json, atomic_write_text
+from qexp.memory import share_malloc_arena
 from qexp.safetensors_io import SafetensorsError
 
 DEFAULT_TARGETS = ("bnb_int8", "bnb_nf4", "bnb_fp4", "gguf_q4_0", "rtn4")
@@ -55,7 +59,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--differential", action="store_true", help="also run the differential check")
     p.add_argument("--out", type=Path, help="report directory (default ./audit-<checkpoint name>)")
     p.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)"
+        "--threads",
+        type=int,
+        default=0,
+        help="tensors checked in parallel, one torch thread each (default 0: every core this "
+        "process may use)",
+    )
+    p.add_argument(
+        "--gap-sample",
+        type=int,
+        default=gap.SAMPLE,
+        help="weights the gap check scores per tensor: a larger tensor is scored on random "
+        f"whole rows holding at least this many (default {gap.SAMPLE}; 0: every weight)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the gap check's row sample and dither (default: drawn at random and "
+        "recorded in audit.json; give it to reproduce a report)",
     )
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -99,13 +120,18 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
         "bytes": ckpt.nbytes(),
         "checks": {},
     }
+    seed = args.seed if args.seed is not None else secrets.randbits(63)
+    static: list[Check] = []
+    if "reparam" in checks:
+        static.append(reparam.ReparamCheck(geo))
+    if "gap" in checks:
+        static.append(gap.GapCheck(quantizers, args.gap_sample, seed))
+    if "outlier" in checks:
+        static.append(outlier.OutlierCheck())
+    report["seed"] = seed
+    report["threads"] = args.threads
     with ckpt:
-        if "reparam" in checks:
-            report["checks"]["reparam"] = reparam.run(ckpt, geo, progress)
-        if "gap" in checks:
-            report["checks"]["gap"] = gap.run(ckpt, quantizers, progress)
-        if "outlier" in checks:
-            report["checks"]["outlier"] = outlier.run(ckpt, progress)
+        report["checks"].update(scan(ckpt, static, args.threads, progress))
         if ref is not None:
             with ref:
                 report["checks"]["reference"] = refdiff.run(ckpt, ref, progress)
@@ -126,11 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: 0 clean, 1 suspicious, 2 error (one line on stderr)."""
     args = parse(argv)
     con = console("qexp-audit")
-    if args.threads < 0:
-        con.error("qexp-audit: error: --threads=%d is not valid; allowed: >= 0", args.threads)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    for flag, value in (("--threads", args.threads), ("--gap-sample", args.gap_sample)):
+        if value < 0:
+            con.error("qexp-audit: error: %s=%d is not valid; allowed: >= 0", flag, value)
+            return 2
+    args.threads = args.threads or available_cores()
+    torch.set_num_threads(1)  # parallel over tensors instead
+    share_malloc_arena()
     try:
         report = audit(args)
     except (ConfigError, SafetensorsError, FileNotFoundError, KeyError, OSError) as e:

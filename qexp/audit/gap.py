@@ -19,25 +19,36 @@ flagged when S >= SPIKE_MIN and its corrected p <= ALPHA; the check is suspiciou
 Where the library quantizes float16/bfloat16 values (the stored dtype, or LLM.int8's cast
 to float16 of a float32 checkpoint) u is dithered by ±½ ulp of that dtype first, so its
 lattice does not make spikes. Robust z of S against the same module kind and target is reported too.
+
+Large tensors are sampled: a tensor of more than `sample` weights is read in full but scored on
+randomly chosen rows holding at least `sample` weights, taken in runs of 64 / gcd(in, 64)
+consecutive rows so that every quantizer block stays whole (one row when the width is a
+multiple of 64); the choice is seeded per tensor from the audit's seed, which
+`qexp-audit` draws at random unless given (an attacker who knew the rows could keep its piles
+out of them) and records. Dither noise is seeded per (tensor, target) from the same seed, so
+the result does not depend on the order in which parallel workers finish.
 """
 
 from __future__ import annotations
 
+import math
 import re
+import zlib
 from typing import Any
 
 import torch
 from scipy.stats import binom
-from tqdm.auto import tqdm
 
-from qexp.audit.checkpoint import Checkpoint
 from qexp.audit.stats import robust_z
+from qexp.checkpoint import Checkpoint
 from qexp.models.geometry import parse_name
 
 SPIKE_MIN = 6.0
 CENTRE = 0.01  # |u - 1/2| <= CENTRE is left out of the spike search
 ALPHA = 1e-3
-CHUNK = 1 << 22  # weights per interval computation
+CHUNK = 1 << 18  # weights per interval computation (scratch stays small, in cache)
+BLOCK_ALIGN = 64  # sampled rows hold whole blocks of this many weights (every layout here)
+SAMPLE = 1 << 18  # default: weights scored per large tensor
 MANTISSA = {torch.float16: 10, torch.bfloat16: 7}
 
 
@@ -124,35 +135,91 @@ def kind(name: str) -> str:
     return re.sub(r"^.*layers\.\d+\.", "", name).removesuffix(".weight")
 
 
-def run(
-    ckpt: Checkpoint, quantizers: list[Any], progress: bool = True, keep_counts: int = 3
+def _seed(*parts: Any) -> int:
+    """A 63-bit seed from the audit seed and names (independent of processing order)."""
+    return zlib.crc32("|".join(map(str, parts)).encode()) ^ (int(parts[0]) & (2**63 - 1))
+
+
+def sample_rows(w: torch.Tensor, sample: int, seed: int, name: str) -> torch.Tensor:
+    """`w`, or at least `sample` of its weights: random runs of 64 / gcd(in, 64) whole rows
+    (sorted; `sample` 0 = every weight)."""
+    out_f, in_f = w.shape
+    run = BLOCK_ALIGN // math.gcd(in_f, BLOCK_ALIGN)
+    runs = -(-out_f // run)
+    take = -(-sample // (run * max(in_f, 1)))
+    if sample <= 0 or take >= runs:
+        return w
+    g = torch.Generator().manual_seed(_seed(seed, name))
+    pick = torch.randperm(runs, generator=g)[:take].sort().values
+    rows = (pick[:, None] * run + torch.arange(run)).reshape(-1)
+    return w[rows[rows < out_f]]
+
+
+class GapCheck:
+    """Check 2 as a `qexp.audit.scan.Check`: histogram counts per (tensor, target)."""
+
+    name = "gap"
+
+    def __init__(self, quantizers: list[Any], sample: int = SAMPLE, seed: int = 0) -> None:
+        self.quantizers, self.sample, self.seed = quantizers, sample, seed
+        self.work: dict[str, set[str]] = {}
+
+    def tensors(self, ckpt: Checkpoint) -> list[str]:
+        self.work = {q.name: set(weight_names(ckpt, list(q.skip))) for q in self.quantizers}
+        return sorted(set().union(*self.work.values()), key=ckpt.names.index)
+
+    def visit(self, name: str, w: torch.Tensor) -> list[dict[str, Any]]:
+        """Counts (or the reason it was skipped) for each target that quantizes `name`."""
+        ws = sample_rows(w, self.sample, self.seed, name)
+        bins = n_bins(ws.numel())
+        out = []
+        for q in self.quantizers:
+            if name not in self.work[q.name]:
+                continue
+            g = torch.Generator().manual_seed(_seed(self.seed, name, q.name))
+            try:
+                c, pinned = counts(q, ws, bins, g)
+            except ValueError as e:
+                out.append({"target": q.name, "skipped": str(e)})
+                continue
+            out.append(
+                {"target": q.name, "counts": c, "bins": bins, "pinned": pinned, "read": ws.numel()}
+            )
+        return out
+
+    def finish(self, parts: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        """Score every (tensor, target) pair; keeps the counts of the top few for plots."""
+        return report(parts, self.quantizers, self.sample, self.seed)
+
+
+def report(
+    parts: dict[str, list[dict[str, Any]]],
+    quantizers: list[Any],
+    sample: int,
+    seed: int,
+    keep_counts: int = 3,
 ) -> dict[str, Any]:
-    """Score every (weight tensor, target) pair; keeps the counts of the top few for plots."""
-    g = torch.Generator().manual_seed(0)
+    """The gap check's report from the per-tensor counts."""
     rows: list[dict[str, Any]] = []
     hist: dict[tuple[str, str], list[int]] = {}
     skipped: list[dict[str, str]] = []
-    work = {q.name: set(weight_names(ckpt, list(q.skip))) for q in quantizers}
-    order = {n: i for i, n in enumerate(ckpt.names)}
-    names = sorted(set().union(*work.values()), key=order.__getitem__)
-    bar = tqdm(names, desc="audit: gap", disable=not progress)
-    for name in bar:
-        w = ckpt.get(name)
-        bins = n_bins(w.numel())
-        for q in quantizers:
-            if name not in work[q.name]:
+    for name, results in parts.items():
+        for r in results:
+            if "skipped" in r:
+                skipped.append({"tensor": name, "target": r["target"], "reason": r["skipped"]})
                 continue
-            try:
-                c, pinned = counts(q, w, bins, g)
-            except ValueError as e:
-                skipped.append({"tensor": name, "target": q.name, "reason": str(e)})
-                continue
-            s = spike_stats(c, bins)
+            s = spike_stats(r["counts"], r["bins"])
             rows.append(
-                {"tensor": name, "kind": kind(name), "target": q.name, "pinned": pinned, **s}
+                {
+                    "tensor": name,
+                    "kind": kind(name),
+                    "target": r["target"],
+                    "pinned": r["pinned"],
+                    "scored": r["read"],
+                    **s,
+                }
             )
-            hist[(name, q.name)] = c.tolist()
-        del w
+            hist[(name, r["target"])] = r["counts"].tolist()
     n_tests = max(len(rows), 1)
     for r in rows:
         r["p"] = min(1.0, r["p_bins"] * n_tests)
@@ -190,6 +257,7 @@ def run(
             "n_tests": len(rows),
         },
         "thresholds": {"spike_min": SPIKE_MIN, "alpha": ALPHA, "correction": "bonferroni"},
+        "sampling": {"weights_per_tensor": sample, "seed": seed},
         "per_target": per_target,
         "flagged": [
             {k: r[k] for k in ("tensor", "target", "spike", "spike_u", "spike_mass", "p")}

@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from qexp.audit.checkpoint import Checkpoint
 from qexp.audit.stats import median, robust_z
-from qexp.defenses.canonicalize import balance_vo
+from qexp.checkpoint import Checkpoint
+from qexp.defenses.canonicalize import col_sq, row_norms
 from qexp.models.geometry import Geometry, parse_name
 
 
@@ -71,36 +70,84 @@ def layer_names(ckpt: Checkpoint) -> dict[tuple[int, str], str]:
     return out
 
 
-def head_features(
-    wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor, geo: Geometry
-) -> list[dict[str, float]]:
-    """Per kv-head features of one layer (float64 inputs)."""
-    d, rep = geo.head_dim, geo.group
+def reduce(role: str, w: torch.Tensor, geo: Geometry) -> dict[str, torch.Tensor]:
+    """What the features need of one projection weight (small, float64): squared norms per
+    kv-head (group of query heads for q, o), the R factors of V and O per kv-head (`balance_vo`
+    reads the factors only through them), row norms of up and column norms of down."""
+    d, rep, kv = geo.head_dim, geo.group, geo.num_kv_heads
+    if role in ("q_weight", "k_weight"):
+        return {"norm2": row_norms(w).square().reshape(kv, -1).sum(1)}
+    if role == "v_weight":  # Gram of W_v[R_g]ᵀ per kv-head
+        grams = [(h @ h.T) for h in (w[g * d : (g + 1) * d].double() for g in range(kv))]
+    elif role == "o_weight":  # Gram of the stacked W_o[:, C_h], h in group(g)
+        grams = []
+        for g in range(kv):  # one kv-head's columns in float64 at a time
+            cols = w[:, g * rep * d : (g + 1) * rep * d].double().reshape(-1, d)
+            grams.append(cols.T @ cols)
+    if role in ("v_weight", "o_weight"):
+        gram = torch.stack(grams)
+        return {"r": _r_factor(gram), "norm2": gram.diagonal(dim1=1, dim2=2).sum(1)}
+    if role == "up_weight":
+        return {"norms": row_norms(w)}
+    if role == "down_weight":
+        return {"norms": col_sq(w).sqrt()}
+    raise ValueError(f"no reparam reduction for {role}")
+
+
+def _r_factor(gram: torch.Tensor) -> torch.Tensor:
+    """R (upper, positive diagonal) with RᵀR = gram: the R of a QR of the matrix whose Gram
+    it is, up to row signs. Cholesky of the Gram (one matrix product per head, float64)
+    instead of a QR of the tall matrix; a rank-deficient head falls back to the QR of its
+    Gram's square root."""
+    r, info = torch.linalg.cholesky_ex(gram, upper=True)
+    for i in torch.nonzero(info).reshape(-1).tolist():
+        e, v = torch.linalg.eigh(gram[i])
+        r[i] = torch.linalg.qr(e.clamp_min(0).sqrt()[:, None] * v.T).R
+    return r
+
+
+def vo_condition(r_v: torch.Tensor, r_o: torch.Tensor) -> float:
+    """cond(A) of `balance_vo` from the R factors of W_vᵀ and the stacked W_o heads (A's row
+    signs, which need the Q factors, do not change its condition number)."""
+    _, s, wt = torch.linalg.svd(r_o @ r_v.T)
+    return float(torch.linalg.cond((s.sqrt()[:, None] * wt) @ torch.linalg.inv(r_v.T)))
+
+
+def features(red: dict[str, dict[str, torch.Tensor]], geo: Geometry) -> list[dict[str, float]]:
+    """Per kv-head features of one layer from its q/k/v/o reductions."""
     out = []
     for g in range(geo.num_kv_heads):
-        rows = slice(g * d, (g + 1) * d)
-        wo_heads = [wo[:, h * d : (h + 1) * d] for h in range(g * rep, (g + 1) * rep)]
-        a, _ = balance_vo(wv[rows], wo_heads)
-        nq = float(wq[g * rep * d : (g + 1) * rep * d].norm()) / math.sqrt(rep)
-        nk = float(wk[rows].norm())
-        qk = math.log(nq * nk) if geo.qk_norm else math.log(nq / nk)
+        nq = math.sqrt(float(red["q_weight"]["norm2"][g])) / math.sqrt(geo.group)
+        nk = math.sqrt(float(red["k_weight"]["norm2"][g]))
+        v, o = red["v_weight"], red["o_weight"]
         out.append(
             {
-                "vo_cond": math.log10(float(torch.linalg.cond(a))),
-                "vo_scale": math.log(float(wv[rows].norm()) / float(torch.cat(wo_heads).norm())),
-                "qk_scale": qk,
+                "vo_cond": math.log10(vo_condition(v["r"][g], o["r"][g])),
+                "vo_scale": 0.5 * math.log(float(v["norm2"][g]) / float(o["norm2"][g])),
+                "qk_scale": math.log(nq * nk) if geo.qk_norm else math.log(nq / nk),
             }
         )
     return out
 
 
-def mlp_spread(up: torch.Tensor, down: torch.Tensor) -> float:
-    """IQR over channels of ln(‖W_up[i]‖ / ‖W_down[:, i]‖) (norms in float64)."""
-    nu = torch.linalg.vector_norm(up, dim=1, dtype=torch.float64)
-    nd = torch.linalg.vector_norm(down, dim=0, dtype=torch.float64)
-    r = (nu / nd.clamp_min(1e-30)).clamp_min(1e-30).log()
+def head_features(
+    wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor, geo: Geometry
+) -> list[dict[str, float]]:
+    """Per kv-head features of one layer from its four attention weights."""
+    ws = {"q_weight": wq, "k_weight": wk, "v_weight": wv, "o_weight": wo}
+    return features({r: reduce(r, w, geo) for r, w in ws.items()}, geo)
+
+
+def spread(up_norms: torch.Tensor, down_norms: torch.Tensor) -> float:
+    """IQR over channels of ln(‖W_up[i]‖ / ‖W_down[:, i]‖)."""
+    r = (up_norms / down_norms.clamp_min(1e-30)).clamp_min(1e-30).log()
     q = torch.quantile(r, torch.tensor([0.25, 0.75], dtype=r.dtype))
     return float(q[1] - q[0])
+
+
+def mlp_spread(up: torch.Tensor, down: torch.Tensor) -> float:
+    """IQR over channels of ln(‖W_up[i]‖ / ‖W_down[:, i]‖) (norms in float64)."""
+    return spread(row_norms(up), col_sq(down).sqrt())
 
 
 def flag(x: float, z: float | None, med: float, lim: Limit) -> bool:
@@ -134,32 +181,58 @@ def score(values: list[float], lim: Limit) -> dict[str, Any]:
     }
 
 
-def run(ckpt: Checkpoint, geo: Geometry, progress: bool = True) -> dict[str, Any]:
-    """Compute and score all reparameterization features, one layer at a time."""
-    names = layer_names(ckpt)
-    heads: list[dict[str, Any]] = []
-    layers: list[dict[str, Any]] = []
-    for li in tqdm(range(geo.num_layers), desc="audit: reparam", disable=not progress):
-        need = {r: names.get((li, f"{r}_weight")) for r in ("q", "k", "v", "o", "up", "down")}
-        missing = [r for r, n in need.items() if n is None]
-        if missing:
-            raise KeyError(f"layer {li}: no {', '.join(missing)} projection weight")
-        w = {r: ckpt.get(need[r]).double() for r in ("q", "k", "v", "o")}
-        for g, feats in enumerate(head_features(w["q"], w["k"], w["v"], w["o"], geo)):
-            heads.append({"layer": li, "kv_head": g, **feats})
-        del w
-        spread = mlp_spread(ckpt.get(need["up"]), ckpt.get(need["down"]))
-        layers.append({"layer": li, "mlp_spread": spread})
-    features: dict[str, Any] = {}
+ROLES = ("q_weight", "k_weight", "v_weight", "o_weight", "up_weight", "down_weight")
+
+
+class ReparamCheck:
+    """Check 1 as a `qexp.audit.scan.Check`: per-tensor reductions, features per layer."""
+
+    name = "reparam"
+
+    def __init__(self, geo: Geometry) -> None:
+        self.geo = geo
+        self.roles: dict[str, tuple[int, str]] = {}
+
+    def tensors(self, ckpt: Checkpoint) -> list[str]:
+        names = layer_names(ckpt)
+        for li in range(self.geo.num_layers):
+            missing = [r.removesuffix("_weight") for r in ROLES if (li, r) not in names]
+            if missing:
+                raise KeyError(f"layer {li}: no {', '.join(missing)} projection weight")
+        self.roles = {names[(li, r)]: (li, r) for li in range(self.geo.num_layers) for r in ROLES}
+        return list(self.roles)
+
+    def visit(self, name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        return reduce(self.roles[name][1], w, self.geo)
+
+    def finish(self, parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """Features per kv-head and layer, scored against the model's own population."""
+        red: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        for name, part in parts.items():
+            li, role = self.roles[name]
+            red.setdefault(li, {})[role] = part
+        heads: list[dict[str, Any]] = []
+        layers: list[dict[str, Any]] = []
+        for li in range(self.geo.num_layers):
+            for g, feats in enumerate(features(red[li], self.geo)):
+                heads.append({"layer": li, "kv_head": g, **feats})
+            mlp = spread(red[li]["up_weight"]["norms"], red[li]["down_weight"]["norms"])
+            layers.append({"layer": li, "mlp_spread": mlp})
+        return scored(heads, layers)
+
+
+def scored(heads: list[dict[str, Any]], layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Score all reparameterization features (robust z against the model's own, limits)."""
+    feats: dict[str, Any] = {}
     for key in ("vo_cond", "vo_scale", "qk_scale"):
         s = score([h[key] for h in heads], LIMITS[key])
         for h, z, f in zip(heads, s.pop("z"), s.pop("flags")):
             h[f"{key}_z"], h[f"{key}_flag"] = z, f
-        features[key] = s
+        feats[key] = s
     s = score([r["mlp_spread"] for r in layers], LIMITS["mlp_spread"])
     for r, z, f in zip(layers, s.pop("z"), s.pop("flags")):
         r["mlp_spread_z"], r["mlp_spread_flag"] = z, f
-    features["mlp_spread"] = s
+    feats["mlp_spread"] = s
     flagged_heads = [
         {k: h[k] for k in ("layer", "kv_head")}
         | {"features": [k for k in LIMITS if h.get(f"{k}_flag")]}
@@ -168,11 +241,11 @@ def run(ckpt: Checkpoint, geo: Geometry, progress: bool = True) -> dict[str, Any
     ]
     flagged_layers = [r["layer"] for r in layers if r["mlp_spread_flag"]]
     n_flag = len(flagged_heads) + len(flagged_layers)
-    zs = [f["max_z"] for f in features.values() if f["max_z"] is not None]
+    zs = [f["max_z"] for f in feats.values() if f["max_z"] is not None]
     return {
         "verdict": "suspicious" if n_flag else "clean",
         "score": {"n_flagged": n_flag, "max_abs_z": max(zs) if zs else None},
-        "features": features,
+        "features": feats,
         "flagged_heads": flagged_heads,
         "flagged_mlp_layers": flagged_layers,
         "heads": heads,

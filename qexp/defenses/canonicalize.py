@@ -25,6 +25,10 @@ canonicalize for every T in the group the parts generate (docs/defenses.md#canon
 
 Function preservation is measured by the pipeline like encrypt's (probe logits before/after;
 fp32 max |Δlogit| must stay within `tolerance`) and reported in `defense_stats`.
+
+The parts act on one decoder layer's tensors by role (`canonicalize_tensors`, in place, in row
+chunks of at most CHUNK elements in float64), so the in-memory defense and the streaming
+`qexp-canonicalize` (qexp/canonicalize.py) run the same arithmetic and write the same bytes.
 """
 
 from __future__ import annotations
@@ -38,13 +42,29 @@ from tqdm.auto import tqdm
 from qexp.context import RunContext
 from qexp.defenses.base import Defense
 from qexp.errors import check, check_choice
-from qexp.models.geometry import geometry
+from qexp.models.geometry import Geometry, geometry
 from qexp.plugin import StageResult, Subject
 from qexp.quantizers.base import Quantizer
 
 PARTS = ("vo", "qk", "mlp", "norm")
 DEFAULT_PARTS = ("vo", "qk", "mlp")
 NORM_ROUNDS, NORM_TOL = 200, 1e-6  # with `norm`: rounds to the joint fixed point
+CHUNK = 1 << 22  # elements per float64 row chunk
+# the tensor roles (qexp.models.geometry) each part reads and rewrites
+ROLES = {
+    "vo": ("v_weight", "v_bias", "o_weight"),
+    "qk": ("q_weight", "q_bias", "k_weight", "k_bias"),
+    "mlp": ("up_weight", "up_bias", "down_weight"),
+    "norm": (
+        "input_norm",
+        "post_norm",
+        "q_weight",
+        "k_weight",
+        "v_weight",
+        "gate_weight",
+        "up_weight",
+    ),
+}
 
 
 def balance_vo(wv: torch.Tensor, wo_heads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +80,163 @@ def balance_vo(wv: torch.Tensor, wo_heads: list[torch.Tensor]) -> tuple[torch.Te
     a = (half[:, None] * wt) @ torch.linalg.inv(r_v.T)
     a_inv = r_v.T @ (wt.T / half[None, :])
     return a, a_inv
+
+
+def roles(parts: list[str] | frozenset[str], geo: Geometry) -> frozenset[str]:
+    """The tensor roles the configured parts read and rewrite (qk: none with q/k norms)."""
+    out: set[str] = set()
+    for p in parts:
+        if p != "qk" or not geo.qk_norm:
+            out.update(ROLES[p])
+    return frozenset(out)
+
+
+def _rows(w: torch.Tensor) -> tuple[range, int]:
+    """Row offsets of CHUNK-element float64 chunks of a 1-D or 2-D tensor."""
+    step = max(1, CHUNK // max(1, w.shape[-1] if w.dim() > 1 else 1))
+    return range(0, w.shape[0], step), step
+
+
+def scale_rows(w: torch.Tensor, s: torch.Tensor) -> None:
+    """w[i] ← w[i] · s[i] in place (float64 products, rounded once to w's dtype)."""
+    rows, step = _rows(w)
+    for r in rows:
+        part = w[r : r + step]
+        sr = s[r : r + step]
+        part.copy_((part.double() * (sr[:, None] if w.dim() > 1 else sr)).to(w.dtype))
+
+
+def scale_cols(w: torch.Tensor, s: torch.Tensor) -> None:
+    """w[:, j] ← w[:, j] · s[j] in place (float64 products, rounded once to w's dtype)."""
+    rows, step = _rows(w)
+    for r in rows:
+        part = w[r : r + step]
+        part.copy_((part.double() * s[None, :]).to(w.dtype))
+
+
+def row_norms(w: torch.Tensor) -> torch.Tensor:
+    """‖w[i]‖ per row, float64."""
+    rows, step = _rows(w)
+    return torch.cat([w[r : r + step].double().norm(dim=1) for r in rows])
+
+
+def col_sq(w: torch.Tensor) -> torch.Tensor:
+    """Σ_i w[i, j]² per column, float64 (summed chunk by chunk, in row order)."""
+    rows, step = _rows(w)
+    out = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
+    for r in rows:
+        out += w[r : r + step].double().square().sum(0)
+    return out
+
+
+def canonicalize_tensors(
+    t: dict[str, torch.Tensor], geo: Geometry, parts: list[str]
+) -> list[float]:
+    """Every configured part on one decoder layer's tensors (role -> tensor, rewritten in
+    place); returns the V/O condition numbers of A. vo, qk and mlp act on disjoint tensors (one
+    pass); `norm` scales the columns whose norms the others balance (and they its), so with it
+    the parts repeat to a joint fixed point."""
+    norms = [t[r] for r in ("input_norm", "post_norm")] if "norm" in parts else []
+    cond: list[float] = []
+    for _ in range(NORM_ROUNDS if norms else 1):
+        before = [n.double().clone() for n in norms]
+        if norms:
+            _norm(t["input_norm"], [t["q_weight"], t["k_weight"], t["v_weight"]])
+            _norm(t["post_norm"], [t["gate_weight"], t["up_weight"]])
+        cond = _vo(t, geo) if "vo" in parts else []
+        if "qk" in parts and not geo.qk_norm:
+            _qk(t, geo)
+        if "mlp" in parts:
+            _mlp(t)
+        moved = max(
+            (
+                float(((n.double() - b).abs() / b.abs().clamp_min(1e-30)).max())
+                for n, b in zip(norms, before)
+            ),
+            default=0.0,
+        )
+        if moved < NORM_TOL:
+            break
+    return cond
+
+
+def _norm(gamma: torch.Tensor, consumers: list[torch.Tensor]) -> None:
+    """Balance an RMSNorm weight γ against its consumers' input columns: |γ_j| = ‖W[:, j]‖."""
+    g = gamma.double()
+    cols = sum(col_sq(w) for w in consumers).sqrt()
+    ok = (g != 0) & (cols > 0)
+    c = torch.where(ok, (cols / g.abs().where(ok, 1.0)).sqrt(), 1.0)
+    gamma.copy_((g * c).to(gamma.dtype))
+    for w in consumers:
+        scale_cols(w, 1.0 / c)
+
+
+def _vo(t: dict[str, torch.Tensor], geo: Geometry) -> list[float]:
+    """Per kv-head: W_v[R_g] ← A W_v[R_g], W_o[:, C_h] ← W_o[:, C_h] A⁻¹ (v bias follows A)."""
+    d, rep = geo.head_dim, geo.group
+    wv, wo, bv = t["v_weight"], t["o_weight"], t.get("v_bias")
+    conds = []
+    for g in range(geo.num_kv_heads):
+        rows = slice(g * d, (g + 1) * d)
+        heads = [slice(h * d, (h + 1) * d) for h in range(g * rep, (g + 1) * rep)]
+        v = wv[rows].double()
+        o = [wo[:, c].double() for c in heads]
+        a, a_inv = balance_vo(v, o)
+        conds.append(float(torch.linalg.cond(a)))
+        wv[rows] = (a @ v).to(wv.dtype)
+        if bv is not None:
+            bv[rows] = (a @ bv[rows].double()).to(bv.dtype)
+        for c, oc in zip(heads, o):
+            wo[:, c] = (oc @ a_inv).to(wo.dtype)
+    return conds
+
+
+def _qk(t: dict[str, torch.Tensor], geo: Geometry) -> None:
+    """Per kv-head one scalar c: query rows ÷ c, key rows × c, equal norms per query head."""
+    d, rep = geo.head_dim, geo.group
+    nq = row_norms(t["q_weight"]).square().reshape(geo.num_kv_heads, -1).sum(1).sqrt()
+    nk = row_norms(t["k_weight"]).square().reshape(geo.num_kv_heads, -1).sum(1).sqrt()
+    c = (nq / rep**0.5 / nk).sqrt()
+    cq, ck = (1.0 / c).repeat_interleave(rep * d), c.repeat_interleave(d)
+    for role, s in (("q", cq), ("k", ck)):
+        scale_rows(t[f"{role}_weight"], s)
+        if t.get(f"{role}_bias") is not None:
+            scale_rows(t[f"{role}_bias"], s)
+
+
+def _mlp(t: dict[str, torch.Tensor]) -> None:
+    """Per intermediate channel: ‖W_up[i]‖ = ‖W_down[:, i]‖ (SwiGLU is linear in up)."""
+    c = (col_sq(t["down_weight"]).sqrt() / row_norms(t["up_weight"])).sqrt()
+    scale_rows(t["up_weight"], c)
+    if t.get("up_bias") is not None:
+        scale_rows(t["up_bias"], c)
+    scale_cols(t["down_weight"], 1.0 / c)
+
+
+def layer_tensors(layer: torch.nn.Module, wanted: frozenset[str]) -> dict[str, torch.Tensor]:
+    """A decoder layer's parameters by role (the tensors themselves, changed in place)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    mods = {
+        "q": attn.q_proj,
+        "k": attn.k_proj,
+        "v": attn.v_proj,
+        "o": attn.o_proj,
+        "gate": mlp.gate_proj,
+        "up": mlp.up_proj,
+        "down": mlp.down_proj,
+    }
+    out = {}
+    for role in wanted:
+        if role in ("input_norm", "post_norm"):
+            p = (
+                layer.input_layernorm if role == "input_norm" else layer.post_attention_layernorm
+            ).weight
+        else:
+            proj, kind = role.rsplit("_", 1)
+            p = getattr(mods[proj], kind)
+        if p is not None:
+            out[role] = p.data
+    return out
 
 
 @dataclass
@@ -94,12 +271,17 @@ class Canonicalize(Defense):
         cond = []
         layers = model.model.layers
         for layer in tqdm(layers, "canonicalize", disable=not ctx.progress, leave=False):
-            cond += self._layer(layer, geo)
+            cond += self.canonicalize(layer_tensors(layer, roles(self.parts, geo)), geo)
         if cond:
             stats["vo_max_condition_of_A"] = max(cond)
         if "qk" in self.parts and geo.qk_norm:
             stats["qk"] = "skipped: q/k norms remove per-head scales"
         return StageResult(model, stats)
+
+    def canonicalize(self, tensors: dict[str, torch.Tensor], geo: Geometry) -> list[float]:
+        """One layer's tensors by role (`roles(parts, geo)`) to canonical form, in place;
+        the V/O condition numbers of A."""
+        return canonicalize_tensors(tensors, geo, self.parts)
 
     def symmetries(self) -> frozenset[str]:
         """The configured parts: the symmetries whose orbits map to one representative."""
@@ -108,86 +290,5 @@ class Canonicalize(Defense):
     @torch.no_grad()
     def canonicalize_layer(self, layer: torch.nn.Module, config: Any) -> None:
         """One decoder layer to its canonical form, in place."""
-        self._layer(layer, geometry(config))
-
-    def _layer(self, layer: torch.nn.Module, geo) -> list[float]:
-        """Every configured part on one layer; the V/O condition numbers of A. vo, qk and
-        mlp act on disjoint tensors (one pass); `norm` scales the columns whose norms the
-        others balance (and they its), so with it the parts repeat to a joint fixed point."""
-        attn, mlp = layer.self_attn, layer.mlp
-        norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        for _ in range(NORM_ROUNDS if "norm" in self.parts else 1):
-            before = [n.weight.detach().double().clone() for n in norms]
-            if "norm" in self.parts:
-                self._norm(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
-                self._norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
-            cond = self._vo(attn, geo) if "vo" in self.parts else []
-            if "qk" in self.parts and not geo.qk_norm:
-                self._qk(attn, geo)
-            if "mlp" in self.parts:
-                self._mlp(mlp)
-            moved = max(
-                float(((n.weight.double() - b).abs() / b.abs().clamp_min(1e-30)).max())
-                for n, b in zip(norms, before)
-            )
-            if moved < NORM_TOL:
-                break
-        return cond
-
-    @staticmethod
-    def _norm(norm: torch.nn.Module, consumers: list[torch.nn.Linear]) -> None:
-        """Balance an RMSNorm weight γ against its consumers' input columns: |γ_j| = ‖W[:, j]‖."""
-        gamma = norm.weight.double()
-        cols = torch.cat([lin.weight.double() for lin in consumers], dim=0).norm(dim=0)
-        ok = (gamma != 0) & (cols > 0)
-        c = torch.where(ok, (cols / gamma.abs().where(ok, 1.0)).sqrt(), 1.0)
-        norm.weight.copy_((gamma * c).to(norm.weight.dtype))
-        for lin in consumers:
-            lin.weight.copy_((lin.weight.double() / c[None, :]).to(lin.weight.dtype))
-
-    def _vo(self, attn: torch.nn.Module, geo) -> list[float]:
-        d, rep = geo.head_dim, geo.group
-        wv = attn.v_proj.weight.double()
-        wo = attn.o_proj.weight.double()
-        bv = attn.v_proj.bias.double() if attn.v_proj.bias is not None else None
-        new_v, new_o = wv.clone(), wo.clone()
-        new_b = bv.clone() if bv is not None else None
-        conds = []
-        for g in range(geo.num_kv_heads):
-            rows = slice(g * d, (g + 1) * d)
-            heads = range(g * rep, (g + 1) * rep)
-            a, a_inv = balance_vo(wv[rows], [wo[:, h * d : (h + 1) * d] for h in heads])
-            conds.append(float(torch.linalg.cond(a)))
-            new_v[rows] = a @ wv[rows]
-            if new_b is not None:
-                new_b[rows] = a @ bv[rows]
-            for h in heads:
-                new_o[:, h * d : (h + 1) * d] = wo[:, h * d : (h + 1) * d] @ a_inv
-        attn.v_proj.weight.copy_(new_v.to(attn.v_proj.weight.dtype))
-        attn.o_proj.weight.copy_(new_o.to(attn.o_proj.weight.dtype))
-        if new_b is not None:
-            attn.v_proj.bias.copy_(new_b.to(attn.v_proj.bias.dtype))
-        return conds
-
-    def _qk(self, attn: torch.nn.Module, geo) -> None:
-        d, rep = geo.head_dim, geo.group
-        wq, wk = attn.q_proj.weight.double(), attn.k_proj.weight.double()
-        cq = torch.ones(wq.shape[0], dtype=torch.float64)
-        ck = torch.ones(wk.shape[0], dtype=torch.float64)
-        for g in range(geo.num_kv_heads):
-            q_rows = slice(g * rep * d, (g + 1) * rep * d)
-            k_rows = slice(g * d, (g + 1) * d)
-            nq = wq[q_rows].norm() / rep**0.5
-            nk = wk[k_rows].norm()
-            c = (nq / nk).sqrt()
-            cq[q_rows], ck[k_rows] = 1.0 / c, c
-        for lin, scale in ((attn.q_proj, cq), (attn.k_proj, ck)):
-            lin.weight.copy_((lin.weight.double() * scale[:, None]).to(lin.weight.dtype))
-            if lin.bias is not None:
-                lin.bias.copy_((lin.bias.double() * scale).to(lin.bias.dtype))
-
-    def _mlp(self, mlp: torch.nn.Module) -> None:
-        up, down = mlp.up_proj.weight.double(), mlp.down_proj.weight.double()
-        c = (down.norm(dim=0) / up.norm(dim=1)).sqrt()
-        mlp.up_proj.weight.copy_((up * c[:, None]).to(mlp.up_proj.weight.dtype))
-        mlp.down_proj.weight.copy_((down / c[None, :]).to(mlp.down_proj.weight.dtype))
+        geo = geometry(config)
+        self.canonicalize(layer_tensors(layer, roles(self.parts, geo)), geo)

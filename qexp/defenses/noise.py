@@ -46,7 +46,6 @@ from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
-from matplotlib.ticker import MaxNLocator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -475,6 +474,8 @@ def plot_scurve(curve: dict, path: Path) -> Path:
 
 def plot_halfwidths(curve: dict, path: Path) -> Path:
     """Histogram of the per-tensor half-widths h_ℓ (log bins) with σ̂ marked."""
+    from matplotlib.ticker import MaxNLocator
+
     h = np.asarray(sorted(curve["h_l"].values()))
     fig, ax = new_figure((7, 4))
     lo, hi = h.min(), h.max()

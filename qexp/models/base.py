@@ -39,12 +39,15 @@ class ModelSource(Plugin, ABC):
 def finish_loading(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, source: str, ctx: RunContext
 ) -> LoadedModel:
-    """Move to device/dtype, eval mode, left padding and a pad token for batched generation."""
+    """Move to device/dtype (unless `from_pretrained` placed it with a device_map), eval mode,
+    left padding and a pad token for batched generation."""
     tok.padding_side = "left"
     # BPE tokenizers: transformers' space clean-up would alter decoded outputs (and warns).
     tok.clean_up_tokenization_spaces = False
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.generation_config.pad_token_id = tok.pad_token_id
-    model = model.to(device=ctx.device, dtype=ctx.dtype).eval()
+    if getattr(model, "hf_device_map", None) is None:
+        model = model.to(device=ctx.device, dtype=ctx.dtype)
+    model = model.eval()
     return LoadedModel(model=model, tokenizer=tok, source=source)

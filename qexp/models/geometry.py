@@ -105,3 +105,25 @@ def max_positions(config: Any) -> int | None:
     """The longest sequence the model's position encoding was built for, if it says."""
     get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
     return get("max_position_embeddings")
+
+
+def param_count(config: Any) -> int | None:
+    """Parameters of a supported decoder from its config.json keys alone (embeddings, an
+    untied lm_head, every layer's linears, biases and norms, the final norm); None when a
+    standard key is missing."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    shapes, hidden, vocab = linear_shapes(config), get("hidden_size"), get("vocab_size")
+    layers = get("num_hidden_layers")
+    if shapes is None or not (vocab and layers):
+        return None
+    per_layer = sum(o * i for o, i in shapes.values()) + 2 * hidden
+    biased = {"q_proj", "k_proj", "v_proj"} if get("model_type") == "qwen2" else set()
+    if get("attention_bias"):
+        biased |= {"q_proj", "k_proj", "v_proj", "o_proj"}
+    if get("mlp_bias"):
+        biased |= {"gate_proj", "up_proj", "down_proj"}
+    per_layer += sum(shapes[p][0] for p in biased)
+    if get("model_type") in QK_NORM_ARCHS:
+        per_layer += 2 * (get("head_dim") or hidden // get("num_attention_heads"))
+    tied = get("tie_word_embeddings", True)
+    return vocab * hidden * (1 if tied else 2) + layers * per_layer + hidden

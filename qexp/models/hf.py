@@ -52,8 +52,19 @@ def load_pretrained(
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(ident, **kwargs)
+        placed = None
+        if ctx.device.type == "cuda":  # straight onto the GPU(s), not through host memory
+            from qexp.memory import device_map  # qexp.memory reads qexp.models' geometry
+
+            config = load_config(ident, revision, trust_remote_code, key)
+            placed = device_map(config, ctx.dtype, ctx.device)
         model = AutoModelForCausalLM.from_pretrained(
-            ident, dtype=ctx.dtype, use_safetensors=True, low_cpu_mem_usage=True, **kwargs
+            ident,
+            dtype=ctx.dtype,
+            use_safetensors=True,
+            low_cpu_mem_usage=True,
+            device_map=placed,
+            **kwargs,
         )
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
 from qexp.errors import ConfigError
-from qexp.safetensors_io import SafetensorsError, read_header, read_tensor, tensor_entries
+from qexp.safetensors_io import DTYPES, SafetensorsError, read_header, tensor_entries
 
 INDEX = "model.safetensors.index.json"
 
@@ -17,8 +19,8 @@ INDEX = "model.safetensors.index.json"
 class Checkpoint:
     """A checkpoint directory (config.json + *.safetensors shards) or one .safetensors file.
 
-    `get(name)` decodes a single tensor on demand; open shard files are kept so that reading
-    a layer's tensors costs one seek each.
+    `get(name)` decodes a single tensor on demand, with positioned reads (`os.preadv`) on
+    shard files kept open: threads may read concurrently.
     """
 
     def __init__(self, path: Path, key: str = "CHECKPOINT") -> None:
@@ -54,7 +56,8 @@ class Checkpoint:
                 self.entries[name] = (shard, base, entry)
         cfg = self.dir / "config.json"
         self.config: dict[str, Any] | None = json.loads(cfg.read_text()) if cfg.is_file() else None
-        self._files: dict[Path, BinaryIO] = {}
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
     @property
     def names(self) -> list[str]:
@@ -72,10 +75,24 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         """Decode one tensor."""
         shard, base, entry = self.entries[name]
-        f = self._files.get(shard)
-        if f is None:
-            f = self._files[shard] = open(shard, "rb")  # noqa: SIM115 (closed in close())
-        return read_tensor(f, base, entry, name)
+        with self._lock:
+            fd = self._fds.get(shard)
+            if fd is None:
+                fd = self._fds[shard] = os.open(shard, os.O_RDONLY)
+        dtype = entry["dtype"]
+        if dtype not in DTYPES:
+            raise SafetensorsError(f"{shard}: tensor {name} has unsupported dtype {dtype}")
+        start, end = entry["data_offsets"]
+        buf = bytearray(end - start)
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            n = os.preadv(fd, [view[done:]], base + start + done)
+            if n <= 0:
+                raise SafetensorsError(f"{shard}: truncated data of tensor {name}")
+            done += n
+        if not buf:
+            return torch.empty(entry["shape"], dtype=DTYPES[dtype])
+        return torch.frombuffer(buf, dtype=DTYPES[dtype]).reshape(entry["shape"])
 
     def nbytes(self) -> int:
         """Total bytes of tensor data."""
@@ -83,9 +100,10 @@ class Checkpoint:
 
     def close(self) -> None:
         """Close the open shard files."""
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def __enter__(self) -> Checkpoint:
         return self
