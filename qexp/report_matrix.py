@@ -109,7 +109,9 @@ def heatmap(rows: list[dict], model: str, quantizer: str, path: Path) -> Path:
         im.cmap.set_bad("#d9d9d9")
         for i in range(len(attacks)):
             for j in range(len(defenses)):
-                ax.text(j, i, text[i][j], ha="center", va="center", fontsize=8)
+                dark = np.isfinite(grid[i, j]) and (grid[i, j] - lo) / (hi - lo) > 0.6
+                color = "white" if dark else "black"  # readable on the dark end of the map
+                ax.text(j, i, text[i][j], ha="center", va="center", fontsize=8, color=color)
         ax.set_xticks(range(len(defenses)), defenses, rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(len(attacks)), attacks, fontsize=8)
         ax.set_title(title, fontsize=9)

@@ -21,7 +21,7 @@ import transformers
 import qexp
 from qexp import CONDITIONS
 from qexp.io import atomic_write_json, atomic_write_jsonl
-from qexp.memory import PeakRSS
+from qexp.memory import PeakRSS, trim_heap
 
 TABLE_METRICS = (
     "accuracy",
@@ -136,6 +136,8 @@ class Results:
             self.stage_seconds[name] = round(self.stage_seconds.get(name, 0.0) + dt, 3)
             peaks = self.memory["peak_rss_mb"]
             peaks[name] = round(max(peaks.get(name, 0.0), self._rss.peak_mb()), 1)
+            if self._depth == 0:
+                trim_heap()  # a stage's freed scratch back to the kernel before the next
 
     def record_model(self, model: torch.nn.Module) -> None:
         """The bytes of a loaded model's parameters and buffers (tied tensors once)."""

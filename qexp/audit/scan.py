@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qexp.checkpoint import Checkpoint
+from qexp.memory import trim_heap
 
 
 class Check(Protocol):
@@ -67,6 +68,8 @@ def scan(
             if name in wanted[c.name]:
                 out[c.name] = c.visit(name, w)
                 cpu[c.name], now = cpu[c.name] + time.thread_time() - now, time.thread_time()
+        del w
+        trim_heap()  # the tensor and its scratch go back to the kernel, not to a heap
         return out
 
     with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="audit") as pool:
