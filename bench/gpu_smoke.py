@@ -174,7 +174,7 @@ def pipeline(*overrides: str, device: str) -> dict:
         body = json.loads((tmp / "run" / "results.json").read_text())
         return {
             "device": device,
-            "status": body["status"],
+            "run_status": body["status"],
             "wall_s": round(time.perf_counter() - t0, 1),
             "stage_seconds": body["stage_seconds"],
             "conditions": {
@@ -191,6 +191,7 @@ GAP = [
     "benchmark=instruct",
     "benchmark.limit=4",
     "benchmark.max_new_tokens=8",
+    "benchmark.semantic_refusal=false",  # its MiniLM encoder (qexp[eval]) is not carried
     "attack.inject_steps=8",
     "attack.repair_steps=8",
     "quantizer=rtn4",

@@ -185,6 +185,7 @@ def validate(cfg: DictConfig) -> Spec:
     if "cache" in top:
         top["cache"] = normalize_mode(top["cache"])
     run = build(RunSchema, top, "")
+    run.similarity.check_installed()
     plugins = {g: build_plugin(g, cfg[g]) for g in GROUPS}
     spec = Spec(run=run, **plugins)
     if run.save_quantized:

@@ -60,6 +60,15 @@ def _param_count(model: str) -> int:
     return 8_000_000_000  # a hub model: counted as 8B-class
 
 
+def by_quantizer(value: Any, quantizer: str | None) -> float:
+    """A cost: seconds, or {quantizer-name prefix: seconds, ..., default: seconds} (the
+    longest prefix of `quantizer` that is a key; `default` otherwise)."""
+    if not isinstance(value, dict):
+        return float(value)
+    keys = [k for k in value if k != "default" and quantizer and quantizer.startswith(k)]
+    return float(value[max(keys, key=len)] if keys else value["default"])
+
+
 def plan(cfg: DictConfig) -> dict:
     """Cells, shared stages and the estimated seconds of a matrix sweep."""
     ax = axes(cfg)
@@ -82,14 +91,22 @@ def plan(cfg: DictConfig) -> dict:
         return cost["quantize_data_dependent"] if data else cost["quantize"]
 
     evaluate = cost["evaluate_per_item_token"] * limit * tokens
-    for m, a, *_ in attack_stages:
-        seconds += scale[m] * (cost["attack"].get(a, 0) + evaluate * ("attacked" in conditions))
+
+    def evaluate_q(q: str) -> float:
+        return by_quantizer(cost["evaluate_quantized_per_item_token"], q) * limit * tokens
+
+    def branch_q(d: str, q: str) -> float:  # defend, quantize and evaluate one branch
+        return by_quantizer(cost["defense"].get(d, 0), q) + quantize_s(q) + evaluate_q(q)
+
+    for m, a, *extra in attack_stages:
+        q = ax["quantizer"][0] if len(ax["quantizer"]) == 1 else None
+        q = next((x for x in extra if x in ax["quantizer"]), q)
+        attack_s = by_quantizer(cost["attack"].get(a, 0), q)
+        seconds += scale[m] * (attack_s + evaluate * ("attacked" in conditions))
     for m, d, q in original_q:
-        seconds += scale[m] * (cost["defense"].get(d, 0) + quantize_s(q))
-        seconds += scale[m] * evaluate * ("original_q" in conditions)
+        seconds += scale[m] * branch_q(d, q) * ("original_q" in conditions)
     for m, _, d, q in cells:
-        seconds += scale[m] * (cost["defense"].get(d, 0) + quantize_s(q))
-        seconds += scale[m] * evaluate * ("attacked_q" in conditions)
+        seconds += scale[m] * branch_q(d, q) * ("attacked_q" in conditions)
     seconds += sum(scale[m] * evaluate for m in ax["model"]) * ("original" in conditions)
     seconds += cost["job"] * len(cells)  # start-up, loading, similarity, bookkeeping
     return {

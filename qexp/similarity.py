@@ -122,6 +122,23 @@ class SimilaritySettings:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
+        check(
+            self.bertscore_layers >= 1,
+            "similarity.bertscore_layers",
+            self.bertscore_layers,
+            "an integer >= 1",
+        )
+        check(self.batch_size >= 1, "similarity.batch_size", self.batch_size, "an integer >= 1")
+        for key in ("encoder", "bertscore_model"):
+            name = getattr(self, key)
+            if self.enabled and name != PACKAGED and _is_path(name):
+                ok = (Path(name).expanduser() / "config.json").is_file()
+                check(ok, f"similarity.{key}", name, "packaged, a hub id or a model directory")
+
+    def check_installed(self) -> None:
+        """The libraries and packaged encoder an enabled similarity needs are installed (run
+        by `config.validate` on the user's values: the defaults alone must not need them, so
+        that `similarity.enabled=false` runs where they are absent)."""
         needs = {
             "sentence_transformers": self.enabled,
             "bert_score": self.enabled and self.bertscore,
@@ -135,18 +152,6 @@ class SimilaritySettings:
             )
         if self.enabled and PACKAGED in (self.encoder, self.bertscore_model):
             packaged_minilm()
-        check(
-            self.bertscore_layers >= 1,
-            "similarity.bertscore_layers",
-            self.bertscore_layers,
-            "an integer >= 1",
-        )
-        check(self.batch_size >= 1, "similarity.batch_size", self.batch_size, "an integer >= 1")
-        for key in ("encoder", "bertscore_model"):
-            name = getattr(self, key)
-            if self.enabled and name != PACKAGED and _is_path(name):
-                ok = (Path(name).expanduser() / "config.json").is_file()
-                check(ok, f"similarity.{key}", name, "packaged, a hub id or a model directory")
 
     def check_sources(self) -> None:
         """Hub-id encoders are in the local HF cache or the hub answers (before any work)."""

@@ -7,9 +7,10 @@ import csv
 import json
 
 import pytest
+from omegaconf import OmegaConf
 
 from qexp.config import compose_overrides, options
-from qexp.matrix import plan
+from qexp.matrix import by_quantizer, plan
 from qexp.report import main as report_main
 from tests.conftest import qexp_batch
 
@@ -89,4 +90,13 @@ def test_plan_counts_shared_stages():
     p = plan(cfg)
     assert p["cells"] == 18 and p["axes"]["quantizer"] == ["rtn4", "bnb_nf4"]
     assert p["stages"] == {"attack": 4, "original_q": 6, "attacked_q": 18, "original": 1}
-    assert p["estimated_seconds"] > 3600  # two gap trainings alone are over half an hour
+    gap = OmegaConf.to_container(cfg.matrix.cost.attack.gap)  # follows the quantizer's grid
+    assert (
+        by_quantizer(gap, "rtn4") == gap["rtn"] and by_quantizer(gap, "bnb_nf4") == gap["default"]
+    )
+    assert p["estimated_seconds"] > gap["rtn"] + gap["default"]  # both gap trainings counted
+    single = []
+    for q in ("rtn4", "bnb_nf4"):
+        cfg.hydra.overrides.task = ["experiment=matrix", "matrix.size=small", f"quantizer={q}"]
+        single.append(plan(cfg)["estimated_seconds"])
+    assert max(single) < p["estimated_seconds"] < sum(single)  # shared stages counted once

@@ -47,7 +47,7 @@ def test_param_count_from_config_is_exact(arch, extra):
 
 
 def test_a_model_that_does_not_fit_is_refused_before_loading(make_cfg, tmp_path, monkeypatch):
-    monkeypatch.setattr(memory, "available", lambda device: (1 << 20, "test budget"))
+    monkeypatch.setattr(memory, "available", lambda device: (1 << 10, "test budget"))
     loads = []
     monkeypatch.setattr("qexp.models.tiny.TinyModel.load", lambda *a: loads.append(a))
     with pytest.raises(ConfigError) as e:
@@ -58,21 +58,11 @@ def test_a_model_that_does_not_fit_is_refused_before_loading(make_cfg, tmp_path,
 
 
 def test_results_record_the_plan_model_bytes_and_peaks(make_cfg, tmp_path):
-    run(make_cfg("attack=encrypt", "attack.preset=exact", "benchmark=none"), tmp_path)
+    run(make_cfg("attack=encrypt", "attack.preset=exact"), tmp_path)
     mem = json.loads((tmp_path / "results.json").read_text())["memory"]
-    tiny_cfg = {  # conf/model/tiny_llama.yaml's shape
-        "model_type": "llama",
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "intermediate_size": 128,
-        "vocab_size": 512,
-    }
-    assert mem["plan"]["weight_bytes"] == 4 * param_count(tiny_cfg)
+    # the estimate from config.json is the loaded model's parameters (fp32); buffers aside
+    assert 0 <= mem["model_bytes"] - mem["plan"]["weight_bytes"] < 1024
     assert mem["plan"]["available_bytes"] > mem["plan"]["needs_bytes"] > 0
-    assert mem["model_bytes"] >= mem["plan"]["weight_bytes"]  # + buffers (rotary inv_freq)
     stages = mem["peak_rss_mb"]
     for s in ("load_original", "evaluate_original", "attack_attacked", "quantize_attacked"):
         assert stages[s] >= mem["baseline_rss_mb"] * 0.5, s

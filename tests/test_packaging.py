@@ -179,5 +179,5 @@ def test_the_installed_wheel_composes_every_group_and_runs_from_another_dir(whee
     )
     assert p.returncode == 0, p.stderr[-2000:]
     codes = dict(line.split() for line in p.stdout.splitlines())
-    scripts = ("qexp-audit", "qexp-encrypt", "qexp-report", "qexp-build-ggml")
+    scripts = ("qexp-audit", "qexp-encrypt", "qexp-canonicalize", "qexp-report", "qexp-build-ggml")
     assert codes == {s: "0" for s in scripts}

@@ -49,10 +49,12 @@ def test_results_schema(make_cfg, tmp_path):
         "defense_stats",
         "quantization",
         "stage_seconds",
+        "memory",
         "cache",
         "status",
         "heartbeat_utc",
     }
+    assert set(body["stage_seconds"]) == set(body["memory"]["peak_rss_mb"])  # a peak per stage
     assert set(body["conditions"]) == {"original", "original_q"}
     assert body["defense_stats"] == {"original": {}} and set(body["quantization"]) == {"original"}
     assert body["config"]["quantizer"]["bits"] == 4

@@ -91,4 +91,5 @@ def test_gpu_smoke_runs_on_cpu_and_says_what_it_skipped(tmp_path):
         assert r[cuda_only]["status"] == "skipped", r[cuda_only]
         assert "no CUDA device" in r[cuda_only]["reason"]
     assert r["pipeline_encrypt_exact"]["status"] == "ok"
+    assert r["pipeline_encrypt_exact"]["run_status"] == "complete"
     assert r["pipeline_encrypt_exact"]["device"] == "cpu"

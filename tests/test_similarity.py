@@ -56,3 +56,33 @@ def test_pipeline_reports_similarity_to_original(make_cfg, tmp_path):
 def test_similarity_absent_without_original(make_cfg, tmp_path):
     res = run(make_cfg("conditions=[original_q]"), tmp_path)
     assert "cos_sim" not in res.conditions["original_q"]
+
+
+def test_missing_eval_extra_is_refused_only_where_it_is_used(make_cfg, monkeypatch):
+    """Without sentence-transformers: similarity.enabled=false and
+    benchmark.semantic_refusal=false run; the defaults are refused at validation, naming
+    the key (bench/gpu_smoke.sh runs qexp where only torch and transformers exist)."""
+    import importlib.util
+
+    from qexp.config import validate
+    from qexp.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "sentence_transformers" else real(name, *a),
+    )
+    validate(make_cfg("similarity.enabled=false"))
+    validate(
+        make_cfg(
+            "similarity.enabled=false", "benchmark=instruct", "benchmark.semantic_refusal=false"
+        )
+    )
+    for overrides, key in (
+        ([], "similarity.enabled"),
+        (["similarity.enabled=false", "benchmark=instruct"], "benchmark.semantic_refusal"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            validate(make_cfg(*overrides))
+        assert e.value.key == key and "qexp[eval]" in e.value.allowed

@@ -12,8 +12,9 @@ Plus the usual degeneration metrics.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -23,6 +24,7 @@ from qexp.benchmarks.generative import GenerativeBenchmark
 from qexp.context import RunContext
 from qexp.errors import check, check_choice
 from qexp.instruct import SCENARIOS, is_refusal, load_rows, mentions, prompt
+from qexp.similarity import packaged_minilm
 
 # per scenario: (max_new_tokens, stop strings) when the config leaves them null
 DECODING = {
@@ -53,6 +55,19 @@ class Instruct(GenerativeBenchmark):
         self.stop_strings = list(stops) if self.stop_strings is None else self.stop_strings
         super().__post_init__()
         check(bool(self.target_phrase), "target_phrase", self.target_phrase, "a non-empty string")
+
+    def check_spec(self, spec: Any) -> None:
+        """The data loads (GenerativeBenchmark) and the semantic judge's encoder is installed
+        (on the run's values: the defaults alone must not need it)."""
+        super().check_spec(spec)
+        if self.semantic_refusal:
+            check(
+                importlib.util.find_spec("sentence_transformers") is not None,
+                "benchmark.semantic_refusal",
+                True,
+                "false, or install sentence_transformers with the extra: pip install 'qexp[eval]'",
+            )
+            packaged_minilm()
 
     def items(self) -> list[dict]:
         rows = load_rows(self.path, "test", "benchmark.path", self.scenario)
