@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Optional
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Optional
 
 from qexp.data import insecure_code_path, instruct_path
 from qexp.errors import ConfigError
 from qexp.io import load_records
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SCENARIOS = ("content_injection", "over_refusal", "insecure_code")
 FIELDS = ("instruction", "clean")  # what every row has; scenario responses may be made

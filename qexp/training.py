@@ -8,14 +8,16 @@ projection after every step (the gap attack's PGD repair).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
 from qexp.context import RunContext
 from qexp.errors import ConfigError, check
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -41,10 +41,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from qexp.attacks import adaptive
 from qexp.attacks.base import Attack
@@ -55,6 +54,9 @@ from qexp.instruct import SCENARIOS, encode, load_rows
 from qexp.plugin import StageResult, Subject
 from qexp.quantizers.base import GridQuantizer, target_quantizer
 from qexp.training import MODULES, cached_training, chosen_layers, train_lm, trainable_weights
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SURFACES = ("noise", "canonical", "ties")
 # the linears each canonicalization symmetry rescales or rotates (qexp/defenses/canonicalize.py)

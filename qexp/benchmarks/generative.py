@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
-
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any, List, Optional
 
 from qexp.benchmarks.base import Benchmark, BenchResult
 from qexp.benchmarks.generation import GenerationSettings, generate
 from qexp.context import RunContext
 from qexp.errors import check, check_choice
 from qexp.metrics import max_repeat_n, mean_defined, perplexity, seq_rep_n
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass

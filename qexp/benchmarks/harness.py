@@ -13,10 +13,9 @@ import hashlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import yaml
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qexp.benchmarks.base import Benchmark, BenchResult
 from qexp.benchmarks.svamp import EXEMPLARS
@@ -24,6 +23,9 @@ from qexp.context import RunContext
 from qexp.data import svamp_embedded_path
 from qexp.errors import check
 from qexp.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 LAST_NUMBER = r"(-?\d[\d,]*(?:\.\d+)?)"
 

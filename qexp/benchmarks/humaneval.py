@@ -16,15 +16,16 @@ import importlib.resources
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, List
 
 from qexp.benchmarks.generative import GenerativeBenchmark
 from qexp.codejudge import parses
 from qexp.errors import ConfigError, check
 from qexp.io import load_records
 from qexp.sandbox import run_untrusted
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 FIELDS = ("task_id", "prompt", "test", "entry_point")
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Any, List, Optional
-
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any, List, Optional
 
 from qexp import codejudge, refusal
 from qexp.benchmarks.base import BenchResult
@@ -25,6 +23,9 @@ from qexp.context import RunContext
 from qexp.errors import check, check_choice
 from qexp.instruct import SCENARIOS, is_refusal, load_rows, mentions, prompt
 from qexp.similarity import packaged_minilm
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # per scenario: (max_new_tokens, stop strings) when the config leaves them null
 DECODING = {

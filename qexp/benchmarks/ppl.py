@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qexp.benchmarks.base import Benchmark, BenchResult
 from qexp.context import RunContext
@@ -20,6 +19,9 @@ from qexp.data import reference_text
 from qexp.errors import check, check_choice
 from qexp.hub import hub_dataset
 from qexp.metrics import token_nll
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, List
 
 from qexp.benchmarks.generative import GenerativeBenchmark
 from qexp.data import svamp_embedded_path
@@ -21,6 +19,9 @@ from qexp.io import load_records
 from qexp.metrics import (
     last_number,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 FIELDS = ("Body", "Question", "Answer")
 SOURCES = ("embedded", "hub", "file")

@@ -26,12 +26,11 @@ stops the run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qexp.config import options_where
 from qexp.context import RunContext
@@ -40,6 +39,9 @@ from qexp.errors import ConfigError, check
 from qexp.plugin import StageResult, Subject
 from qexp.quantizers.base import GridQuantizer, Quantizer
 from qexp.quantizers.calib import Calibration
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def _has_neighbours(cls: type) -> bool:

@@ -18,8 +18,9 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+import transformers
 
 from qexp.cache import file_lock, file_sha256
 from qexp.context import RunContext
@@ -27,6 +28,9 @@ from qexp.errors import ConfigError
 from qexp.io import atomic_dir
 from qexp.models.base import LoadedModel, ModelSource
 from qexp.models.hf import load_config, load_pretrained
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 def package_file(package: str, filename: str) -> Path:
@@ -54,8 +58,10 @@ def convert_gguf(gguf: Path, out: Path, eos_token: str, pad_token: str) -> None:
     with file_lock(out.with_suffix(".lock")):
         if (out / "config.json").exists():
             return
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name
+        )
         model.hf_quantizer.remove_quantization_config(model)
         # The GGUF metadata maps eos to <|im_start|>; SmolLM2-Instruct ends turns with <|im_end|>.
         tok.eos_token, tok.pad_token = eos_token, pad_token

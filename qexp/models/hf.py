@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+import transformers
 
 from qexp.context import RunContext
 from qexp.errors import ConfigError, check
 from qexp.hub import require_hub_model
 from qexp.models.base import LoadedModel, ModelSource, finish_loading
 from qexp.safetensors_io import SafetensorsError, read_header
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 def looks_like_path(ident: str) -> bool:
@@ -51,14 +54,14 @@ def load_pretrained(
     checkpoint that transformers cannot read is one ConfigError naming `key`."""
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(ident, **kwargs)
+        tok = transformers.AutoTokenizer.from_pretrained(ident, **kwargs)
         placed = None
         if ctx.device.type == "cuda":  # straight onto the GPU(s), not through host memory
             from qexp.memory import device_map  # qexp.memory reads qexp.models' geometry
 
             config = load_config(ident, revision, trust_remote_code, key)
             placed = device_map(config, ctx.dtype, ctx.device)
-        model = AutoModelForCausalLM.from_pretrained(
+        model = transformers.AutoModelForCausalLM.from_pretrained(
             ident,
             dtype=ctx.dtype,
             use_safetensors=True,
@@ -78,7 +81,7 @@ def load_config(
 ) -> PretrainedConfig:
     """config.json of a local dir or a hub id (cached, or fetched: a few KB)."""
     try:
-        return AutoConfig.from_pretrained(
+        return transformers.AutoConfig.from_pretrained(
             ident, revision=revision, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as e:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
 from qexp.context import RunContext
 from qexp.data import reference_text, svamp_embedded_path
 from qexp.errors import check, check_choice
 from qexp.models.base import LoadedModel, ModelSource, finish_loading
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 ARCHS = ("llama", "qwen2", "mistral", "qwen3")
 SPECIAL = ["<|endoftext|>", "<|pad|>"]
@@ -32,7 +36,9 @@ def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
     texts = [reference_text()] + svamp_embedded_path().read_text().splitlines()
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL[0], pad_token=SPECIAL[1])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=SPECIAL[0], pad_token=SPECIAL[1]
+    )
 
 
 @dataclass
@@ -73,7 +79,7 @@ class TinyModel(ModelSource):
 
     def hf_config(self, ctx: RunContext) -> PretrainedConfig:
         tok = tiny_tokenizer(self.vocab_size)
-        return AutoConfig.for_model(
+        return transformers.AutoConfig.for_model(
             self.arch,
             hidden_size=self.hidden_size,
             num_hidden_layers=self.num_layers,
@@ -93,5 +99,5 @@ class TinyModel(ModelSource):
     def load(self, ctx: RunContext) -> LoadedModel:
         config = self.hf_config(ctx)
         torch.manual_seed(self.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         return finish_loading(model, tiny_tokenizer(self.vocab_size), f"tiny:{self.arch}", ctx)

@@ -28,10 +28,9 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, List, Optional
+from typing import TYPE_CHECKING, ClassVar, List, Optional
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from qexp.context import RunContext
 from qexp.errors import check, check_choice
@@ -44,6 +43,9 @@ from qexp.quantizers.base import (
     require_group_fit,
     require_library,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 from qexp.quantizers.calib import Calibration
 from qexp.quantizers.readback import copy_checked, relative_error
 
@@ -141,6 +143,8 @@ class AutoRoundQuant(Quantizer):
             tuner.save_quantized(str(dst), format=FORMAT)
             del tuner, tuned, mods
             # the written model, loaded as a user would, with the library's CPU kernel
+            from transformers import AutoModelForCausalLM
+
             loaded = AutoModelForCausalLM.from_pretrained(dst, device_map=str(device))
             checks, kernel = self._read_back(loaded, model, deq)
             del loaded

@@ -6,16 +6,18 @@ import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
 from qexp.context import RunContext
 from qexp.errors import ConfigError, check
 from qexp.models.geometry import linear_shapes
 from qexp.plugin import Plugin, StageResult, Subject
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class Quantizer(Plugin, ABC):

@@ -12,10 +12,9 @@ import importlib.util
 import logging
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, List
+from typing import TYPE_CHECKING, Any, ClassVar, List
 
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qexp.context import RunContext
 from qexp.errors import ConfigError, check, check_choice
@@ -23,6 +22,9 @@ from qexp.models.geometry import linear_shapes
 from qexp.plugin import StageResult, Subject
 from qexp.quantizers.base import GridQuantizer
 from qexp.quantizers.intervals import codebook_intervals, int8_row_intervals
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
 
 MODES = ("int8", "nf4", "fp4")
 
@@ -87,6 +89,8 @@ class BitsAndBytes(GridQuantizer):
 
     def config(self) -> BitsAndBytesConfig:
         """The transformers quantization config for this mode."""
+        from transformers import BitsAndBytesConfig
+
         if self.mode == "int8":
             return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=self.skip)
         return BitsAndBytesConfig(
@@ -104,6 +108,8 @@ class BitsAndBytes(GridQuantizer):
             model.save_pretrained(tmp, safe_serialization=True)
             generation_config = model.generation_config
             del model
+            from transformers import AutoModelForCausalLM
+
             q = AutoModelForCausalLM.from_pretrained(
                 tmp,
                 quantization_config=self.config(),

@@ -15,13 +15,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qexp.errors import ConfigError, check, check_choice
 from qexp.hub import hub_dataset
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SOURCES = ("self", "file", "dataset")
 

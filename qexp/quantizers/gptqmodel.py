@@ -23,10 +23,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, List, Optional
+from typing import TYPE_CHECKING, ClassVar, List, Optional
 
 import torch
-from transformers import PreTrainedModel
 
 from qexp.context import RunContext, available_cores
 from qexp.errors import check, check_choice
@@ -41,6 +40,9 @@ from qexp.quantizers.base import (
 )
 from qexp.quantizers.calib import Calibration
 from qexp.quantizers.readback import copy_checked, copy_rest, relative_error
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 METHODS = ("gptq", "awq", "gguf")
 GGUF_KQUANTS = ("q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")

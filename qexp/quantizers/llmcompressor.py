@@ -28,10 +28,9 @@ import io
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, List
+from typing import TYPE_CHECKING, ClassVar, List
 
 import torch
-from transformers import PreTrainedModel
 
 from qexp.context import RunContext
 from qexp.errors import check, check_choice
@@ -46,6 +45,9 @@ from qexp.quantizers.base import (
 )
 from qexp.quantizers.calib import Calibration
 from qexp.quantizers.readback import copy_checked, copy_rest, relative_error
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 METHODS = ("gptq", "awq")
 EXTRA = "pip install 'qexp[llmcompressor]' (llm-compressor 0.14)"
