@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -20,7 +21,8 @@ class Checkpoint:
     """A checkpoint directory (config.json + *.safetensors shards) or one .safetensors file.
 
     `get(name)` decodes a single tensor on demand, with positioned reads (`os.preadv`) on
-    shard files kept open: threads may read concurrently.
+    shard files kept open: threads may read concurrently. `view(name)` maps it instead (no
+    copy out of the page cache), for readers that do not write to it.
     """
 
     def __init__(self, path: Path, key: str = "CHECKPOINT") -> None:
@@ -72,8 +74,8 @@ class Checkpoint:
         """safetensors dtype code of a tensor (e.g. F32, BF16)."""
         return str(self.entries[name][2]["dtype"])
 
-    def get(self, name: str) -> torch.Tensor:
-        """Decode one tensor."""
+    def _open(self, name: str) -> tuple[int, torch.dtype, int, int]:
+        """fd of the tensor's shard, its torch dtype and its data's file offsets [start, end)."""
         shard, base, entry = self.entries[name]
         with self._lock:
             fd = self._fds.get(shard)
@@ -83,16 +85,42 @@ class Checkpoint:
         if dtype not in DTYPES:
             raise SafetensorsError(f"{shard}: tensor {name} has unsupported dtype {dtype}")
         start, end = entry["data_offsets"]
+        return fd, DTYPES[dtype], base + start, base + end
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading a tensor's bytes into the page cache."""
+        fd, _, start, end = self._open(name)
+        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+
+    def view(self, name: str) -> torch.Tensor:
+        """One tensor as a private mapping of its bytes (a write would copy the page, never
+        reach the file), unmapped when the tensor is freed; `get` where it cannot be mapped
+        (empty, or not aligned to its element size)."""
+        fd, dtype, start, end = self._open(name)
+        size = dtype.itemsize
+        if end == start or start % size:
+            return self.get(name)
+        if end > os.fstat(fd).st_size:  # a mapping past the end faults (SIGBUS) when read
+            raise SafetensorsError(f"{self.entries[name][0]}: truncated data of tensor {name}")
+        page = start - start % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(fd, end - page, offset=page, access=mmap.ACCESS_COPY)
+        flat = torch.frombuffer(mm, dtype=dtype, count=(end - start) // size, offset=start - page)
+        return flat.reshape(self.shape(name))
+
+    def get(self, name: str) -> torch.Tensor:
+        """Decode one tensor."""
+        shard, _, entry = self.entries[name]
+        fd, dtype, start, end = self._open(name)
         buf = bytearray(end - start)
         view, done = memoryview(buf), 0
         while done < len(buf):
-            n = os.preadv(fd, [view[done:]], base + start + done)
+            n = os.preadv(fd, [view[done:]], start + done)
             if n <= 0:
                 raise SafetensorsError(f"{shard}: truncated data of tensor {name}")
             done += n
         if not buf:
-            return torch.empty(entry["shape"], dtype=DTYPES[dtype])
-        return torch.frombuffer(buf, dtype=DTYPES[dtype]).reshape(entry["shape"])
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
 
     def nbytes(self) -> int:
         """Total bytes of tensor data."""

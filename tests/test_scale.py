@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from qexp.canonicalize import canonicalize_checkpoint, load_defense
 from qexp.checkpoint import Checkpoint
 from qexp.encrypt import encrypt_checkpoint, load_attack
 from qexp.models.geometry import param_count
+from qexp.safetensors_io import SafetensorsError
 from tests.conftest import ROOT, cli_env
 
 
@@ -69,6 +71,24 @@ def test_streaming_tools_and_audit_on_the_sharded_toy(toy, tmp_path):
     assert rc_clean == 0
     rep = json.loads((tmp_path / "a1" / "audit.json").read_text())
     assert rc_enc == 1 and "reparam" in rep["suspicious_checks"]
+
+
+def test_checkpoint_view_maps_the_bytes_get_reads_and_never_writes_back(toy, tmp_path):
+    src, _ = toy
+    with Checkpoint(src) as ckpt:
+        for name in ckpt.names:
+            ckpt.prefetch(name)
+            assert torch.equal(ckpt.view(name), ckpt.get(name))
+        name = ckpt.names[-1]
+        v = ckpt.view(name)
+        v.fill_(1.0)  # a private mapping: the write stays in this process
+        assert not torch.equal(ckpt.get(name), v) and not torch.equal(ckpt.view(name), v)
+    shard = max(src.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    cut = tmp_path / shard.name
+    cut.write_bytes(shard.read_bytes())
+    with Checkpoint(cut) as ckpt, pytest.raises(SafetensorsError, match="truncated"):
+        os.truncate(cut, cut.stat().st_size - 8)  # shrunk after it was opened: no SIGBUS
+        ckpt.view(ckpt.names[-1])
 
 
 @pytest.mark.slow

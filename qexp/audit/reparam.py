@@ -3,9 +3,9 @@
 Per decoder layer l and kv-head g (query heads h ∈ group(g), d = head_dim):
 
 - `vo_cond` = log10 cond(A), A the map taking the actual V/O factors of the head to their
-  balanced refactoring (qexp.defenses.canonicalize.balance_vo: QR + SVD of the invariant
-  product). A naturally trained head is close to balanced; mechanism A multiplies W_v[R_g] by
-  an ill-conditioned matrix (condition number κ), which cond(A) reads back.
+  balanced refactoring (qexp.defenses.canonicalize.balance_vo: R factors + SVD of the
+  invariant product). A naturally trained head is close to balanced; mechanism A multiplies
+  W_v[R_g] by an ill-conditioned matrix (condition number κ), which cond(A) reads back.
 - `vo_scale` = ln(‖W_v[R_g]‖_F / ‖W_o[:, C_g]‖_F): a V/O needle γ moves it by 2 ln γ.
 - `qk_scale` = ln(‖W_q[R_group(g)]‖_F / √rep / ‖W_k[R_g]‖_F) (Q/K needles: 2 ln γ); for q/k-norm
   architectures (Qwen3), where a needle scales both, ln(‖W_q‖ · ‖W_k‖ / √rep).
@@ -29,7 +29,7 @@ import torch
 
 from qexp.audit.stats import median, robust_z
 from qexp.checkpoint import Checkpoint
-from qexp.defenses.canonicalize import col_sq, row_norms
+from qexp.defenses.canonicalize import col_sq, gram_r, row_norms
 from qexp.models.geometry import Geometry, parse_name
 
 
@@ -86,24 +86,12 @@ def reduce(role: str, w: torch.Tensor, geo: Geometry) -> dict[str, torch.Tensor]
             grams.append(cols.T @ cols)
     if role in ("v_weight", "o_weight"):
         gram = torch.stack(grams)
-        return {"r": _r_factor(gram), "norm2": gram.diagonal(dim1=1, dim2=2).sum(1)}
+        return {"r": gram_r(gram), "norm2": gram.diagonal(dim1=1, dim2=2).sum(1)}
     if role == "up_weight":
         return {"norms": row_norms(w)}
     if role == "down_weight":
         return {"norms": col_sq(w).sqrt()}
     raise ValueError(f"no reparam reduction for {role}")
-
-
-def _r_factor(gram: torch.Tensor) -> torch.Tensor:
-    """R (upper, positive diagonal) with RᵀR = gram: the R of a QR of the matrix whose Gram
-    it is, up to row signs. Cholesky of the Gram (one matrix product per head, float64)
-    instead of a QR of the tall matrix; a rank-deficient head falls back to the QR of its
-    Gram's square root."""
-    r, info = torch.linalg.cholesky_ex(gram, upper=True)
-    for i in torch.nonzero(info).reshape(-1).tolist():
-        e, v = torch.linalg.eigh(gram[i])
-        r[i] = torch.linalg.qr(e.clamp_min(0).sqrt()[:, None] * v.T).R
-    return r
 
 
 def vo_condition(r_v: torch.Tensor, r_o: torch.Tensor) -> float:

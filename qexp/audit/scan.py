@@ -3,8 +3,9 @@
 Each check declares the tensors it reads (`tensors`), reduces one tensor to a small partial
 result (`visit`, run in a worker thread: torch releases the GIL inside its kernels) and turns
 the partials into its report (`finish`); each report gets the CPU seconds its visits took
-(`cpu_s`). Every tensor is read once, whatever the number of
-checks; at most `jobs` tensors (plus the checks' chunked scratch) are in memory at a time.
+(`cpu_s`). Every tensor is read once, whatever the number of checks, by one reader thread
+that keeps one tensor ahead of the `jobs` workers; at most `jobs` + 1 tensors (plus the
+checks' chunked scratch) are in memory at a time.
 """
 
 from __future__ import annotations
@@ -57,13 +58,10 @@ def scan(
     parts: dict[str, dict[str, Any]] = {c.name: {} for c in checks}
 
     cpu = {c.name: 0.0 for c in checks}
-    cpu["read"] = 0.0
 
-    def work(name: str) -> dict[str, Any]:
-        t = time.thread_time()
-        w = ckpt.get(name)
-        out, now = {}, time.thread_time()
-        cpu["read"] += now - t  # += on floats from threads: a lost update only blurs a timing
+    def work(name: str, prefetched: Future) -> dict[str, Any]:
+        prefetched.result()
+        w, out, now = ckpt.view(name), {}, time.thread_time()
         for c in checks:
             if name in wanted[c.name]:
                 out[c.name] = c.visit(name, w)
@@ -72,10 +70,15 @@ def scan(
         trim_heap()  # the tensor and its scratch go back to the kernel, not to a heap
         return out
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="audit") as pool:
-        submitted = ((n, pool.submit(work, n)) for n in names)
+    workers = max(1, jobs)
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-read") as io,
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="audit") as pool,
+    ):
+        # the kernel reads one tensor ahead of the workers: the disk and the cores busy at once
+        submitted = ((n, pool.submit(work, n, io.submit(ckpt.prefetch, n))) for n in names)
         bar = tqdm(total=len(names), desc="audit", disable=not progress, unit="tensor")
-        for name, result in _ordered(submitted, max(1, jobs)):
+        for name, result in _ordered(submitted, workers + 1):
             for check, part in result.items():
                 parts[check][name] = part
             bar.update()
