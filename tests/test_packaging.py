@@ -181,3 +181,17 @@ def test_the_installed_wheel_composes_every_group_and_runs_from_another_dir(whee
     codes = dict(line.split() for line in p.stdout.splitlines())
     scripts = ("qexp-audit", "qexp-encrypt", "qexp-canonicalize", "qexp-report", "qexp-build-ggml")
     assert codes == {s: "0" for s in scripts}
+
+
+def test_the_streaming_tools_start_without_transformers_models():
+    """qexp-encrypt, qexp-canonicalize and qexp-audit never build a model: importing them
+    must not import transformers' modeling code (seconds of start-up and ~300 MB of RSS)."""
+    code = (
+        "import sys, qexp.encrypt, qexp.canonicalize, qexp.audit.cli; "
+        "print([m for m in ('transformers.modeling_utils', 'transformers.models.auto."
+        "modeling_auto') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == "[]", out.stdout

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, List, Optional
 
 import torch
+import transformers
 
 from qexp.context import RunContext
 from qexp.errors import check, check_choice
@@ -43,11 +44,11 @@ from qexp.quantizers.base import (
     require_group_fit,
     require_library,
 )
+from qexp.quantizers.calib import Calibration
+from qexp.quantizers.readback import copy_checked, relative_error
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-from qexp.quantizers.calib import Calibration
-from qexp.quantizers.readback import copy_checked, relative_error
 
 EXTRA = "pip install 'qexp[autoround]' (auto-round 0.15.1)"
 FORMAT = "auto_round"
@@ -143,9 +144,7 @@ class AutoRoundQuant(Quantizer):
             tuner.save_quantized(str(dst), format=FORMAT)
             del tuner, tuned, mods
             # the written model, loaded as a user would, with the library's CPU kernel
-            from transformers import AutoModelForCausalLM
-
-            loaded = AutoModelForCausalLM.from_pretrained(dst, device_map=str(device))
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(dst, device_map=str(device))
             checks, kernel = self._read_back(loaded, model, deq)
             del loaded
             if ctx.save_quantized:

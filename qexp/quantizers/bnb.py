@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, List
 
 import torch
+import transformers
 
 from qexp.context import RunContext
 from qexp.errors import ConfigError, check, check_choice
@@ -89,11 +90,11 @@ class BitsAndBytes(GridQuantizer):
 
     def config(self) -> BitsAndBytesConfig:
         """The transformers quantization config for this mode."""
-        from transformers import BitsAndBytesConfig
-
         if self.mode == "int8":
-            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=self.skip)
-        return BitsAndBytesConfig(
+            return transformers.BitsAndBytesConfig(
+                load_in_8bit=True, llm_int8_skip_modules=self.skip
+            )
+        return transformers.BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=self.mode,
             bnb_4bit_use_double_quant=self.double_quant,
@@ -108,9 +109,7 @@ class BitsAndBytes(GridQuantizer):
             model.save_pretrained(tmp, safe_serialization=True)
             generation_config = model.generation_config
             del model
-            from transformers import AutoModelForCausalLM
-
-            q = AutoModelForCausalLM.from_pretrained(
+            q = transformers.AutoModelForCausalLM.from_pretrained(
                 tmp,
                 quantization_config=self.config(),
                 device_map={"": str(ctx.device)},
