@@ -114,7 +114,7 @@ def canonicalize_checkpoint(
                 shards,
                 stream.transform,
                 stream.wants,
-                (MANIFEST, lambda _: stream.manifest()),
+                (MANIFEST, stream.manifest),
                 "canonicalize",
                 progress,
                 reads=lambda _: False,  # the layer is read whole from the checkpoint

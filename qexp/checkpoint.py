@@ -7,12 +7,12 @@ import mmap
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from qexp.errors import ConfigError
-from qexp.safetensors_io import DTYPES, SafetensorsError, read_header, tensor_entries
+from qexp.safetensors_io import DTYPES, SafetensorsError, read_header, read_tensor, tensor_entries
 
 INDEX = "model.safetensors.index.json"
 
@@ -20,8 +20,8 @@ INDEX = "model.safetensors.index.json"
 class Checkpoint:
     """A checkpoint directory (config.json + *.safetensors shards) or one .safetensors file.
 
-    `get(name)` decodes a single tensor on demand, with positioned reads (`os.preadv`) on
-    shard files kept open: threads may read concurrently. `view(name)` maps it instead (no
+    `get(name)` decodes a single tensor on demand, with positioned reads on shard files kept
+    open: threads may read concurrently. `view(name)` maps it instead (no
     copy out of the page cache), for readers that do not write to it.
     """
 
@@ -58,7 +58,7 @@ class Checkpoint:
                 self.entries[name] = (shard, base, entry)
         cfg = self.dir / "config.json"
         self.config: dict[str, Any] | None = json.loads(cfg.read_text()) if cfg.is_file() else None
-        self._fds: dict[Path, int] = {}
+        self._files: dict[Path, BinaryIO] = {}
         self._lock = threading.Lock()
 
     @property
@@ -74,53 +74,42 @@ class Checkpoint:
         """safetensors dtype code of a tensor (e.g. F32, BF16)."""
         return str(self.entries[name][2]["dtype"])
 
-    def _open(self, name: str) -> tuple[int, torch.dtype, int, int]:
-        """fd of the tensor's shard, its torch dtype and its data's file offsets [start, end)."""
+    def _file(self, name: str) -> tuple[BinaryIO, int, dict[str, Any]]:
+        """The open shard file of a tensor, its data section's offset and its entry."""
         shard, base, entry = self.entries[name]
         with self._lock:
-            fd = self._fds.get(shard)
-            if fd is None:
-                fd = self._fds[shard] = os.open(shard, os.O_RDONLY)
-        dtype = entry["dtype"]
-        if dtype not in DTYPES:
-            raise SafetensorsError(f"{shard}: tensor {name} has unsupported dtype {dtype}")
-        start, end = entry["data_offsets"]
-        return fd, DTYPES[dtype], base + start, base + end
+            f = self._files.get(shard)
+            if f is None:
+                f = self._files[shard] = open(shard, "rb")  # noqa: SIM115 (closed in close())
+        return f, base, entry
 
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading a tensor's bytes into the page cache."""
-        fd, _, start, end = self._open(name)
-        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+        f, base, entry = self._file(name)
+        start, end = entry["data_offsets"]
+        os.posix_fadvise(f.fileno(), base + start, end - start, os.POSIX_FADV_WILLNEED)
 
     def view(self, name: str) -> torch.Tensor:
         """One tensor as a private mapping of its bytes (a write would copy the page, never
         reach the file), unmapped when the tensor is freed; `get` where it cannot be mapped
-        (empty, or not aligned to its element size)."""
-        fd, dtype, start, end = self._open(name)
-        size = dtype.itemsize
-        if end == start or start % size:
+        (empty, not aligned to its element size, or a dtype `get` refuses)."""
+        f, base, entry = self._file(name)
+        dtype = DTYPES.get(entry["dtype"])
+        start, end = (base + o for o in entry["data_offsets"])
+        if dtype is None or end == start or start % dtype.itemsize:
             return self.get(name)
-        if end > os.fstat(fd).st_size:  # a mapping past the end faults (SIGBUS) when read
-            raise SafetensorsError(f"{self.entries[name][0]}: truncated data of tensor {name}")
+        if end > os.fstat(f.fileno()).st_size:  # a mapping past the end faults when read
+            raise SafetensorsError(f"{f.name}: truncated data of tensor {name}")
         page = start - start % mmap.ALLOCATIONGRANULARITY
-        mm = mmap.mmap(fd, end - page, offset=page, access=mmap.ACCESS_COPY)
-        flat = torch.frombuffer(mm, dtype=dtype, count=(end - start) // size, offset=start - page)
-        return flat.reshape(self.shape(name))
+        mm = mmap.mmap(f.fileno(), end - page, offset=page, access=mmap.ACCESS_COPY)
+        count = (end - start) // dtype.itemsize
+        return torch.frombuffer(mm, dtype=dtype, count=count, offset=start - page).reshape(
+            entry["shape"]
+        )
 
     def get(self, name: str) -> torch.Tensor:
         """Decode one tensor."""
-        shard, _, entry = self.entries[name]
-        fd, dtype, start, end = self._open(name)
-        buf = bytearray(end - start)
-        view, done = memoryview(buf), 0
-        while done < len(buf):
-            n = os.preadv(fd, [view[done:]], start + done)
-            if n <= 0:
-                raise SafetensorsError(f"{shard}: truncated data of tensor {name}")
-            done += n
-        if not buf:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+        return read_tensor(*self._file(name), name)
 
     def nbytes(self) -> int:
         """Total bytes of tensor data."""
@@ -129,9 +118,9 @@ class Checkpoint:
     def close(self) -> None:
         """Close the open shard files."""
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
 
     def __enter__(self) -> Checkpoint:
         return self

@@ -36,7 +36,7 @@ def encrypt_checkpoint(src: Path, dst: Path, attack: Encrypt, progress: bool = T
         shards,
         lambda name, t: attack.transform(name, t, keys, geo),
         lambda name: attack.touches(name, keys),
-        (MANIFEST, lambda _: attack.manifest(keys, geo)),
+        (MANIFEST, lambda: attack.manifest(keys, geo)),
         "encrypt",
         progress,
     )

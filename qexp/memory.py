@@ -19,14 +19,10 @@ from typing import Any, Optional, Union
 import torch
 
 from qexp.errors import ConfigError
-from qexp.models.geometry import param_count
+from qexp.models.geometry import config_getter, param_count
 
 GIB = 1 << 30
 M_ARENA_MAX = -8  # glibc's mallopt parameter
-
-
-def _get(config: Any, key: str) -> Any:
-    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
 
 
 def weight_bytes(config: Any, dtype: torch.dtype) -> Optional[int]:
@@ -38,8 +34,8 @@ def weight_bytes(config: Any, dtype: torch.dtype) -> Optional[int]:
 def module_bytes(config: Any, dtype: torch.dtype) -> int:
     """Bytes of the largest single module in float32 (scratch: a module cast for the
     probes' other dtype, or one layer of a stage's working copy), at least in `dtype`."""
-    h, vocab = _get(config, "hidden_size") or 0, _get(config, "vocab_size") or 0
-    inter = _get(config, "intermediate_size") or 0
+    get = config_getter(config)
+    h, vocab, inter = (get(k) or 0 for k in ("hidden_size", "vocab_size", "intermediate_size"))
     return max(vocab * h, 3 * h * inter) * max(4, dtype.itemsize)
 
 

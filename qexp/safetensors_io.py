@@ -90,14 +90,18 @@ def tensor_entries(header: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def read_tensor(f: BinaryIO, base: int, entry: dict[str, Any], name: str = "") -> torch.Tensor:
-    """Decode one tensor from an open file."""
+    """Decode one tensor from an open file, with positioned reads (`os.preadv`, no seek:
+    threads may share `f`)."""
     if entry["dtype"] not in DTYPES:
         raise SafetensorsError(f"{f.name}: tensor {name} has unsupported dtype {entry['dtype']}")
     start, end = entry["data_offsets"]
-    f.seek(base + start)
     buf = bytearray(end - start)
-    if f.readinto(buf) != len(buf):
-        raise SafetensorsError(f"{f.name}: truncated data of tensor {name}")
+    view, done = memoryview(buf), 0
+    while done < len(buf):
+        n = os.preadv(f.fileno(), [view[done:]], base + start + done)
+        if n <= 0:
+            raise SafetensorsError(f"{f.name}: truncated data of tensor {name}")
+        done += n
     if not buf:
         return torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
     return torch.frombuffer(buf, dtype=DTYPES[entry["dtype"]]).reshape(entry["shape"])
@@ -241,7 +245,7 @@ def stream_transform(
     reads = reads or wants
     changed = 0
 
-    def body(out: BinaryIO) -> None:
+    def body(out: BinaryIO, f: BinaryIO) -> None:
         nonlocal changed
         stop = threading.Event()
         stage = _Stage(stop)
@@ -249,42 +253,39 @@ def stream_transform(
         q_out: queue.Queue = queue.Queue(maxsize=2)
 
         def read_all() -> None:
-            with open(src, "rb") as f:
-                for name, entry in entries:
-                    if wants(name):
-                        t = read_tensor(f, base, entry, name) if reads(name) else None
-                        if not stage.put(q_in, (name, entry, t)):
-                            return
-                        continue
-                    start, end = entry["data_offsets"]
-                    if not stage.put(q_in, _Range(base + start, end - start, name)):
+            for name, entry in entries:
+                if wants(name):
+                    t = read_tensor(f, base, entry, name) if reads(name) else None
+                    if not stage.put(q_in, (name, entry, t)):
                         return
+                    continue
+                start, end = entry["data_offsets"]
+                if not stage.put(q_in, _Range(base + start, end - start, name)):
+                    return
             stage.put(q_in, stage.DONE)
 
         def write_all() -> None:
-            with open(src, "rb") as f:
-                while (item := stage.get(q_out)) is not stage.DONE:
-                    if isinstance(item, torch.Tensor):
-                        write_tensor(out, item)
-                    else:
-                        item.copy(f, out)
+            while (item := stage.get(q_out)) is not stage.DONE:
+                if isinstance(item, torch.Tensor):
+                    write_tensor(out, item)
+                else:
+                    item.copy(f, out)  # the only user of f's position
 
         threads = [stage.run(read_all), stage.run(write_all)]
         try:
-            with open(src, "rb") as f:
-                while (item := stage.get(q_in)) is not stage.DONE:
-                    if isinstance(item, _Range):
-                        stage.put(q_out, item)
-                        continue
-                    name, entry, t = item
-                    new = fn(name, t)
-                    if new is None:
-                        new = t if t is not None else read_tensor(f, base, entry, name)
-                    elif new.dtype != DTYPES[entry["dtype"]] or list(new.shape) != entry["shape"]:
-                        raise SafetensorsError(f"transform changed dtype/shape of {name}")
-                    else:
-                        changed += 1
-                    stage.put(q_out, new)
+            while (item := stage.get(q_in)) is not stage.DONE:
+                if isinstance(item, _Range):
+                    stage.put(q_out, item)
+                    continue
+                name, entry, t = item
+                new = fn(name, t)
+                if new is None:
+                    new = t if t is not None else read_tensor(f, base, entry, name)
+                elif new.dtype != DTYPES[entry["dtype"]] or list(new.shape) != entry["shape"]:
+                    raise SafetensorsError(f"transform changed dtype/shape of {name}")
+                else:
+                    changed += 1
+                stage.put(q_out, new)
             stage.put(q_out, stage.DONE)
             threads[1].join()
         finally:
@@ -294,5 +295,9 @@ def stream_transform(
         if stage.error is not None:
             raise stage.error
 
-    write_streaming(dst, [(n, e["dtype"], e["shape"]) for n, e in entries], body, meta)
+    def write(out: BinaryIO) -> None:
+        with open(src, "rb") as f:  # shared: tensors are read with positioned reads
+            body(out, f)
+
+    write_streaming(dst, [(n, e["dtype"], e["shape"]) for n, e in entries], write, meta)
     return changed

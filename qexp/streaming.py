@@ -60,14 +60,14 @@ def transform_checkpoint(
     shards: list[Path],
     fn: Callable[[str, torch.Tensor], torch.Tensor | None],
     wants: Callable[[str], bool],
-    manifest: tuple[str, Callable[[int], dict[str, Any]]],
+    manifest: tuple[str, Callable[[], dict[str, Any]]],
     desc: str,
     progress: bool = True,
     reads: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
     """Write `dst`: each shard of `src` through `stream_transform(fn, wants, reads)`, the
-    other files copied, and `manifest[0]` = `manifest[1](tensors changed)`; returns that
-    manifest."""
+    other files copied, and `manifest[0]` = `manifest[1]()` plus the source, its shards and
+    the number of tensors changed; returns that manifest."""
     name, make = manifest
     with atomic_dir(dst, replace=False) as tmp:
         for f in sorted(src.iterdir()):
@@ -76,7 +76,7 @@ def transform_checkpoint(
         changed = 0
         for shard in tqdm(shards, desc=desc, disable=not progress):
             changed += stream_transform(shard, tmp / shard.name, fn, wants, {"format": "pt"}, reads)
-        body = make(changed)
+        body = make()
         body.update(
             {"source": src.name, "shards": [s.name for s in shards], "tensors_changed": changed}
         )

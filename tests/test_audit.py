@@ -15,6 +15,7 @@ from qexp.audit import gap, refdiff, reparam
 from qexp.audit.cli import main
 from qexp.audit.stats import robust_z
 from qexp.checkpoint import Checkpoint
+from qexp.defenses.canonicalize import col_sq, row_norms
 from qexp.models.geometry import geometry
 
 TINY = dict(
@@ -52,6 +53,12 @@ def test_robust_z_known_answer() -> None:
     assert robust_z([1.0, 2.0, 3.0]) == [None, None, None]  # too small a population
 
 
+def head_features(wq, wk, wv, wo, geo) -> list[dict[str, float]]:
+    """reparam's per kv-head features of one layer from its four attention weights."""
+    ws = {"q_weight": wq, "k_weight": wk, "v_weight": wv, "o_weight": wo}
+    return reparam.features({r: reparam.reduce(r, w, geo) for r, w in ws.items()}, geo)
+
+
 def test_vo_cond_reads_back_kappa() -> None:
     torch.manual_seed(0)
     geo = geometry(
@@ -71,10 +78,10 @@ def test_vo_cond_reads_back_kappa() -> None:
     s = torch.linspace(1, 2, 16, dtype=torch.float64).sqrt()
     wv, wo = s[:, None] * q.T, p * s[None, :]
     wq = wk = torch.randn(16, 64, dtype=torch.float64)
-    assert reparam.head_features(wq, wk, wv, wo, geo)[0]["vo_cond"] == pytest.approx(0, abs=1e-9)
+    assert head_features(wq, wk, wv, wo, geo)[0]["vo_cond"] == pytest.approx(0, abs=1e-9)
     kappa = 30.0
     d = torch.logspace(0, math.log10(kappa), 16, dtype=torch.float64)
-    f = reparam.head_features(wq * 5, wk / 5, d[:, None] * wv, wo / d[None, :], geo)[0]
+    f = head_features(wq * 5, wk / 5, d[:, None] * wv, wo / d[None, :], geo)[0]
     assert f["vo_cond"] == pytest.approx(math.log10(kappa), abs=1e-9)
     assert f["qk_scale"] == pytest.approx(math.log(25.0), abs=1e-9)
     assert f["vo_scale"] == pytest.approx(
@@ -87,7 +94,7 @@ def test_mlp_spread_known_answer() -> None:
     down = torch.ones(4, 8, dtype=torch.float64)
     logs = torch.log(torch.arange(1, 9, dtype=torch.float64))
     q = torch.quantile(logs, torch.tensor([0.25, 0.75], dtype=torch.float64))
-    assert reparam.mlp_spread(up, down) == pytest.approx(float(q[1] - q[0]))
+    assert reparam.spread(row_norms(up), col_sq(down).sqrt()) == pytest.approx(float(q[1] - q[0]))
 
 
 def _place(q, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -182,8 +182,9 @@ class GapCheck:
             except ValueError as e:
                 out.append({"target": q.name, "skipped": str(e)})
                 continue
+            scored = ws.numel()
             out.append(
-                {"target": q.name, "counts": c, "bins": bins, "pinned": pinned, "read": ws.numel()}
+                {"target": q.name, "counts": c, "bins": bins, "pinned": pinned, "scored": scored}
             )
         return out
 
@@ -215,7 +216,7 @@ def report(
                     "kind": kind(name),
                     "target": r["target"],
                     "pinned": r["pinned"],
-                    "scored": r["read"],
+                    "scored": r["scored"],
                     **s,
                 }
             )

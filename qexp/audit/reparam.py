@@ -118,24 +118,11 @@ def features(red: dict[str, dict[str, torch.Tensor]], geo: Geometry) -> list[dic
     return out
 
 
-def head_features(
-    wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor, geo: Geometry
-) -> list[dict[str, float]]:
-    """Per kv-head features of one layer from its four attention weights."""
-    ws = {"q_weight": wq, "k_weight": wk, "v_weight": wv, "o_weight": wo}
-    return features({r: reduce(r, w, geo) for r, w in ws.items()}, geo)
-
-
 def spread(up_norms: torch.Tensor, down_norms: torch.Tensor) -> float:
     """IQR over channels of ln(‖W_up[i]‖ / ‖W_down[:, i]‖)."""
     r = (up_norms / down_norms.clamp_min(1e-30)).clamp_min(1e-30).log()
     q = torch.quantile(r, torch.tensor([0.25, 0.75], dtype=r.dtype))
     return float(q[1] - q[0])
-
-
-def mlp_spread(up: torch.Tensor, down: torch.Tensor) -> float:
-    """IQR over channels of ln(‖W_up[i]‖ / ‖W_down[:, i]‖) (norms in float64)."""
-    return spread(row_norms(up), col_sq(down).sqrt())
 
 
 def flag(x: float, z: float | None, med: float, lim: Limit) -> bool:

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from qexp.context import RunContext
 from qexp.defenses.base import Defense
 from qexp.errors import check, check_choice
-from qexp.models.geometry import Geometry, geometry
+from qexp.models.geometry import Geometry, geometry, parse_name, parse_norm_name
 from qexp.plugin import StageResult, Subject
 from qexp.quantizers.base import Quantizer
 
@@ -227,28 +227,13 @@ def _mlp(t: dict[str, torch.Tensor]) -> None:
 
 
 def layer_tensors(layer: torch.nn.Module, wanted: frozenset[str]) -> dict[str, torch.Tensor]:
-    """A decoder layer's parameters by role (the tensors themselves, changed in place)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    mods = {
-        "q": attn.q_proj,
-        "k": attn.k_proj,
-        "v": attn.v_proj,
-        "o": attn.o_proj,
-        "gate": mlp.gate_proj,
-        "up": mlp.up_proj,
-        "down": mlp.down_proj,
-    }
+    """A decoder layer's parameters by role (the tensors themselves, changed in place), roles
+    named as in a checkpoint (`parse_name`, `parse_norm_name`)."""
     out = {}
-    for role in wanted:
-        if role in ("input_norm", "post_norm"):
-            p = (
-                layer.input_layernorm if role == "input_norm" else layer.post_attention_layernorm
-            ).weight
-        else:
-            proj, kind = role.rsplit("_", 1)
-            p = getattr(mods[proj], kind)
-        if p is not None:
-            out[role] = p.data
+    for name, p in layer.named_parameters():
+        parsed = parse_name(f"layers.0.{name}") or parse_norm_name(f"layers.0.{name}")
+        if parsed is not None and parsed[1] in wanted:
+            out[parsed[1]] = p.data
     return out
 
 

@@ -7,6 +7,7 @@ adapter serves an in-memory model and a checkpoint streamed from safetensors sha
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,9 +44,16 @@ class Geometry:
         return self.num_heads // self.num_kv_heads
 
 
+def config_getter(config: Any) -> Callable[..., Any]:
+    """`get(key, default=None)` for a config.json dict or a transformers config object."""
+    if isinstance(config, dict):
+        return config.get
+    return lambda key, default=None: getattr(config, key, default)
+
+
 def geometry(config: Any) -> Geometry:
     """Geometry of a supported architecture; ConfigError listing the supported ones."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    get = config_getter(config)
     model_type = get("model_type")
     if model_type not in SUPPORTED:
         raise ConfigError(
@@ -84,7 +92,7 @@ def parse_norm_name(name: str) -> tuple[int, str] | None:
 def linear_shapes(config: Any) -> dict[str, tuple[int, int]] | None:
     """(out, in) of each decoder linear by projection name, from a config's standard keys
     (None when a key is missing: the check it serves is then left to quantization time)."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    get = config_getter(config)
     hidden, inter, heads = get("hidden_size"), get("intermediate_size"), get("num_attention_heads")
     if not (hidden and inter and heads):
         return None
@@ -103,7 +111,7 @@ def linear_shapes(config: Any) -> dict[str, tuple[int, int]] | None:
 
 def max_positions(config: Any) -> int | None:
     """The longest sequence the model's position encoding was built for, if it says."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    get = config_getter(config)
     return get("max_position_embeddings")
 
 
@@ -111,7 +119,7 @@ def param_count(config: Any) -> int | None:
     """Parameters of a supported decoder from its config.json keys alone (embeddings, an
     untied lm_head, every layer's linears, biases and norms, the final norm); None when a
     standard key is missing."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    get = config_getter(config)
     shapes, hidden, vocab = linear_shapes(config), get("hidden_size"), get("vocab_size")
     layers = get("num_hidden_layers")
     if shapes is None or not (vocab and layers):
