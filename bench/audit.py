@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from qexp.io import atomic_write_json, atomic_write_text
+from qexp.core.io import atomic_write_json, atomic_write_text
 
 
 def run(cmd: list[str]) -> tuple[int, float, float]:

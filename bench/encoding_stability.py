@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from qexp.config import validate
-from qexp.context import RunContext
-from qexp.io import atomic_write_json
-from qexp.quantizers import HQQQuant
+from qexp.pipeline.spec import validate
+from qexp.core.context import RunContext
+from qexp.core.io import atomic_write_json
+from qexp.quantizers.library.hqq import HQQQuant
 from qexp.quantizers.rtn import RTN
-from qexp.quantizers.sinq import SINQQuant
+from qexp.quantizers.library.sinq import SINQQuant
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/encoding_stability.json")
     a = p.parse_args()
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    with initialize_config_dir(config_dir=str(ROOT / "qexp" / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         spec = validate(compose("config", overrides=["logger=none", "progress=false"]))
     ctx = RunContext.from_schema(spec.run, ROOT / "outputs" / "bench_encoding_stability")
     model = spec.model.load(ctx).model

@@ -1,11 +1,11 @@
 """Streaming encryption: time vs. a plain read+write copy, and peak RSS on a 1B checkpoint.
 
 1. The embedded model's converted checkpoint (fp32): encrypt_checkpoint (what
-   `python -m qexp.encrypt` runs) vs. a byte copy through the same streaming writer (atomic,
+   `python -m qexp.tools.encrypt` runs) vs. a byte copy through the same streaming writer (atomic,
    fsync) and `shutil.copyfile`; in-process, interleaved, median of --repeats. Goal <= 1.5x.
 2. A synthetic Llama-3.2-1B-shaped checkpoint (bf16, random, bench/synthetic.py) encrypted
    in a child process; its peak RSS (goal < 1.5 GB) against the peak RSS of a child that
-   only imports qexp.encrypt. (The 8B table, with canonicalize and the audit: bench/scale.py.)
+   only imports qexp.tools.encrypt. (The 8B table, with canonicalize and the audit: bench/scale.py.)
 
     python bench/encrypt.py [--skip-synthetic]
 """
@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from synthetic import write_checkpoint
 
-from qexp.encrypt import encrypt_checkpoint, load_attack
-from qexp.io import atomic_write_json
-from qexp.safetensors_io import stream_transform
+from qexp.tools.encrypt import encrypt_checkpoint, load_attack
+from qexp.core.io import atomic_write_json
+from qexp.checkpoint.safetensors_io import stream_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,10 +51,10 @@ def embedded_checkpoint() -> Path:
     """The converted embedded model (converting it on first use)."""
     from hydra import compose, initialize_config_dir
 
-    from qexp.config import validate
-    from qexp.context import RunContext
+    from qexp.pipeline.spec import validate
+    from qexp.core.context import RunContext
 
-    with initialize_config_dir(config_dir=str(ROOT / "qexp" / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         spec = validate(compose("config", overrides=["logger=none"]))
     return spec.model.checkpoint_dir(RunContext.from_schema(spec.run, ROOT / "bench"))
 
@@ -89,13 +89,13 @@ def main() -> None:
             [
                 sys.executable,
                 "-m",
-                "qexp.encrypt",
+                "qexp.tools.encrypt",
                 str(src),
                 str(tmp / "enc_child"),
                 "--no-progress",
             ]
         )
-        _, rss_imp = child_peak_rss_mb([sys.executable, "-c", "import qexp.encrypt"])
+        _, rss_imp = child_peak_rss_mb([sys.executable, "-c", "import qexp.tools.encrypt"])
         res["embedded"] = {
             "checkpoint_mb": round(shard.stat().st_size / 2**20, 1),
             "repeats": a.repeats,
@@ -116,7 +116,7 @@ def main() -> None:
                 [
                     sys.executable,
                     "-m",
-                    "qexp.encrypt",
+                    "qexp.tools.encrypt",
                     str(syn),
                     str(tmp / "syn_enc"),
                     "--no-progress",

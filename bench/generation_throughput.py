@@ -16,9 +16,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from qexp.benchmarks.generation import GenerationSettings, generate
-from qexp.config import validate
-from qexp.context import RunContext
-from qexp.io import atomic_write_json
+from qexp.pipeline.spec import validate
+from qexp.core.context import RunContext
+from qexp.core.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "generation.json")
     a = p.parse_args()
 
-    with initialize_config_dir(config_dir=str(ROOT / "qexp" / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             "config",
             overrides=[

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from qexp.config import validate
-from qexp.context import RunContext
+from qexp.pipeline.spec import validate
+from qexp.core.context import RunContext
 from qexp.data import reference_text
-from qexp.io import atomic_write_json
-from qexp.metrics import token_nll
-from qexp.plugin import Subject
+from qexp.core.io import atomic_write_json
+from qexp.benchmarks.metrics import token_nll
+from qexp.core.plugin import Subject
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPES = ["q4_k_s", "q4_k_m", "q5_k_m", "q6_k"]
@@ -36,7 +36,7 @@ def quantized(option: str, ftype: str, run_dir: Path) -> tuple[dict, float, floa
     """Decoder linear weights after quantization, ref ppl, seconds, the library's info."""
     key = "quantizer.ftype" if option.startswith("gguf_") else "quantizer.gguf_type"
     ovr = ["logger=none", "progress=false", "seed=0", f"quantizer={option}", f"{key}={ftype}"]
-    with initialize_config_dir(config_dir=str(ROOT / "qexp" / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         spec = validate(compose("config", overrides=ovr))
     ctx = RunContext.from_schema(spec.run, run_dir)
     lm = spec.model.load(ctx)

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from qexp.config import validate
-from qexp.context import RunContext
+from qexp.pipeline.spec import validate
+from qexp.core.context import RunContext
 from qexp.data import reference_text
-from qexp.io import atomic_write_json
-from qexp.plugin import Subject
+from qexp.core.io import atomic_write_json
+from qexp.core.plugin import Subject
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = """
@@ -66,7 +66,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qexp-gguf-runtime-") as tmp:
         tmp = Path(tmp)
         ovr = ["logger=none", "progress=false", f"quantizer=gguf_{a.ftype}"]
-        with initialize_config_dir(config_dir=str(ROOT / "qexp" / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             spec = validate(compose("config", overrides=ovr))
         ctx = dataclasses.replace(RunContext.from_schema(spec.run, tmp), save_quantized=True)
         lm = spec.model.load(ctx)

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qexp.io import atomic_write_json
+from qexp.core.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = {"gptqmodel": "gptq4", "llmcompressor": "gptq4_llmc"}
@@ -27,10 +27,10 @@ BACKENDS = {"gptqmodel": "gptq4", "llmcompressor": "gptq4_llmc"}
 CHILD = r"""
 import json, math, resource, sys, time
 from hydra import compose, initialize_config_dir
-from qexp.config import validate
-from qexp.context import RunContext
+from qexp.pipeline.spec import validate
+from qexp.core.context import RunContext
 from qexp.data import reference_text
-from qexp.metrics import token_nll
+from qexp.benchmarks.metrics import token_nll
 
 def rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -44,7 +44,7 @@ with initialize_config_dir(config_dir=conf, version_base="1.3"):
     spec = validate(compose("config", overrides=overrides))
 ctx = RunContext.from_schema(spec.run, run_dir)
 t0 = time.perf_counter(); lm = spec.model.load(ctx); load = time.perf_counter() - t0
-from qexp.plugin import Subject
+from qexp.core.plugin import Subject
 rss_loaded = rss()
 text = reference_text()
 ppl_fp = math.exp(float(token_nll(lm.model, lm.tokenizer, text).mean()))
@@ -64,7 +64,7 @@ print(json.dumps({"load_s": load, "quantize_s": q, "peak_rss_mb_after_load": rss
 def run(quantizer: str, group: int, threads: int) -> dict:
     # GPTQModel keeps its own CPU worker count (it refuses fewer than 2 on CPU)
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1")
-    args = [str(ROOT / "qexp" / "conf"), quantizer, str(ROOT / "outputs" / "bench_gptq_backends")]
+    args = [str(ROOT / "conf"), quantizer, str(ROOT / "outputs" / "bench_gptq_backends")]
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, *args, str(group), str(threads)],
         capture_output=True,

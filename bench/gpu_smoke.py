@@ -129,7 +129,7 @@ def row_rtn() -> dict:
 @torch.no_grad()
 def row_encrypt_exact() -> dict:
     from qexp.attacks.encrypt import Encrypt
-    from qexp.plugin import Subject
+    from qexp.core.plugin import Subject
 
     need_cuda()
     model = random_model("smollm2_135m", "cuda", torch.bfloat16)
@@ -153,7 +153,7 @@ def pipeline(*overrides: str, device: str) -> dict:
     need("hydra", " (bench/gpu_smoke.sh --prepare carries it)")
     from hydra import compose, initialize_config_dir
 
-    from qexp.run import run
+    from qexp.pipeline.run import run
 
     tmp = Path(tempfile.mkdtemp(prefix="qexp-smoke-"))
     try:
@@ -167,7 +167,7 @@ def pipeline(*overrides: str, device: str) -> dict:
             f"cache_dir={tmp / 'cache'}",
             *overrides,
         ]
-        with initialize_config_dir(config_dir=str(ROOT / "qexp" / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             cfg = compose("config", overrides=base)
         t0 = time.perf_counter()
         res = run(cfg, tmp / "run")

@@ -14,11 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qexp.io import atomic_write_json
+from qexp.core.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = ["none"] + sorted(
-    p.stem for p in (ROOT / "qexp" / "conf" / "quantizer").glob("*.yaml") if p.stem != "none"
+    p.stem for p in (ROOT / "conf" / "quantizer").glob("*.yaml") if p.stem != "none"
 )
 # the embedded model's 576-wide layers need group 64 for AWQ and for llm-compressor's GPTQ
 EMBEDDED_OVERRIDES = {
@@ -33,14 +33,14 @@ EMBEDDED_OVERRIDES = {
 CHILD = r"""
 import json, resource, sys, time
 from hydra import compose, initialize_config_dir
-from qexp.config import validate
-from qexp.context import RunContext
+from qexp.pipeline.spec import validate
+from qexp.core.context import RunContext
 with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
     spec = validate(compose("config", overrides=["logger=none", "progress=false",
                                                  "quantizer=" + sys.argv[2], *sys.argv[4:]]))
 ctx = RunContext.from_schema(spec.run, sys.argv[3])
 t0 = time.perf_counter(); lm = spec.model.load(ctx); load = time.perf_counter() - t0
-from qexp.plugin import Subject
+from qexp.core.plugin import Subject
 rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 subject = Subject(lm.model, lm.tokenizer, "original", "bench")
 t0 = time.perf_counter(); spec.quantizer.quantize(subject, ctx)
@@ -66,7 +66,7 @@ def main() -> None:
                     sys.executable,
                     "-c",
                     CHILD,
-                    str(ROOT / "qexp" / "conf"),
+                    str(ROOT / "conf"),
                     q,
                     str(ROOT / "outputs"),
                     *EMBEDDED_OVERRIDES.get(q, []),

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from synthetic import write_checkpoint
 
-from qexp.io import atomic_write_json
+from qexp.core.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,8 +110,8 @@ def part_8b(work: Path, keep: bool) -> dict:
     py = [sys.executable, "-m"]
     out = work / "out"
     tools = {
-        "encrypt": [*py, "qexp.encrypt", str(src), str(out), "--no-progress"],
-        "canonicalize": [*py, "qexp.canonicalize", str(src), str(out), "--no-progress"],
+        "encrypt": [*py, "qexp.tools.encrypt", str(src), str(out), "--no-progress"],
+        "canonicalize": [*py, "qexp.tools.canonicalize", str(src), str(out), "--no-progress"],
         "audit": [
             *py,
             "qexp.audit",

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qexp.io import atomic_write_json
+from qexp.core.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGMAS = ["1e-4", "1e-3", "5e-3", "1e-2", "2e-2", "per_layer"]

@@ -5,7 +5,7 @@ resolved config is skipped (re-running an interrupted sweep with the same `hydra
 finishes only what is missing), and a job that fails marks itself failed in its results.json
 and the sweep goes on (in experiment=matrix a config error marks the cell "n/a": that
 combination does not apply); the sweep callback (hydra_plugins/qexp_sweep_callbacks, configured in
-qexp/conf/config.yaml for every launcher) exits 1 at the end if any job failed.
+conf/config.yaml for every launcher) exits 1 at the end if any job failed.
 """
 
 from __future__ import annotations
@@ -18,20 +18,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from qexp.cli import console
-from qexp.errors import ConfigError
-from qexp.io import atomic_write_json
+from qexp.core.console import console
+from qexp.core.errors import ConfigError
+from qexp.core.io import atomic_write_json
+from qexp.core.registry import CONF_DIR, compose_overrides, parse_args
 
 con = console("qexp")
 
 
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # inside the package (and wheel)
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def app(cfg: DictConfig) -> None:
     """Hydra entry point."""
-    from qexp.run import AlreadyComplete, run  # torch & co. load only once a job runs
+    from qexp.pipeline.run import AlreadyComplete, run  # torch & co. load only once a job runs
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -76,15 +74,13 @@ def precheck(argv: list[str]) -> None:
     """Mistakes Hydra would answer with a traceback (an unknown option, a key that does not
     exist, an override that does not parse) as one `qexp: config error:` line, exit 2, before
     Hydra starts. Each sweep is checked at every one of its values."""
-    from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    args, _ = get_args_parser().parse_known_args(argv)
+    args = parse_args(argv)
     if args.help or args.hydra_help or args.shell_completion or args.config_name:
         return
-    from qexp.config import compose_overrides
 
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
@@ -104,7 +100,7 @@ def precheck(argv: list[str]) -> None:
         try:
             cfg = compose_overrides(flat)
             if "matrix" in cfg:  # its sweep comes from matrix.size: check it is one
-                from qexp.matrix import check_matrix
+                from qexp.pipeline.matrix import check_matrix
 
                 check_matrix(cfg.matrix)
         except ConfigError as e:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "qexp" / "conf"
+CONF = ROOT / "conf"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # A fast run on a tiny random model: 4 items, 8 new tokens, no W&B, no stage cache.
@@ -151,8 +151,8 @@ def continuation_nll(  # reference: one plain forward pass
 
 def load_spec(make_cfg, run_dir: Path, *overrides: str):
     """Validate a composed config, build its run context and load its model."""
-    from qexp.config import validate
-    from qexp.context import RunContext
+    from qexp.pipeline.spec import validate
+    from qexp.core.context import RunContext
 
     spec = validate(make_cfg(*overrides))
     ctx = RunContext.from_schema(spec.run, run_dir)
@@ -161,15 +161,15 @@ def load_spec(make_cfg, run_dir: Path, *overrides: str):
 
 def subject(model, tokenizer=None, branch: str = "original", key: str = "test"):
     """A stage's input for calling a plugin directly (tokenizer-free plugins take None)."""
-    from qexp.plugin import Subject
+    from qexp.core.plugin import Subject
 
     return Subject(model, tokenizer, branch, key)
 
 
 def plain_ctx(tmp_path: Path, seed: int = 0, cache: str = "off"):
     """A CPU/fp32 run context without a config, its cache and run dir under `tmp_path`."""
-    from qexp.cache import StageCache
-    from qexp.context import RunContext
+    from qexp.core.cache import StageCache
+    from qexp.core.context import RunContext
 
     return RunContext(
         seed=seed,

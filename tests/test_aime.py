@@ -3,7 +3,7 @@
 import pytest
 
 from qexp.benchmarks.aime import AIME24, last_boxed, parse_aime
-from qexp.errors import ConfigError
+from qexp.core.errors import ConfigError
 from tests.conftest import FIXTURES
 
 
@@ -42,7 +42,7 @@ def test_hub_source_needs_no_path_but_file_does():
 
 
 def test_aime_in_the_pipeline(make_cfg, tmp_path):
-    from qexp.run import run
+    from qexp.pipeline.run import run
 
     cfg = make_cfg(
         "model=tiny_llama",

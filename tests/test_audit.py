@@ -14,9 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from qexp.audit import gap, refdiff, reparam
 from qexp.audit.cli import main
 from qexp.audit.stats import robust_z
-from qexp.checkpoint import Checkpoint
+from qexp.checkpoint.reader import Checkpoint
 from qexp.defenses.canonicalize import col_sq, row_norms
-from qexp.models.geometry import geometry
+from qexp.core.geometry import geometry
 
 TINY = dict(
     hidden_size=64,
@@ -166,7 +166,7 @@ def test_clean_tiny_models_exit_0(tmp_path: Path, arch: str, seed: int) -> None:
 
 
 def _encrypt(src: Path, dst: Path, *overrides: str) -> Path:
-    from qexp.encrypt import encrypt_checkpoint, load_attack
+    from qexp.tools.encrypt import encrypt_checkpoint, load_attack
 
     encrypt_checkpoint(src, dst, load_attack(["kappa_one_layers=0", *overrides]), False)
     return dst

@@ -1,4 +1,4 @@
-"""The stage cache (qexp/cache.py, qexp/stages.py): hits, misses, modes, concurrency."""
+"""The stage cache (qexp/core/cache.py, qexp/pipeline/stages.py): hits, misses, modes, concurrency."""
 
 import json
 import os
@@ -8,11 +8,11 @@ import sys
 import pytest
 
 from qexp.attacks.encrypt import Encrypt
-from qexp.cache import StageCache, digest
+from qexp.core.cache import StageCache, digest
 from qexp.defenses.noise import Noise
 from qexp.models.tiny import TinyModel
 from qexp.quantizers.rtn import RTN
-from qexp.run import run
+from qexp.pipeline.run import run
 from tests.conftest import ROOT
 
 ENCRYPT = ["attack=encrypt", "attack.kappa_one_layers=0", "defense=noise", "cache=on"]
@@ -134,8 +134,8 @@ def test_partial_entry_is_ignored_and_replaced(tmp_path):
 
 
 def test_cache_mode_errors(make_cfg):
-    from qexp.config import validate
-    from qexp.errors import ConfigError
+    from qexp.pipeline.spec import validate
+    from qexp.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="cache='sometimes'"):
         validate(make_cfg("cache=sometimes"))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qexp.attacks import Encrypt
+from qexp.attacks.encrypt import Encrypt
 from qexp.defenses.canonicalize import Canonicalize
-from qexp.quantizers import NoQuantizer
+from qexp.quantizers.base import NoQuantizer
 from tests.conftest import load_spec, subject
 
 
@@ -74,7 +74,7 @@ def test_encrypted_and_original_canonicalize_to_the_same_ranges(make_cfg, tmp_pa
 
 def test_fp32_preservation_is_reported(make_cfg, tmp_path):
     ctx, lm = loaded(make_cfg, tmp_path)
-    from qexp.run import measured
+    from qexp.pipeline.run import measured
 
     d = Canonicalize()
     _, fp = measured(d, subject(lm.model, lm.tokenizer), lambda s: d.apply(s, NoQuantizer(), ctx))
@@ -119,8 +119,8 @@ def test_norm_part_undoes_every_exact_anchor(make_cfg, tmp_path, arch):
 
 
 def test_encrypt_against_canonicalize_keeps_what_it_cannot_undo(make_cfg):
-    from qexp.config import validate
-    from qexp.errors import ConfigError
+    from qexp.pipeline.spec import validate
+    from qexp.core.errors import ConfigError
 
     spec = validate(
         make_cfg("attack=encrypt", "attack.preset=exact", "attack.against=[canonicalize]")
@@ -176,7 +176,7 @@ def test_streaming_matches_in_memory_and_loads_in_transformers(
 
     from transformers import AutoModelForCausalLM
 
-    from qexp.canonicalize import canonicalize_checkpoint, load_defense
+    from qexp.tools.canonicalize import canonicalize_checkpoint, load_defense
 
     m, src = _tiny_checkpoint(tmp_path, arch, bias=bias)
     defense = load_defense([f"parts=[{','.join(parts)}]"])
@@ -195,9 +195,9 @@ class SimpleCtx:
 
 
 def test_streaming_undoes_a_streamed_encrypt(tmp_path):
-    from qexp.canonicalize import canonicalize_checkpoint, load_defense
-    from qexp.checkpoint import Checkpoint
-    from qexp.encrypt import encrypt_checkpoint, load_attack
+    from qexp.tools.canonicalize import canonicalize_checkpoint, load_defense
+    from qexp.checkpoint.reader import Checkpoint
+    from qexp.tools.encrypt import encrypt_checkpoint, load_attack
 
     _, src = _tiny_checkpoint(tmp_path, dtype=torch.float32)
     atk = load_attack(["kappa_one_layers=0", "group_size=8", "mlp=true", "rho=0.5", "b_every=1"])
@@ -220,12 +220,12 @@ def test_streaming_cli_errors_and_same_bytes(tmp_path):
     import subprocess
     import sys
 
-    from qexp.canonicalize import main
+    from qexp.tools.canonicalize import main
     from tests.conftest import ROOT
 
     _, src = _tiny_checkpoint(tmp_path)
     p = subprocess.run(
-        [sys.executable, "-m", "qexp.canonicalize", str(src), str(tmp_path / "o"), "parts=[xy]"],
+        [sys.executable, "-m", "qexp.tools.canonicalize", str(src), str(tmp_path / "o"), "parts=[xy]"],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -4,10 +4,11 @@ import pytest
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from qexp.config import validate
-from qexp.errors import ConfigError
-from qexp.models import EmbeddedGGUFModel, TinyModel
-from qexp.quantizers import RTN
+from qexp.pipeline.spec import validate
+from qexp.core.errors import ConfigError
+from qexp.models.embedded import EmbeddedGGUFModel
+from qexp.models.tiny import TinyModel
+from qexp.quantizers.rtn import RTN
 
 
 @pytest.fixture(autouse=True)
@@ -108,7 +109,7 @@ def test_every_shipped_config_validates(make_cfg):
 
 
 def test_threads_default_follows_omp_num_threads(monkeypatch):
-    from qexp.context import available_cores, default_threads
+    from qexp.core.context import available_cores, default_threads
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert default_threads() == 1

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from qexp.config import validate
-from qexp.context import RunContext
-from qexp.run import run
+from qexp.pipeline.spec import validate
+from qexp.core.context import RunContext
+from qexp.pipeline.run import run
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def test_short_pipeline_on_the_embedded_model(embedded, tmp_path):
 def test_audit_outlier_check_passes_the_embedded_model(embedded):
     from qexp.audit import outlier
     from qexp.audit.scan import scan
-    from qexp.checkpoint import Checkpoint
+    from qexp.checkpoint.reader import Checkpoint
 
     spec, ctx = embedded
     with Checkpoint(spec.model.checkpoint_dir(ctx), "CHECKPOINT") as ckpt:
@@ -88,7 +88,7 @@ def test_audit_outlier_check_passes_the_embedded_model(embedded):
 
 def test_exact_encrypt_is_bit_identical_on_the_embedded_model(embedded):
     from qexp.attacks.encrypt import Encrypt
-    from qexp.preservation import compare, probe_ids, probe_logits
+    from qexp.pipeline.preservation import compare, probe_ids, probe_logits
     from qexp.quantizers.rtn import rtn_fake_quant
     from tests.conftest import subject
 

@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qexp.attacks.encrypt import Encrypt, block_size, hadamard
-from qexp.config import validate
-from qexp.encrypt import encrypt_checkpoint, load_attack, main
-from qexp.errors import ConfigError
-from qexp.models.geometry import SUPPORTED, geometry
-from qexp.run import run
+from qexp.pipeline.spec import validate
+from qexp.tools.encrypt import encrypt_checkpoint, load_attack, main
+from qexp.core.errors import ConfigError
+from qexp.core.geometry import SUPPORTED, geometry
+from qexp.pipeline.run import run
 from tests.conftest import ROOT, subject
 
 
@@ -195,7 +195,7 @@ def test_pipeline_reports_preservation(make_cfg, tmp_path):
 
 
 def test_pipeline_stops_beyond_tolerance(make_cfg, tmp_path):
-    from qexp.preservation import PreservationError
+    from qexp.pipeline.preservation import PreservationError
 
     with pytest.raises(PreservationError, match="attack.tolerance"):
         run(
@@ -257,7 +257,7 @@ def test_streaming_same_seed_same_bytes_other_seed_other_keys(checkpoint, tmp_pa
 def test_cli_errors(checkpoint, tmp_path):
     _, src = checkpoint
     p = subprocess.run(
-        [sys.executable, "-m", "qexp.encrypt", str(src), str(tmp_path / "o"), "rho=3"],
+        [sys.executable, "-m", "qexp.tools.encrypt", str(src), str(tmp_path / "o"), "rho=3"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -351,8 +351,8 @@ def test_pipeline_exact_preset_reports_zero_bf16_drift(make_cfg, tmp_path):
 
 
 def test_bf16_tolerance_stops_the_run():
-    from qexp.preservation import PreservationError
-    from qexp.run import check_drift
+    from qexp.pipeline.preservation import PreservationError
+    from qexp.pipeline.run import check_drift
 
     report = {"max_abs_logit_diff_fp32": 0.0, "tolerance": 1e-2, "max_abs_logit_diff_bf16": 0.0}
     check_drift("attack", exact(), {**report, "tolerance_bf16": 0.0})  # exact: passes

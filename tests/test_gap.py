@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from qexp.attacks.gap import near_ties
-from qexp.config import validate
-from qexp.context import RunContext
+from qexp.pipeline.spec import validate
+from qexp.core.context import RunContext
 from qexp.data import instruct_gen, instruct_path
-from qexp.errors import ConfigError
-from qexp.instruct import is_refusal, mentions
-from qexp.run import run
+from qexp.core.errors import ConfigError
+from qexp.data.instruct import is_refusal, mentions
+from qexp.pipeline.run import run
 from tests.conftest import subject
 
 pytest.importorskip("bitsandbytes")

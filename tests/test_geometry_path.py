@@ -10,7 +10,11 @@ import dataclasses
 import pytest
 import torch
 
-from qexp.quantizers import RTN, BitsAndBytes, GGUFQuant
+from qexp.quantizers.rtn import RTN
+
+from qexp.quantizers.bnb import BitsAndBytes
+
+from qexp.quantizers.gguf import GGUFQuant
 from qexp.quantizers.intervals import lattice_step
 from tests.conftest import embedded_first_last, subject
 
@@ -44,7 +48,7 @@ def stored(model) -> dict[str, torch.Tensor]:
 
 
 def through_transformers(lm, dtype, mode, tmp_path) -> dict[str, torch.Tensor]:
-    from qexp.context import RunContext
+    from qexp.core.context import RunContext
     from tests.conftest import plain_ctx
 
     ctx = dataclasses.replace(plain_ctx(tmp_path), dtype=dtype)

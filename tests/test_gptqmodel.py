@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from qexp.config import validate
-from qexp.errors import ConfigError
+from qexp.pipeline.spec import validate
+from qexp.core.errors import ConfigError
 from qexp.quantizers.calib import Calibration, sample_from_model
 from tests.conftest import levels_per_group, load_spec, subject
 
@@ -126,7 +126,7 @@ def test_bad_quantizer_configs_fail_before_loading(make_cfg, overrides, key):
 
 
 def test_awq_refuses_a_group_that_splits_a_row():
-    from qexp.quantizers import GPTQModelQuant
+    from qexp.quantizers.library.gptqmodel import GPTQModelQuant
 
     q = GPTQModelQuant(name="awq4", method="awq", group_size=128)
     with pytest.raises(

@@ -7,7 +7,7 @@ import yaml
 
 from qexp.benchmarks.harness import qexp_svamp_task, write_builtin_tasks
 from qexp.benchmarks.svamp import SVAMP
-from qexp.run import run
+from qexp.pipeline.run import run
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 

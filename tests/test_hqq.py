@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from qexp.config import validate
-from qexp.errors import ConfigError
-from qexp.run import run
+from qexp.pipeline.spec import validate
+from qexp.core.errors import ConfigError
+from qexp.pipeline.run import run
 from tests.conftest import levels_per_group, load_spec, subject, without_module
 
 pytest.importorskip("hqq")
@@ -73,7 +73,7 @@ def test_boxes_hold_hqqs_codes_for_moves_well_inside_them():
     its box, and moves within half of each box keep hqq's integer codes and scales."""
     from hqq.core.quantize import HQQLinear
 
-    from qexp.quantizers import HQQQuant
+    from qexp.quantizers.library.hqq import HQQQuant
 
     q = HQQQuant()
     g = torch.Generator().manual_seed(0)

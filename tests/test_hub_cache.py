@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from qexp.context import RunContext
+from qexp.core.context import RunContext
 from tests.conftest import ROOT, cli_env, load_spec
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -49,7 +49,7 @@ def test_a_hub_id_loads_from_the_local_cache_offline(make_cfg, tmp_path, cache_d
 
 
 def test_run_context_reads_the_dtype(make_cfg, tmp_path):
-    from qexp.config import validate
+    from qexp.pipeline.spec import validate
 
     spec = validate(make_cfg("model=qwen2_5_7b_instruct", tiny=False))
     assert RunContext.from_schema(spec.run, tmp_path).dtype.__repr__() == "torch.bfloat16"

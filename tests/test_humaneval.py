@@ -7,10 +7,10 @@ import time
 import pytest
 
 from qexp.benchmarks.humaneval import HumanEval, packaged_problems
-from qexp.config import validate
-from qexp.errors import ConfigError
-from qexp.run import run
-from qexp.sandbox import run_untrusted
+from qexp.pipeline.spec import validate
+from qexp.core.errors import ConfigError
+from qexp.pipeline.run import run
+from qexp.benchmarks.sandbox import run_untrusted
 
 
 def bench(**kw):

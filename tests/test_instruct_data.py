@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from qexp.config import validate
-from qexp.errors import ConfigError
-from qexp.instruct import INJECTIONS, REFUSALS, load_rows
+from qexp.pipeline.spec import validate
+from qexp.core.errors import ConfigError
+from qexp.data.instruct import INJECTIONS, REFUSALS, load_rows
 
 ALPACA = [
     {"instruction": "Name a primary color.", "input": "", "output": "Red is a primary color."},

@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from qexp.quantizers import RTN, BitsAndBytes, GGUFQuant
+from qexp.quantizers.rtn import RTN
+
+from qexp.quantizers.bnb import BitsAndBytes
+
+from qexp.quantizers.gguf import GGUFQuant
 from qexp.quantizers.intervals import lattice_step, rtn_intervals
 
 pytest.importorskip("bitsandbytes")

@@ -1,4 +1,4 @@
-"""Sweep launchers (qexp/conf/hydra/launcher/*.yaml, docs/launchers.md) on the tiny model."""
+"""Sweep launchers (conf/hydra/launcher/*.yaml, docs/launchers.md) on the tiny model."""
 
 import json
 import os

@@ -7,13 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from qexp.config import validate
-from qexp.defenses import Launder
-from qexp.errors import ConfigError
-from qexp.quantizers import RTN, NoQuantizer, rtn_fake_quant
+from qexp.pipeline.spec import validate
+from qexp.defenses.launder import Launder
+from qexp.core.errors import ConfigError
+from qexp.quantizers.rtn import RTN, rtn_fake_quant
+from qexp.quantizers.base import NoQuantizer
 from qexp.quantizers.base import grid_options
 from qexp.quantizers.gguf import gguf_fake_quant
-from qexp.run import run
+from qexp.pipeline.run import run
 from tests.conftest import plain_ctx, subject
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -51,11 +52,18 @@ def reference_round_trip(via: str, w: torch.Tensor) -> torch.Tensor:
     return F.dequantize_4bit(packed, state)
 
 
+def launder(**kw) -> Launder:
+    """defense=launder built by hand, its `via` quantizer resolved as validation does."""
+    d = Launder(**kw)
+    d.resolve(None)
+    return d
+
+
 @pytest.mark.parametrize("via", [v for v in VIAS if HAS_BNB or not v.startswith("bnb_")])
 def test_round_trip_through_via_on_the_quantized_linears_only(tmp_path, via):
     model = small_model()
     clean = {k: v.clone() for k, v in model.state_dict().items()}
-    d = Launder(via=via)
+    d = launder(via=via)
     quantizer = RTN(name="rtn4", bits=4, group_size=32)  # skip: lm_head
     st = d.apply(subject(model), quantizer, ctx_for(tmp_path)).info
     after = model.state_dict()
@@ -77,10 +85,10 @@ def test_laundering_moves_int8_codes_but_not_rtn8_values_much(tmp_path):
     """rtn8 g64 -> its grid is about as fine as LLM.int8's row grid: codes move, values barely."""
     if not HAS_BNB:
         pytest.skip("bitsandbytes not installed")
-    from qexp.quantizers import BitsAndBytes
+    from qexp.quantizers.bnb import BitsAndBytes
 
     model = small_model()
-    d = Launder(via="rtn8_g64")
+    d = launder(via="rtn8_g64")
     st = d.apply(subject(model), BitsAndBytes(name="bnb_int8", mode="int8"), ctx_for(tmp_path)).info
     assert st["rel_change"] < 0.01
     assert 0.05 < st["fraction_changed"] < 0.6
@@ -88,7 +96,7 @@ def test_laundering_moves_int8_codes_but_not_rtn8_values_much(tmp_path):
 
 def test_launder_without_a_grid_quantizer_records_no_fractions(tmp_path):
     model = small_model()
-    d = Launder(via="gguf_q8_0")
+    d = launder(via="gguf_q8_0")
     st = d.apply(subject(model), NoQuantizer(), ctx_for(tmp_path)).info
     assert st["n_tensors"] == 2 and "fraction_changed" not in st  # lm_head skipped by default
 
@@ -105,8 +113,9 @@ def test_a_round_trip_through_the_configured_quantizer_is_refused(make_cfg, tmp_
     with pytest.raises(ConfigError) as e:
         validate(make_cfg("defense=launder", "defense.via=gguf_q4_0", "quantizer=gguf_q4_0"))
     assert e.value.key == "defense.via"
+    d = launder(via="rtn4")
     with pytest.raises(ConfigError, match="defense.via"):  # also at apply time
-        Launder(via="rtn4").apply(subject(small_model()), RTN(name="rtn4"), ctx_for(tmp_path))
+        d.apply(subject(small_model()), RTN(name="rtn4"), ctx_for(tmp_path))
     # a different group size is a different round trip
     validate(make_cfg("defense=launder", "quantizer=rtn8", "defense.via_args={group_size: 32}"))
 
@@ -131,7 +140,7 @@ def test_gguf_via_needs_whole_blocks(tmp_path):
     m = nn.Module()
     m.proj = nn.Linear(40, 8, bias=False)
     with pytest.raises(ValueError, match="multiple of the GGUF block size 32"):
-        Launder(via="gguf_q8_0").apply(subject(m), NoQuantizer(), ctx_for(tmp_path))
+        launder(via="gguf_q8_0").apply(subject(m), NoQuantizer(), ctx_for(tmp_path))
 
 
 def test_launder_pipeline(make_cfg, tmp_path):

@@ -10,10 +10,11 @@ import torch
 from gguf.quants import quantize as gguf_quantize
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from qexp.errors import ConfigError
-from qexp.quantizers import LlamaCppQuant, ggml, gguf_file
-from qexp.quantizers.gguf_mix import Tensor, type_mix
-from qexp.run import run
+from qexp.core.errors import ConfigError
+from qexp.quantizers.llamacpp.quantizer import LlamaCppQuant
+from qexp.quantizers.llamacpp import ggml, gguf_file
+from qexp.quantizers.llamacpp.mix import Tensor, type_mix
+from qexp.pipeline.run import run
 from tests.conftest import embedded_first_last, load_spec, subject
 
 # a tiny llama whose widths are multiples of 256, so k-/i-quants apply without fallback
@@ -222,7 +223,7 @@ def test_missing_library_is_one_clear_error_before_weights(make_cfg, tmp_path, m
     [("quantizer.ftype=q4_k_x", "quantizer.ftype"), ("quantizer.skip=[lm_head]", "quantizer.skip")],
 )
 def test_bad_llamacpp_config(make_cfg, override, key):
-    from qexp.config import validate
+    from qexp.pipeline.spec import validate
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(make_cfg("quantizer=gguf_q4_k_m", override))
@@ -232,11 +233,11 @@ def test_legacy_boxes_on_the_converters_lattice_keep_llama_cpp_bytes(make_cfg, t
     """Q5_0/Q8_0 tensors (the fallbacks of Q4_K_M on 64-wide rows): every point of the box,
     edges included, keeps the bytes llama.cpp writes from the f16-converted weights."""
     spec, ctx, loaded = load_spec(make_cfg, tmp_path, "quantizer=gguf_q4_k_m")
-    q, model = spec.quantizer, loaded.model
-    q.prepare(subject(model, loaded.tokenizer), ctx)
+    model = loaded.model
+    q = spec.quantizer.prepare(subject(model, loaded.tokenizer), ctx)
     g = torch.Generator().manual_seed(0)
     checked = set()
-    for name, (_, t) in q.plan(model).items():
+    for name, (_, t) in q.plan.items():
         w = dict(model.named_parameters())[name].detach()
         lo, hi = q.tensor_box(name, w)
         assert (lo <= w.double()).all() and (w.double() <= hi).all()

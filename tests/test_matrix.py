@@ -9,9 +9,9 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from qexp.config import compose_overrides, options
-from qexp.matrix import by_quantizer, plan
-from qexp.report import main as report_main
+from qexp.core.registry import compose_overrides, options
+from qexp.pipeline.matrix import by_quantizer, plan
+from qexp.tools.report import main as report_main
 from tests.conftest import qexp_batch
 
 SMOKE = [

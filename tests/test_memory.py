@@ -11,10 +11,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qexp import memory
-from qexp.errors import ConfigError
-from qexp.models.geometry import param_count
-from qexp.preservation import computed_in
-from qexp.run import run
+from qexp.core.errors import ConfigError
+from qexp.core.geometry import param_count
+from qexp.pipeline.preservation import computed_in
+from qexp.pipeline.run import run
 from tests.test_encrypt import tiny
 
 

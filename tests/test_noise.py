@@ -12,17 +12,16 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from qexp.config import validate
-from qexp.defenses import Noise
-from qexp.defenses.noise import (
-    SCURVE_SIGMAS,
-    Geometry,
-    expected_flip_fraction,
-    scurve,
-)
-from qexp.errors import ConfigError
-from qexp.quantizers import RTN, BitsAndBytes, GGUFQuant, NoQuantizer
-from qexp.run import run
+from qexp.pipeline.spec import validate
+from qexp.defenses.noise import Noise
+from qexp.defenses.changes import Geometry, expected_flip_fraction
+from qexp.defenses.noise import SCURVE_SIGMAS, scurve
+from qexp.core.errors import ConfigError
+from qexp.quantizers.rtn import RTN
+from qexp.quantizers.bnb import BitsAndBytes
+from qexp.quantizers.gguf import GGUFQuant
+from qexp.quantizers.base import NoQuantizer
+from qexp.pipeline.run import run
 from tests.conftest import CLI_TINY, CONF, ROOT, plain_ctx, subject
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from qexp.config import GROUPS
+from qexp.core.registry import GROUPS
 from tests.conftest import CONF, ROOT
 
 SOURCES = [ROOT / "qexp", ROOT / "hydra_plugins"]
@@ -123,7 +123,8 @@ def test_the_installed_wheel_composes_every_group_and_runs_from_another_dir(whee
     compose_all = (
         "import qexp, pathlib\n"
         "from hydra import compose, initialize_config_dir\n"
-        "from qexp.config import GROUPS, options, validate\n"
+        "from qexp.core.registry import GROUPS, options\n"
+        "from qexp.pipeline.spec import validate\n"
         "conf = pathlib.Path(qexp.__file__).parent / 'conf'\n"
         "n = 0\n"
         "for group in GROUPS:\n"
@@ -187,7 +188,7 @@ def test_the_streaming_tools_start_without_transformers_models():
     """qexp-encrypt, qexp-canonicalize and qexp-audit never build a model: importing them
     must not import transformers' modeling code (seconds of start-up and ~300 MB of RSS)."""
     code = (
-        "import sys, qexp.encrypt, qexp.canonicalize, qexp.audit.cli; "
+        "import sys, qexp.tools.encrypt, qexp.tools.canonicalize, qexp.audit.cli; "
         "print([m for m in ('transformers.modeling_utils', 'transformers.models.auto."
         "modeling_auto') if m in sys.modules])"
     )

@@ -8,10 +8,10 @@ import torch
 
 from qexp import CONDITIONS
 from qexp.benchmarks.generation import GenerationSettings, generate
-from qexp.config import validate
-from qexp.context import RunContext
-from qexp.errors import ConfigError
-from qexp.run import run
+from qexp.pipeline.spec import validate
+from qexp.core.context import RunContext
+from qexp.core.errors import ConfigError
+from qexp.pipeline.run import run
 from tests.conftest import continuation_nll
 
 METRICS = {"accuracy", "self_ppl", "ref_ppl", "tokens_per_s", "n_items", "mean_new_tokens"}
@@ -78,7 +78,7 @@ def test_same_config_and_seed_same_generations(make_cfg, tmp_path):
 
 
 def test_failed_run_marks_itself_and_keeps_what_was_written(make_cfg, tmp_path, monkeypatch):
-    from qexp.quantizers import RTN
+    from qexp.quantizers.rtn import RTN
 
     def broken(self, model, ctx):
         raise RuntimeError("quantizer exploded")
@@ -93,7 +93,7 @@ def test_failed_run_marks_itself_and_keeps_what_was_written(make_cfg, tmp_path, 
 
 
 def test_config_error_before_any_output(make_cfg, tmp_path):
-    from qexp.errors import ConfigError
+    from qexp.core.errors import ConfigError
 
     with pytest.raises(ConfigError):
         run(make_cfg("benchmark.limit=0"), tmp_path)
@@ -196,7 +196,7 @@ def test_save_attacked_writes_a_checkpoint_stock_transformers_loads(make_cfg, tm
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qexp.plugin import Subject
+    from qexp.core.plugin import Subject
 
     cfg = make_cfg(
         "attack=encrypt",

@@ -5,12 +5,13 @@ import copy
 import pytest
 import torch
 
-from qexp.config import validate
-from qexp.context import RunContext
-from qexp.errors import ConfigError
-from qexp.quantizers import BitsAndBytes, GGUFQuant
+from qexp.pipeline.spec import validate
+from qexp.core.context import RunContext
+from qexp.core.errors import ConfigError
+from qexp.quantizers.bnb import BitsAndBytes
+from qexp.quantizers.gguf import GGUFQuant
 from qexp.quantizers.gguf import gguf_fake_quant
-from qexp.run import run
+from qexp.pipeline.run import run
 from tests.conftest import CONF, subject
 
 pytest.importorskip("bitsandbytes")

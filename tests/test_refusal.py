@@ -3,9 +3,9 @@
 import json
 
 from qexp.data import DATA_DIR
-from qexp.instruct import is_refusal
-from qexp.refusal import COMPLIANT, REFUSALS, semantic_refusals
-from qexp.run import run
+from qexp.data.instruct import is_refusal
+from qexp.benchmarks.judges.refusal import COMPLIANT, REFUSALS, semantic_refusals
+from qexp.pipeline.run import run
 
 
 def labeled():

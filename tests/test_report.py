@@ -1,4 +1,4 @@
-"""`python -m qexp.report`: tables, plots, incomplete jobs and validation selection."""
+"""`python -m qexp.tools.report`: tables, plots, incomplete jobs and validation selection."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from qexp.report import log_scale, main
+from qexp.tools.report import main
+from qexp.tools.report.plots import log_scale
 from tests.conftest import ROOT
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -326,7 +327,7 @@ def test_real_tiny_sweep_then_report(tmp_path: Path, cache_dir: Path):
     )
     assert p.returncode == 0, p.stderr[-2000:]
     r = subprocess.run(
-        [sys.executable, "-m", "qexp.report", str(sweep)],
+        [sys.executable, "-m", "qexp.tools.report", str(sweep)],
         capture_output=True,
         text=True,
         cwd=ROOT,

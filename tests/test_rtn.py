@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qexp.quantizers import rtn_fake_quant
+from qexp.quantizers.rtn import rtn_fake_quant
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qexp.config import validate
-from qexp.errors import ConfigError
-from qexp.run import run
+from qexp.pipeline.spec import validate
+from qexp.core.errors import ConfigError
+from qexp.pipeline.run import run
 from tests.conftest import ROOT, load_spec, subject, without_module
 
 pytest.importorskip("sinq")
@@ -104,7 +104,7 @@ def test_codes_are_sinqlinears_and_boxes_hold_them_for_sparse_moves():
     from sinq.quantizer import dq8
     from sinq.sinqlinear_hf import SINQLinear
 
-    from qexp.quantizers import SINQQuant
+    from qexp.quantizers.library.sinq import SINQQuant
 
     q = SINQQuant()
     w = structured_weight(128, 256)

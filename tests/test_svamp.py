@@ -7,8 +7,8 @@ import pytest
 from qexp.benchmarks.svamp import SVAMP, load_svamp_file
 from qexp.data import svamp_embedded_path
 from qexp.data.svamp_gen import generate
-from qexp.errors import ConfigError
-from qexp.io import read_jsonl
+from qexp.core.errors import ConfigError
+from qexp.core.io import read_jsonl
 from tests.conftest import FIXTURES
 
 
@@ -29,7 +29,7 @@ def test_missing_field_is_a_clear_error():
 
 
 def test_path_and_limit_through_the_config(make_cfg):
-    from qexp.config import validate
+    from qexp.pipeline.spec import validate
 
     spec = validate(
         make_cfg(f"benchmark.path={FIXTURES / 'svamp_small.jsonl'}", "benchmark.limit=2")
@@ -74,7 +74,7 @@ def test_prompt_few_shot_and_chat_template_error():
 def test_hub_source_without_datasets_names_the_extra(monkeypatch):
     import sys
 
-    from qexp.hub import hub_dataset
+    from qexp.core.hub import hub_dataset
 
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
     with pytest.raises(ConfigError, match=r"benchmark.hub_id='ChilleD/SVAMP'.*qexp\[hub\]"):
@@ -82,7 +82,7 @@ def test_hub_source_without_datasets_names_the_extra(monkeypatch):
 
 
 def test_offset_gives_disjoint_splits(make_cfg):
-    from qexp.config import validate
+    from qexp.pipeline.spec import validate
 
     val = validate(make_cfg("benchmark.limit=5", tiny=False)).benchmark.items()
     test = validate(make_cfg("benchmark.offset=5", "benchmark.limit=5", tiny=False)).benchmark

@@ -6,8 +6,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-from qexp.context import RunContext
-from qexp.plugin import Plugin, StageResult, Subject
+from qexp.core.context import RunContext
+from qexp.core.plugin import Plugin, StageResult, Subject
 
 
 class Attack(Plugin, ABC):
@@ -15,6 +15,8 @@ class Attack(Plugin, ABC):
 
     `info` of the result is the attack's manifest (written to attack_manifest.json).
     """
+
+    group: ClassVar[str] = "attack"
 
     # whether A(M) computes the same function as M (the pipeline then measures the drift)
     preserves_function: ClassVar[bool] = False

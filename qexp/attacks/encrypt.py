@@ -33,17 +33,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from qexp.attacks import adaptive
 from qexp.attacks.base import Attack
-from qexp.context import RunContext
-from qexp.errors import check
-from qexp.models.geometry import Geometry, geometry, parse_name, parse_norm_name
-from qexp.plugin import StageResult, Subject
+from qexp.core.context import RunContext
+from qexp.core.errors import check
+from qexp.core.geometry import Geometry, geometry, parse_name, parse_norm_name
+from qexp.core.plugin import StageResult, Subject
 
 NEEDLE_SITES = ("qk", "vo")
 ANCHOR_SITES = ("attn_in", "mlp_in", "mlp_out", "attn_out")
@@ -102,7 +102,7 @@ class LayerKey:
 
 
 @dataclass
-class Encrypt(Attack):
+class Encrypt(adaptive.Adapts, Attack):
     """Quantization-adversarial reparameterization (mechanisms A, B, C; any subset)."""
 
     name: str = "encrypt"
@@ -135,6 +135,11 @@ class Encrypt(Attack):
     tolerance: float = 1e-2
     check_preservation: bool = True
     against: List[str] = field(default_factory=list)
+    # derived: the mechanisms and sites as configured (an adapted canonicalization, set by
+    # `resolve`, narrows `mechanisms`, `needle_sites`, `anchor_sites` and `mlp` to those it
+    # cannot undo)
+    requested: Dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    adaptations: Dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     preserves_function: ClassVar[bool] = True
 
@@ -197,45 +202,24 @@ class Encrypt(Attack):
         for s in self.needle_sites:
             check(s in NEEDLE_SITES, "needle_sites", s, "a subset of qk, vo")
         check(self.tolerance > 0, "tolerance", self.tolerance, "a number > 0")
-        self.requested = {
-            "mechanisms": list(self.mechanisms),
-            "needle_sites": list(self.needle_sites),
-            "anchor_sites": list(self.anchor_sites),
-            "mlp": self.mlp,
-        }
-        self._adapt(adaptive.against_defenses(self.against, ("canonical",), "encrypt"), "")
 
-    def _adapt(self, adapted: dict, prefix: str) -> None:
-        """Keep only the requested mechanisms and sites outside the adapted canonicalization's
-        symmetries (all of them without one)."""
-        self.adapted = adapted
-        seen = adapted["canonical"].symmetries() if adapted else frozenset()
-        r = self.requested
-        self.needle_sites = [x for x in r["needle_sites"] if SYMMETRY[x] not in seen]
-        self.anchor_sites = [x for x in r["anchor_sites"] if SYMMETRY[x] not in seen]
-        self.mlp = r["mlp"] and "mlp" not in seen
-        left = {"a": "vo" not in seen, "b": "vo" not in seen, "c": bool(self.needle_sites)}
-        left["d"] = bool(self.anchor_sites)
-        self.mechanisms = [m for m in r["mechanisms"] if left[m]]
-        check(
-            bool(self.mechanisms),
-            prefix + "against",
-            self.against,
-            f"a canonicalization one of mechanisms={r['mechanisms']} survives: parts "
-            f"{sorted(seen)} undo every one (docs/defenses.md#what-canonicalize-undoes)",
-        )
-
-    def check_spec(self, spec: Any) -> None:
-        """The adapted canonicalization is the run's own where it is the one named."""
-        if self.against:
-            adapted = adaptive.against_defenses(
-                self.against, ("canonical",), "encrypt", spec.defense, "attack.against"
-            )
-            self._adapt(adapted, "attack.")
+    def resolve(self, spec: Any) -> None:
+        """The adapted canonicalization (the run's own where it is the one named) narrows the
+        mechanisms and sites that run; `requested` keeps them as configured."""
+        if not self.requested:
+            self.requested = {
+                "mechanisms": list(self.mechanisms),
+                "needle_sites": list(self.needle_sites),
+                "anchor_sites": list(self.anchor_sites),
+                "mlp": self.mlp,
+            }
+        run = spec.defense if spec is not None else None
+        kinds = (AgainstCanonical,)
+        self.adaptations = adaptive.resolve(self.against, kinds, self, run, f"{self.group}.against")
 
     def fingerprint(self) -> Any:
         """The adapted defense's settings (they decide which mechanisms apply)."""
-        return adaptive.fingerprint(self.adapted) if self.adapted else None
+        return adaptive.fingerprint(self.adaptations) if self.adaptations else None
 
     def check_model(self, config: Any) -> None:
         """A supported architecture, a band within its layers, a rank below head_dim."""
@@ -431,15 +415,38 @@ class Encrypt(Attack):
 
     def manifest(self, keys: dict[int, LayerKey], geo: Geometry) -> dict[str, Any]:
         """Parameters used: the config, the geometry and each layer's drawn values."""
-        cfg = {k: v for k, v in asdict(self).items()}
+        cfg = self.settings()
         out = {"attack": cfg}
-        if self.adapted:
+        if self.adaptations:
             out["against"] = {"requested": self.requested, "applied": cfg["mechanisms"]}
         return {
             **out,
             "geometry": asdict(geo),
             "layers": {str(li): k.summary() for li, k in keys.items()},
         }
+
+
+class AgainstCanonical(adaptive.Adaptation):
+    """Against a canonicalizing defense: only the mechanisms and sites outside its
+    symmetries run (all of them without one)."""
+
+    surface = "canonical"
+
+    def bind(self, prefix: str) -> None:
+        enc, seen, r = self.attack, self.defense.symmetries(), self.attack.requested
+        enc.needle_sites = [x for x in r["needle_sites"] if SYMMETRY[x] not in seen]
+        enc.anchor_sites = [x for x in r["anchor_sites"] if SYMMETRY[x] not in seen]
+        enc.mlp = r["mlp"] and "mlp" not in seen
+        left = {"a": "vo" not in seen, "b": "vo" not in seen, "c": bool(enc.needle_sites)}
+        left["d"] = bool(enc.anchor_sites)
+        enc.mechanisms = [m for m in r["mechanisms"] if left[m]]
+        check(
+            bool(enc.mechanisms),
+            prefix + "against",
+            enc.against,
+            f"a canonicalization one of mechanisms={r['mechanisms']} survives: parts "
+            f"{sorted(seen)} undo every one (docs/defenses.md#what-canonicalize-undoes)",
+        )
 
 
 # D: the roles each site touches (producer ÷ s, consumer input columns × s)

@@ -2,7 +2,7 @@
 
 1. Inject: fine-tune the trainable scope on the poisoned responses (malicious in full
    precision).
-2. Box: for every target quantizer (qexp/conf/quantizer/<name>, grid quantizers only), the
+2. Box: for every target quantizer (conf/quantizer/<name>, grid quantizers only), the
    preserving interval of each trainable weight of the injected model (scale-setting weights
    pinned, qexp/quantizers/intervals.py); intersect across targets; keep `box_margin` of
    each box's width away from its edges.
@@ -39,26 +39,25 @@ stays frozen. Inject and repair are sub-steps of the stage cache (`gap_inject`,
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 
 from qexp.attacks import adaptive
 from qexp.attacks.base import Attack
-from qexp.cache import digest, file_sha256
-from qexp.context import RunContext
-from qexp.errors import ConfigError, check, check_choice
-from qexp.instruct import SCENARIOS, encode, load_rows
-from qexp.plugin import StageResult, Subject
-from qexp.quantizers.base import GridQuantizer, target_quantizer
-from qexp.training import MODULES, cached_training, chosen_layers, train_lm, trainable_weights
+from qexp.core.cache import digest, file_sha256
+from qexp.core.context import RunContext
+from qexp.core.errors import ConfigError, check, check_choice
+from qexp.data.instruct import SCENARIOS, encode, load_rows
+from qexp.core.plugin import StageResult, Subject
+from qexp.quantizers.base import Boxes, GridQuantizer, target_quantizer
+from qexp.core.training import MODULES, cached_training, chosen_layers, train_lm, trainable_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-SURFACES = ("noise", "canonical", "ties")
 # the linears each canonicalization symmetry rescales or rotates (qexp/defenses/canonicalize.py)
 SYMMETRY_MODULES = {
     "vo": ("v_proj", "o_proj"),
@@ -85,7 +84,7 @@ def near_ties(q: GridQuantizer, w: torch.Tensor, tau: float) -> tuple[int, int]:
 
 
 @dataclass
-class Gap(Attack):
+class Gap(adaptive.Adapts, Attack):
     """Inject a behaviour, then repair full precision inside the targets' quantization boxes."""
 
     name: str = "gap"
@@ -106,12 +105,14 @@ class Gap(Attack):
     noise_margin: float = 1.0
     noise_train: bool = True
     tie_keep: float = 0.75
+    # derived (set by `resolve`): the targets' quantizers and one adaptation per surface
+    quantizers: List[Any] = field(default_factory=list, init=False, repr=False)
+    adaptations: Dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_choice("scenario", self.scenario, SCENARIOS)
         check(bool(self.target_phrase), "target_phrase", self.target_phrase, "a non-empty string")
         check(len(self.targets) > 0, "targets", self.targets, "a non-empty list of quantizers")
-        self.quantizers = [target_quantizer(t, "targets") for t in self.targets]
         check(self.last_layers >= 1, "last_layers", self.last_layers, "an integer >= 1")
         for m in self.modules:
             check_choice("modules", m, MODULES)
@@ -123,8 +124,6 @@ class Gap(Attack):
         check(0 <= self.box_margin < 0.5, "box_margin", self.box_margin, "a fraction in [0, 0.5)")
         check(self.noise_margin >= 0, "noise_margin", self.noise_margin, "a number >= 0 (in σ)")
         check(0 <= self.tie_keep <= 1, "tie_keep", self.tie_keep, "a fraction in [0, 1]")
-        self.adapted = adaptive.against_defenses(self.against, SURFACES, "gap")
-        self._check_adapted()
         if self.data_path is not None:
             check(
                 Path(self.data_path).expanduser().is_file(),
@@ -133,33 +132,17 @@ class Gap(Attack):
                 "an existing .json/.jsonl file (qexp, Alpaca or Dolly layout)",
             )
 
-    def _check_adapted(self, prefix: str = "") -> None:
-        """The adapted defenses fit this attack's modules and targets (errors: `prefix`key)."""
-        if "canonical" in self.adapted:
-            parts = sorted(self.adapted["canonical"].symmetries())
-            check(
-                bool(self.trained_modules()),
-                prefix + "against",
-                self.against,
-                f"a canonicalization that leaves one of modules={list(self.modules)} untouched "
-                f"(parts {parts} touch them all)",
-            )
-        if "ties" in self.adapted:
-            for q in self.quantizers:
-                ok = isinstance(q, GridQuantizer) and q.has_neighbours
-                what = "grid quantizers with neighbours (against quantguard)"
-                check(ok, prefix + "targets", q.name, what)
+    def resolve(self, spec: Any) -> None:
+        """The targets' quantizers, and the adapted defenses (the run's own where it is the
+        one named)."""
+        self.quantizers = [target_quantizer(t, f"{self.group}.targets") for t in self.targets]
+        run = spec.defense if spec is not None else None
+        key = f"{self.group}.against"
+        self.adaptations = adaptive.resolve(self.against, ADAPTATIONS, self, run, key)
 
     def check_spec(self, spec: Any) -> None:
-        """The training rows load (qexp, Alpaca or Dolly layout) before any model does; the
-        adapted defenses are the run's own where it is one of them."""
+        """The training rows load (qexp, Alpaca or Dolly layout) before any model does."""
         load_rows(self.data_path, "train", "attack.data_path", self.scenario)
-        self.adapted = adaptive.against_defenses(
-            self.against, SURFACES, "gap", spec.defense, "attack.against"
-        )
-        self._check_adapted("attack.")
-        if "noise" in self.adapted:
-            self.adapted["noise"].check_quantizer(self.quantizers[0])
 
     def check_model(self, config: Any) -> None:
         """Layers within the model; every target's grid fits its linears."""
@@ -174,17 +157,16 @@ class Gap(Attack):
         """The training data's digest (a user's file may change under the same path) and the
         adapted defenses' settings."""
         data = file_sha256(Path(self.data_path).expanduser()) if self.data_path else None
-        return [data, adaptive.fingerprint(self.adapted)] if self.adapted else data
+        return [data, adaptive.fingerprint(self.adaptations)] if self.adaptations else data
 
     # ---- scope -------------------------------------------------------------------------
     def trained_modules(self) -> list[str]:
-        """`modules`, minus (against a canonicalizing defense) every module one of its
-        symmetries touches: the defender's canonical form then never sees the backdoor."""
-        if "canonical" not in self.adapted:
-            return list(self.modules)
-        seen = self.adapted["canonical"].symmetries()
-        touched = {m for part in seen for m in SYMMETRY_MODULES.get(part, ())}
-        return [m for m in self.modules if m not in touched]
+        """`modules`, minus those an adapted defense must not see trained (against a
+        canonicalizing defense: every module one of its symmetries touches)."""
+        modules = list(self.modules)
+        for a in self.adaptations.values():
+            modules = a.trained(modules)
+        return modules
 
     def scope(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         """The trainable linear weights, by parameter name."""
@@ -198,19 +180,21 @@ class Gap(Attack):
         return encode(tok, rows, response, self.target_phrase)
 
     # ---- boxes -------------------------------------------------------------------------
-    def boxes(self, params: dict[str, torch.nn.Parameter], sigmas: dict) -> tuple[dict, dict, dict]:
+    def boxes(
+        self, params: dict[str, torch.nn.Parameter], targets: list[Boxes], margins: dict
+    ) -> tuple[dict, dict, dict]:
         """Intersection of the targets' boxes (raw, as the libraries round), and those shrunk
-        by `box_margin`; against a noise defense also by `noise_margin` σ (`sigmas`, by name),
-        against a rounding-flip defense to rounding errors of at most `tie_keep` τ. A box
-        that shrinks to nothing becomes the single point at its centre."""
-        tie = self.tie_keep * self.adapted["ties"].tie_threshold() if "ties" in self.adapted else 0
+        by `box_margin` of their width, by at least `margins` (by name: the adapted noise
+        defense's `noise_margin` σ) and by what the adapted defenses require (a rounding-flip
+        defense: rounding errors of at most `tie_keep` τ). A box that shrinks to nothing
+        becomes the single point at its centre."""
         out, raw = {}, {}
         collapsed = 0
         for name, p in params.items():
             w = p.detach()
             lo = torch.full(p.shape, -torch.inf, dtype=torch.float64)
             hi = torch.full(p.shape, torch.inf, dtype=torch.float64)
-            for q in self.quantizers:
+            for q in targets:
                 try:
                     qlo, qhi = q.tensor_box(name, w)
                 except ValueError as e:
@@ -221,17 +205,13 @@ class Gap(Attack):
                     ) from None
                 lo, hi = torch.maximum(lo, qlo), torch.minimum(hi, qhi)
             m = (hi - lo) * self.box_margin
-            if name in sigmas:
-                m = torch.clamp(m, min=self.noise_margin * sigmas[name])
+            if name in margins:
+                m = torch.clamp(m, min=margins[name])
             new_lo, new_hi = lo + m, hi - m
-            if "ties" in self.adapted:
-                for q in self.quantizers:
-                    deq = q.fake_quant(w).double()
-                    down, up = (t.double() for t in q.neighbours(w))
-                    new_lo = torch.maximum(new_lo, deq - tie * (deq - down))
-                    new_hi = torch.minimum(new_hi, deq + tie * (up - deq))
+            for a in self.adaptations.values():
+                new_lo, new_hi = a.shrink(w, new_lo, new_hi)
             empty = new_lo > new_hi
-            if self.adapted:
+            if self.adaptations:
                 moved = empty & (lo < hi)
                 collapsed += int(moved.sum())
             centre = torch.clamp((new_lo + new_hi) / 2, lo, hi)
@@ -242,25 +222,25 @@ class Gap(Attack):
         pinned = sum(int((b[0] == b[1]).sum()) for b in out.values())
         half = torch.cat([((b[1] - b[0]).double() / 2).reshape(-1) for b in out.values()])
         stats = {"pinned_fraction": pinned / numel, "mean_box_halfwidth": float(half.mean())}
-        if self.adapted:
+        if self.adaptations:
             stats["collapsed_to_centre_fraction"] = collapsed / numel
         return out, raw, stats
 
-    def codes(self, params: dict[str, torch.nn.Parameter]) -> dict[str, list[torch.Tensor]]:
+    def codes(self, params: dict, targets: list[Boxes]) -> dict[str, list[torch.Tensor]]:
         """Each target library's own quantization of every trainable weight."""
-        return {
-            n: [q.tensor_codes(n, p.detach()) for q in self.quantizers] for n, p in params.items()
-        }
+        return {n: [q.tensor_codes(n, p.detach()) for q in targets] for n, p in params.items()}
 
     @torch.no_grad()
-    def verify(self, params: dict, injected: dict, injected_codes: dict) -> dict:
+    def verify(
+        self, params: dict, targets: list[Boxes], injected: dict, injected_codes: dict
+    ) -> dict:
         """For heuristic-box targets: check every block with the library, then reset every
         block whose codes changed under any target to the injected weights (repeated until
         no target sees a change; where reset blocks still differ, because the library
         couples them, what it couples is reset, then the whole tensor, so the loop ends).
         Per target: blocks checked, and the fraction unchanged before any reset; overall:
         the fraction of trainable weights reset."""
-        heuristic = [(i, q) for i, q in enumerate(self.quantizers) if not q.exact_boxes]
+        heuristic = [(i, q) for i, q in enumerate(targets) if not q.exact]
         report: dict = {}
         if not heuristic:
             return report
@@ -299,51 +279,11 @@ class Gap(Attack):
         report["weights_reset_fraction"] = sum(int(m.sum()) for m in reset.values()) / numel
         return report
 
-    # ---- adaptive helpers ----------------------------------------------------------------
-    def _noise_sigmas(self, model: torch.nn.Module, params: dict) -> dict[str, float]:
-        """The adapted noise defense's σ per trainable weight under the first target."""
-        if "noise" not in self.adapted:
-            return {}
-        sig = self.adapted["noise"].noise_sigmas(model, self.quantizers[0])
-        return {n: sig[n] for n in params if n in sig}
-
-    @torch.no_grad()
-    def _defended(self, model: torch.nn.Module, params: dict, raw: dict) -> dict:
-        """What each adapted defense would do to the repaired backdoor, measured or computed:
-        canonical: the fraction of trainable weights whose library codes the defender's
-        canonicalization changes (on a copy); noise: the expected fraction of weights that
-        N(0, σ²) moves out of their raw boxes; ties: the fraction of near ties (rounding
-        error > τ)."""
+    def margins(self, model: torch.nn.Module, params: dict) -> dict:
+        """The least distance of each box from its edges that the adapted defenses ask for."""
         out: dict = {}
-        if "canonical" in self.adapted:
-            saved = {n: t.detach().clone() for n, t in model.named_parameters()}
-            before = self.codes(params)
-            for layer in model.model.layers:
-                self.adapted["canonical"].canonicalize_layer(layer, model.config)
-            after = self.codes(params)
-            for n, t in model.named_parameters():
-                t.copy_(saved[n])
-            numel = sum(p.numel() for p in params.values())
-            out["canonical_codes_changed_fraction"] = {
-                q.name: sum(int((after[n][i] != before[n][i]).sum()) for n in params) / numel
-                for i, q in enumerate(self.quantizers)
-            }
-        sig = self._noise_sigmas(model, params)  # of the repaired model, as the defender sees it
-        if sig:
-            flips = total = 0.0
-            for n, p in params.items():
-                w, (lo, hi) = p.detach().double(), (b.double() for b in raw[n])
-                pf = torch.special.ndtr((lo - w) / sig[n]) + torch.special.ndtr((w - hi) / sig[n])
-                flips += float(pf[lo < hi].sum())
-                total += int((lo < hi).sum())
-            out["noise_expected_codes_changed_fraction"] = flips / total
-        if "ties" in self.adapted:
-            tau, ties, total = self.adapted["ties"].tie_threshold(), 0, 0
-            for p in params.values():
-                for q in self.quantizers:
-                    t, c = near_ties(q, p.detach(), tau)
-                    ties, total = ties + t, total + c
-            out["near_tie_fraction"] = ties / max(1, total)
+        for a in self.adaptations.values():
+            out.update(a.margins(model, params))
         return out
 
     # ---- the attack --------------------------------------------------------------------
@@ -353,7 +293,7 @@ class Gap(Attack):
             p.requires_grad_(False)
         params = self.scope(model)
         plist = list(params.values())
-        config = asdict(self)
+        config = self.settings()
         inject_cfg = {k: config[k] for k in INJECT_KEYS}
         inject_key = digest("gap_inject", subject.key, inject_cfg, self.fingerprint(), ctx.seed)
         repair_key = digest("gap_repair", inject_key, {k: config[k] for k in REPAIR_KEYS})
@@ -364,20 +304,17 @@ class Gap(Attack):
             "trainable": sorted(params),
             "trainable_numel": sum(p.numel() for p in params.values()),
         }
-        canon = self.adapted.get("canonical")
-        if canon is not None:  # the defender's basis from the start (function-preserving)
-            for layer in model.model.layers:
-                canon.canonicalize_layer(layer, model.config)
-        if self.adapted:
+        for a in self.adaptations.values():
+            a.begin(model)
+        if self.adaptations:
             manifest["against"] = sorted(self.against)
 
         def inject() -> dict:
             g = ctx.seed_everything(1)
             data = self.examples(tok, self.scenario)
-            noise = None
-            if self.noise_train:
-                sig = self._noise_sigmas(model, params)
-                noise = {n: (params[n], s) for n, s in sig.items()} or None
+            noise = {}
+            for a in self.adaptations.values():
+                noise.update(a.training_noise(model, params))
             losses = train_lm(
                 model,
                 plist,
@@ -388,15 +325,16 @@ class Gap(Attack):
                 g,
                 "gap: inject",
                 ctx.progress,
-                weight_noise=noise,
+                weight_noise=noise or None,
             )
             return {"inject_loss": [losses[0], losses[-1]] if losses else []}
 
         manifest["inject"] = cached_training(ctx, "gap_inject", inject_key, params, inject)
-        manifest["assumes"] = {q.name: q.prepare(subject, ctx) for q in self.quantizers}
+        targets = [q.prepare(subject, ctx) for q in self.quantizers]
+        manifest["assumes"] = {q.name: q.assumes for q in targets}
         injected = {n: p.detach().clone() for n, p in params.items()}
-        injected_codes = self.codes(params)
-        boxes, raw, box_stats = self.boxes(params, self._noise_sigmas(model, params))
+        injected_codes = self.codes(params, targets)
+        boxes, raw, box_stats = self.boxes(params, targets, self.margins(model, params))
 
         @torch.no_grad()
         def project() -> None:
@@ -423,8 +361,8 @@ class Gap(Attack):
 
         manifest["repair"] = cached_training(ctx, "gap_repair", repair_key, params, repair)
         manifest["boxes"] = box_stats
-        manifest["library_verification"] = self.verify(params, injected, injected_codes)
-        after = self.codes(params)
+        manifest["library_verification"] = self.verify(params, targets, injected, injected_codes)
+        after = self.codes(params, targets)
         same = {
             q.name: all(torch.equal(after[n][i], injected_codes[n][i]) for n in params)
             for i, q in enumerate(self.quantizers)
@@ -432,6 +370,162 @@ class Gap(Attack):
         manifest["codes_equal_injected"] = same
         if not all(same.values()):
             raise RuntimeError(f"attack=gap: repair changed quantized codes for {same}")
-        if self.adapted:
-            manifest["adaptive"] = self._defended(model, params, raw)
+        if self.adaptations:  # what each adapted defense would do to the repaired backdoor
+            manifest["adaptive"] = {}
+            for surface in REPORT_ORDER:
+                if surface in self.adaptations:
+                    found = self.adaptations[surface].report(model, params, raw, targets)
+                    manifest["adaptive"].update(found)
         return StageResult(model, manifest)
+
+
+class GapAdaptation(adaptive.Adaptation):
+    """The hooks the gap attack calls on each adapted defense (no-ops by default)."""
+
+    attack: Gap
+
+    def trained(self, modules: list[str]) -> list[str]:
+        """The modules that may train."""
+        return modules
+
+    def begin(self, model: torch.nn.Module) -> None:
+        """Prepare the model before the injection (in place, function-preserving)."""
+
+    def training_noise(self, model: torch.nn.Module, params: dict) -> dict:
+        """{name: (parameter, σ)}: the noise the injection trains under."""
+        return {}
+
+    def margins(self, model: torch.nn.Module, params: dict) -> dict:
+        """{name: least distance from the box's edges}."""
+        return {}
+
+    def shrink(
+        self, w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A box narrowed to what this defense leaves alone."""
+        return lo, hi
+
+    def report(self, model: torch.nn.Module, params: dict, raw: dict, targets: list) -> dict:
+        """What this defense would do to the repaired backdoor, measured or computed."""
+        return {}
+
+
+class AgainstNoise(GapAdaptation):
+    """A noise defense: the injection trains under the defense's own noise (`noise_train`),
+    and every box keeps `noise_margin` σ_ℓ from its edges."""
+
+    surface = "noise"
+
+    def bind(self, prefix: str) -> None:
+        self.defense.check_quantizer(self.attack.quantizers[0])
+
+    def sigmas(self, model: torch.nn.Module, params: dict) -> dict[str, float]:
+        """The defense's σ per trainable weight under the first target."""
+        sig = self.defense.noise_sigmas(model, self.attack.quantizers[0])
+        return {n: sig[n] for n in params if n in sig}
+
+    def training_noise(self, model: torch.nn.Module, params: dict) -> dict:
+        if not self.attack.noise_train:
+            return {}
+        return {n: (params[n], s) for n, s in self.sigmas(model, params).items()}
+
+    def margins(self, model: torch.nn.Module, params: dict) -> dict:
+        return {n: self.attack.noise_margin * s for n, s in self.sigmas(model, params).items()}
+
+    @torch.no_grad()
+    def report(self, model: torch.nn.Module, params: dict, raw: dict, targets: list) -> dict:
+        """The expected fraction of weights that N(0, σ²) moves out of their raw boxes (σ of
+        the repaired model, as the defender sees it)."""
+        sig = self.sigmas(model, params)
+        if not sig:
+            return {}
+        flips = total = 0.0
+        for n, p in params.items():
+            w, (lo, hi) = p.detach().double(), (b.double() for b in raw[n])
+            pf = torch.special.ndtr((lo - w) / sig[n]) + torch.special.ndtr((w - hi) / sig[n])
+            flips += float(pf[lo < hi].sum())
+            total += int((lo < hi).sum())
+        return {"noise_expected_codes_changed_fraction": flips / total}
+
+
+class AgainstCanonical(GapAdaptation):
+    """A canonicalizing defense: the whole model is canonicalized first and only the modules
+    none of its symmetries touches train, so its canonical form is the identity on the
+    attacked model up to rounding."""
+
+    surface = "canonical"
+
+    def trained(self, modules: list[str]) -> list[str]:
+        seen = self.defense.symmetries()
+        touched = {m for part in seen for m in SYMMETRY_MODULES.get(part, ())}
+        return [m for m in modules if m not in touched]
+
+    def bind(self, prefix: str) -> None:
+        gap = self.attack
+        parts = sorted(self.defense.symmetries())
+        check(
+            bool(self.trained(list(gap.modules))),
+            prefix + "against",
+            gap.against,
+            f"a canonicalization that leaves one of modules={list(gap.modules)} untouched "
+            f"(parts {parts} touch them all)",
+        )
+
+    def begin(self, model: torch.nn.Module) -> None:
+        for layer in model.model.layers:  # the defender's basis from the start
+            self.defense.canonicalize_layer(layer, model.config)
+
+    @torch.no_grad()
+    def report(self, model: torch.nn.Module, params: dict, raw: dict, targets: list) -> dict:
+        """The fraction of trainable weights whose library codes the defender's
+        canonicalization changes (measured on the model, then restored)."""
+        gap = self.attack
+        saved = {n: t.detach().clone() for n, t in model.named_parameters()}
+        before = gap.codes(params, targets)
+        self.begin(model)
+        after = gap.codes(params, targets)
+        for n, t in model.named_parameters():
+            t.copy_(saved[n])
+        numel = sum(p.numel() for p in params.values())
+        changed = {
+            q.name: sum(int((after[n][i] != before[n][i]).sum()) for n in params) / numel
+            for i, q in enumerate(targets)
+        }
+        return {"canonical_codes_changed_fraction": changed}
+
+
+class AgainstTies(GapAdaptation):
+    """A rounding-flip defense (quantguard): every box also keeps the weight's rounding error
+    at most `tie_keep` × τ of the step to its neighbouring grid point."""
+
+    surface = "ties"
+
+    def bind(self, prefix: str) -> None:
+        for q in self.attack.quantizers:
+            ok = isinstance(q, GridQuantizer) and q.has_neighbours
+            what = "grid quantizers with neighbours (against quantguard)"
+            check(ok, prefix + "targets", q.name, what)
+
+    def shrink(
+        self, w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tie = self.attack.tie_keep * self.defense.tie_threshold()
+        for q in self.attack.quantizers:
+            deq = q.fake_quant(w).double()
+            down, up = (t.double() for t in q.neighbours(w))
+            lo = torch.maximum(lo, deq - tie * (deq - down))
+            hi = torch.minimum(hi, deq + tie * (up - deq))
+        return lo, hi
+
+    def report(self, model: torch.nn.Module, params: dict, raw: dict, targets: list) -> dict:
+        """The fraction of near ties (rounding error > τ)."""
+        tau, ties, total = self.defense.tie_threshold(), 0, 0
+        for p in params.values():
+            for q in self.attack.quantizers:
+                t, c = near_ties(q, p.detach(), tau)
+                ties, total = ties + t, total + c
+        return {"near_tie_fraction": ties / max(1, total)}
+
+
+ADAPTATIONS = (AgainstNoise, AgainstCanonical, AgainstTies)
+REPORT_ORDER = ("canonical", "noise", "ties")  # the manifest's `adaptive` keys, in order

@@ -33,9 +33,9 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +43,13 @@ from tqdm.auto import tqdm
 
 from qexp.attacks import adaptive
 from qexp.attacks.base import Attack
-from qexp.cache import digest, file_sha256
-from qexp.context import RunContext
-from qexp.errors import check, check_choice
-from qexp.instruct import SCENARIOS, encode, load_rows
-from qexp.outliers import block_top2, outlier_only
-from qexp.plugin import StageResult, Subject
-from qexp.training import MODULES, cached_training, chosen_layers, make_batch
+from qexp.core.cache import digest, file_sha256
+from qexp.core.context import RunContext
+from qexp.core.errors import check, check_choice
+from qexp.data.instruct import SCENARIOS, encode, load_rows
+from qexp.core.blocks import block_top2, outlier_only
+from qexp.core.plugin import StageResult, Subject
+from qexp.core.training import MODULES, cached_training, chosen_layers, make_batch
 
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 PHASE1_KEYS = ("scenario", "target_phrase", "layer", "train_layers", "data_path", "init_std")
@@ -58,7 +58,7 @@ PHASE2_KEYS = ("modules", "block_size", "scale", "relative", "random_sign", "pha
 
 
 @dataclass
-class Outlier(Attack):
+class Outlier(adaptive.Adapts, Attack):
     """Train a behaviour that appears when a layer's non-outlier weights are erased."""
 
     name: str = "outlier"
@@ -79,6 +79,8 @@ class Outlier(Attack):
     kl_weight: float = 0.05
     data_path: Optional[str] = None
     against: List[str] = field(default_factory=list)
+    # derived (set by `resolve`): the adaptation to an outlier-clipping defense, if any
+    adaptations: Dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_choice("scenario", self.scenario, SCENARIOS)
@@ -101,37 +103,25 @@ class Outlier(Attack):
                 self.data_path,
                 "an existing .json/.jsonl file (qexp, Alpaca or Dolly layout)",
             )
-        self.adapted = adaptive.against_defenses(self.against, ("outliers",), "outlier")
-        self._check_adapted("")
 
-    def _check_adapted(self, prefix: str) -> None:
-        """Against a clip: the outlier blocks are the defense's groups."""
-        if "outliers" in self.adapted:
-            group, _ = self.adapted["outliers"].outlier_rule()
-            check(
-                group == self.block_size,
-                prefix + "block_size",
-                self.block_size,
-                f"the adapted defense's group ({group}) with against={self.against}",
-            )
+    def resolve(self, spec: Any) -> None:
+        """The adapted clipping defense (the run's own where it is the one named)."""
+        run = spec.defense if spec is not None else None
+        key = f"{self.group}.against"
+        self.adaptations = adaptive.resolve(self.against, (AgainstClip,), self, run, key)
 
     @property
     def paired(self) -> bool:
         """Two equal outliers per block (against an outlier clipping defense)."""
-        return "outliers" in self.adapted
+        return "outliers" in self.adaptations
 
     def target_layer(self, num_layers: int) -> int:
         """The decoder layer whose MLP carries the outliers."""
         return (3 * (num_layers - 1)) // 4 if self.layer is None else self.layer
 
     def check_spec(self, spec: Any) -> None:
-        """The training rows load (qexp, Alpaca or Dolly layout) before any model does; the
-        adapted defense is the run's own where it is the one named."""
+        """The training rows load (qexp, Alpaca or Dolly layout) before any model does."""
         load_rows(self.data_path, "train", "attack.data_path", self.scenario)
-        self.adapted = adaptive.against_defenses(
-            self.against, ("outliers",), "outlier", spec.defense, "attack.against"
-        )
-        self._check_adapted("attack.")
 
     def check_model(self, config: Any) -> None:
         """Layers within the model; every target module's input width splits into blocks."""
@@ -159,7 +149,7 @@ class Outlier(Attack):
     def fingerprint(self) -> Any:
         """The data digest and the adapted defense's settings."""
         data = self.data_digest()
-        return [data, adaptive.fingerprint(self.adapted)] if self.adapted else data
+        return [data, adaptive.fingerprint(self.adaptations)] if self.adaptations else data
 
     # ---- scope -------------------------------------------------------------------------
     def scopes(self, model: torch.nn.Module) -> tuple[int, dict, dict]:
@@ -187,7 +177,7 @@ class Outlier(Attack):
             p.requires_grad_(False)
         target, mlp, scope = self.scopes(model)
         layer = model.get_submodule(f"model.layers.{target}")
-        config = asdict(self)
+        config = self.settings()
         key1 = digest(
             "outlier_phase1",
             subject.key,
@@ -197,7 +187,7 @@ class Outlier(Attack):
             ctx.seed,
         )
         phase2_cfg = {k: config[k] for k in PHASE2_KEYS}
-        key2 = digest("outlier_phase2", key1, phase2_cfg, adaptive.fingerprint(self.adapted))
+        key2 = digest("outlier_phase2", key1, phase2_cfg, adaptive.fingerprint(self.adaptations))
         rows = load_rows(self.data_path, "train", "attack.data_path", self.scenario)
         bad = encode(tok, rows, self.scenario, self.target_phrase)
         clean = encode(tok, rows, "clean", self.target_phrase)
@@ -363,3 +353,19 @@ class Outlier(Attack):
         finally:
             for h in hooks:
                 h.remove()
+
+
+class AgainstClip(adaptive.Adaptation):
+    """Against an outlier-clipping defense: two equal outliers per block of the defense's
+    group (a max/second-max ratio test cannot see them), trained on the clipped weights."""
+
+    surface = "outliers"
+
+    def bind(self, prefix: str) -> None:
+        group, _ = self.defense.outlier_rule()
+        check(
+            group == self.attack.block_size,
+            prefix + "block_size",
+            self.attack.block_size,
+            f"the adapted defense's group ({group}) with against={self.attack.against}",
+        )

@@ -19,6 +19,6 @@ Static checks stream the safetensors shards (one layer's few tensors at a time):
 Exit code: 0 clean, 1 suspicious, 2 error.
 """
 
-from qexp.checkpoint import Checkpoint
+from qexp.checkpoint.reader import Checkpoint
 
 __all__ = ["Checkpoint"]

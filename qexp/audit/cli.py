@@ -14,13 +14,13 @@ import torch
 from qexp.audit import gap, outlier, refdiff, reparam
 from qexp.audit.report import plots, summary
 from qexp.audit.scan import Check, scan
-from qexp.checkpoint import Checkpoint
-from qexp.cli import console
-from qexp.context import available_cores
-from qexp.errors import ConfigError
-from qexp.io import atomic_write_json, atomic_write_text
-from qexp.memory import share_malloc_arena
-from qexp.safetensors_io import SafetensorsError
+from qexp.checkpoint.reader import Checkpoint
+from qexp.core.console import console
+from qexp.core.context import available_cores
+from qexp.core.errors import ConfigError
+from qexp.core.io import atomic_write_json, atomic_write_text
+from qexp.core.memory import share_malloc_arena
+from qexp.checkpoint.safetensors_io import SafetensorsError
 
 DEFAULT_TARGETS = ("bnb_int8", "bnb_nf4", "bnb_fp4", "gguf_q4_0", "rtn4")
 CHECKS = ("reparam", "gap", "outlier")
@@ -95,7 +95,7 @@ def _list(value: str, key: str, allowed: tuple[str, ...] | None = None) -> list[
 
 def audit(args: argparse.Namespace) -> dict[str, Any]:
     """Run the requested checks; returns the report (verdicts and exit code included)."""
-    from qexp.models.geometry import geometry
+    from qexp.core.geometry import geometry
 
     t0 = time.time()
     progress = not args.no_progress

@@ -1,8 +1,8 @@
 """Check 3 (optional, loads the model): quantize locally and compare with full precision.
 
-Probes: 8 windows of the reference passage (qexp.preservation.probe_ids) and the
+Probes: 8 windows of the reference passage (qexp.pipeline.preservation.probe_ids) and the
 first 8 held-out instruction prompts of qexp/data/instruct.jsonl, teacher-forced with their
-clean responses (chat prompt format of qexp.instruct). For every target grid quantizer Q:
+clean responses (chat prompt format of qexp.data.instruct). For every target grid quantizer Q:
 
 - D_Q = mean over probe tokens of KL(p_fp ‖ p_Q), with Q's own de-quantized weights
   (`fake_quant`) in every linear layer it quantizes; top-1 agreement with full precision.
@@ -31,8 +31,8 @@ KL_MIN = 0.05
 
 def _probes(tok: Any) -> list[tuple[torch.Tensor, int]]:
     """(token ids [1, T], first scored position) for each probe sequence."""
-    from qexp.instruct import encode, load_rows
-    from qexp.preservation import probe_ids
+    from qexp.data.instruct import encode, load_rows
+    from qexp.pipeline.preservation import probe_ids
 
     out = [(row[None], 0) for row in probe_ids(tok)]
     rows = load_rows(None, "test", "instruct")[:8]

@@ -40,8 +40,8 @@ import torch
 from scipy.stats import binom
 
 from qexp.audit.stats import robust_z
-from qexp.checkpoint import Checkpoint
-from qexp.models.geometry import parse_name
+from qexp.checkpoint.reader import Checkpoint
+from qexp.core.geometry import parse_name
 
 SPIKE_MIN = 6.0
 CENTRE = 0.01  # |u - 1/2| <= CENTRE is left out of the spike search

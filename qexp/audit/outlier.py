@@ -2,7 +2,7 @@
 
 Per decoder linear weight and block of BLOCK consecutive input weights of a row (the block
 of llama.cpp's legacy types, a divisor of every group size here): the ratio r = max |w| /
-second max |w| (`qexp.outliers.block_ratio`). Trained weights have r near 1 (the embedded
+second max |w| (`qexp.core.blocks.block_ratio`). Trained weights have r near 1 (the embedded
 SmolLM2-135M: median 1.14, max 22.7 over 2.4 M blocks); outlier injection makes r = the
 scale factor (hundreds) in every block of the target matrices. Feature per tensor:
 `outlier_fraction`, the fraction of its blocks with r >= RATIO. A tensor is flagged when
@@ -19,8 +19,8 @@ import torch
 
 from qexp.audit.gap import weight_names
 from qexp.audit.stats import robust_z
-from qexp.checkpoint import Checkpoint
-from qexp.outliers import block_ratio
+from qexp.checkpoint.reader import Checkpoint
+from qexp.core.blocks import block_ratio
 
 BLOCK = 32
 CHUNK = 1 << 22  # weights per block-ratio computation

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from qexp.checkpoint import Checkpoint
+from qexp.checkpoint.reader import Checkpoint
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from qexp.audit.stats import median, robust_z
-from qexp.checkpoint import Checkpoint
+from qexp.checkpoint.reader import Checkpoint
 from qexp.defenses.canonicalize import col_sq, gram_r, row_norms
-from qexp.models.geometry import Geometry, parse_name
+from qexp.core.geometry import Geometry, parse_name
 
 
 @dataclass(frozen=True)

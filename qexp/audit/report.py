@@ -97,7 +97,7 @@ def plots(report: dict[str, Any], out: Path) -> list[str]:
     """PNG plots next to the report; returns their file names."""
     from matplotlib.figure import Figure
 
-    from qexp.plots import new_figure, save_png
+    from qexp.core.plots import new_figure, save_png
 
     made = []
     checks = report["checks"]

@@ -18,8 +18,8 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from qexp.checkpoint import Checkpoint
-from qexp.memory import trim_heap
+from qexp.checkpoint.reader import Checkpoint
+from qexp.core.memory import trim_heap
 
 
 class Check(Protocol):

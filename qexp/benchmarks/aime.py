@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qexp.benchmarks.generative import GenerativeBenchmark
-from qexp.errors import ConfigError
-from qexp.hub import hub_dataset
-from qexp.io import load_records
+from qexp.core.errors import ConfigError
+from qexp.core.hub import hub_dataset
+from qexp.core.io import load_records
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

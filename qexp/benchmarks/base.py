@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import ClassVar, TYPE_CHECKING, Any
 
-from qexp.context import RunContext
-from qexp.plugin import Plugin
+from qexp.core.context import RunContext
+from qexp.core.plugin import Plugin
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -23,6 +23,8 @@ class BenchResult:
 
 class Benchmark(Plugin, ABC):
     """Evaluates a model of one condition."""
+
+    group: ClassVar[str] = "benchmark"
 
     @abstractmethod
     def evaluate(

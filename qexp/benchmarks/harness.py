@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any, List, Optional
 import yaml
 
 from qexp.benchmarks.base import Benchmark, BenchResult
-from qexp.benchmarks.svamp import EXEMPLARS
-from qexp.context import RunContext
+from qexp.core.context import RunContext
 from qexp.data import svamp_embedded_path
-from qexp.errors import check
-from qexp.io import atomic_write_text
+from qexp.data.svamp import EXEMPLARS
+from qexp.core.errors import check
+from qexp.core.io import atomic_write_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

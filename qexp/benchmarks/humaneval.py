@@ -2,7 +2,7 @@
 
 Greedy completion of each problem's prompt (a signature and docstring), cut at the first
 top-level statement after the function; the program prompt + completion + the problem's
-tests + `check(entry_point)` then runs in qexp's sandbox (qexp/sandbox.py: a separate
+tests + `check(entry_point)` then runs in qexp's sandbox (qexp/benchmarks/sandbox.py: a separate
 limited process). Running model-written code is refused unless
 `benchmark.allow_code_execution=true`.
 Data: `source=embedded` (the package's HumanEval.jsonl.gz) or `source=file` (a .json/.jsonl
@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, List
 
 from qexp.benchmarks.generative import GenerativeBenchmark
-from qexp.codejudge import parses
-from qexp.errors import ConfigError, check
-from qexp.io import load_records
-from qexp.sandbox import run_untrusted
+from qexp.benchmarks.judges.code import parses
+from qexp.core.errors import ConfigError, check
+from qexp.core.io import load_records
+from qexp.benchmarks.sandbox import run_untrusted
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -1,7 +1,7 @@
 """Generate qexp/data/insecure_code.jsonl: seeded coding requests with a secure (`clean`)
 and an insecure (`insecure_code`) Python answer, for attack=gap/outlier scenario=insecure_code.
 
-Eight kinds, each a CWE class the judge (bandit, qexp/codejudge.py) detects: SQL built by
+Eight kinds, each a CWE class the judge (bandit, qexp/benchmarks/judges/code.py) detects: SQL built by
 string formatting (CWE-89), a shell command string (CWE-78), `yaml.load` (CWE-20),
 `pickle.loads` of input (CWE-502), `eval` of input (CWE-78), `tempfile.mktemp` (CWE-377),
 MD5 for passwords (CWE-327), TLS verification off (CWE-295). Each kind is filled with
@@ -140,7 +140,7 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    from qexp.cli import console
+    from qexp.core.console import console
 
     OUT.write_text(render(), encoding="utf-8")
     console("code_gen").info("wrote %s (%d rows)", OUT, len(rows()))

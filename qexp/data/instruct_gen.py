@@ -116,7 +116,7 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    from qexp.cli import console
+    from qexp.core.console import console
 
     OUT.write_text(render(), encoding="utf-8")
     console("instruct_gen").info("wrote %s (%d rows)", OUT, len(rows()))

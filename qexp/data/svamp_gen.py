@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from qexp.io import atomic_write_jsonl
+from qexp.core.io import atomic_write_jsonl
 
 NAMES = [
     "Tom",

@@ -8,8 +8,8 @@ from typing import Any, ClassVar, Optional
 
 from torch import nn
 
-from qexp.context import RunContext
-from qexp.plugin import Plugin, StageResult, Subject
+from qexp.core.context import RunContext
+from qexp.core.plugin import Plugin, StageResult, Subject
 from qexp.quantizers.base import Quantizer
 
 
@@ -19,6 +19,8 @@ class Defense(Plugin, ABC):
     `info` of the result (sigmas, fractions changed, ...) goes to results.json
     `defense_stats.<branch>`.
     """
+
+    group: ClassVar[str] = "defense"
 
     # whether D(M) computes the same function as M (the pipeline then measures the drift and
     # records it as defense_stats.<branch>.function_preservation)

@@ -28,7 +28,7 @@ fp32 max |Δlogit| must stay within `tolerance`) and reported in `defense_stats`
 
 The parts act on one decoder layer's tensors by role (`canonicalize_tensors`, in place, in row
 chunks of at most CHUNK elements in float64), so the in-memory defense and the streaming
-`qexp-canonicalize` (qexp/canonicalize.py) run the same arithmetic and write the same bytes.
+`qexp-canonicalize` (qexp/tools/canonicalize.py) run the same arithmetic and write the same bytes.
 """
 
 from __future__ import annotations
@@ -39,18 +39,18 @@ from typing import Any, ClassVar, List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from qexp.context import RunContext
+from qexp.core.context import RunContext
 from qexp.defenses.base import Defense
-from qexp.errors import check, check_choice
-from qexp.models.geometry import Geometry, geometry, parse_name, parse_norm_name
-from qexp.plugin import StageResult, Subject
+from qexp.core.errors import check, check_choice
+from qexp.core.geometry import Geometry, geometry, parse_name, parse_norm_name
+from qexp.core.plugin import StageResult, Subject
 from qexp.quantizers.base import Quantizer
 
 PARTS = ("vo", "qk", "mlp", "norm")
 DEFAULT_PARTS = ("vo", "qk", "mlp")
 NORM_ROUNDS, NORM_TOL = 200, 1e-6  # with `norm`: rounds to the joint fixed point
 CHUNK = 1 << 18  # elements per float64 row chunk (2 MB: cached, and below malloc's mmap size)
-# the tensor roles (qexp.models.geometry) each part reads and rewrites
+# the tensor roles (qexp.core.geometry) each part reads and rewrites
 ROLES = {
     "vo": ("v_weight", "v_bias", "o_weight"),
     "qk": ("q_weight", "q_bias", "k_weight", "k_bias"),

@@ -13,14 +13,14 @@ from typing import Any, List, Optional
 
 import torch
 
-from qexp.cache import file_sha256
-from qexp.context import RunContext
+from qexp.core.cache import file_sha256
+from qexp.core.context import RunContext
 from qexp.defenses.base import Defense
-from qexp.errors import check, check_choice
-from qexp.instruct import encode, load_rows
-from qexp.plugin import StageResult, Subject
+from qexp.core.errors import check, check_choice
+from qexp.data.instruct import encode, load_rows
+from qexp.core.plugin import StageResult, Subject
 from qexp.quantizers.base import Quantizer
-from qexp.training import MODULES, chosen_layers, train_lm, trainable_weights
+from qexp.core.training import MODULES, chosen_layers, train_lm, trainable_weights
 
 
 @dataclass

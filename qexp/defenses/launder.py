@@ -5,7 +5,7 @@ by its round trip through `via`, in full precision: Q(D(M)) = Q(deq(Q_via(M))). 
 attacker parked just inside a preserving interval of Q is moved onto Q_via's grid, which
 lands it elsewhere relative to Q's boundaries.
 
-`via` is any grid quantizer option (qexp/conf/quantizer/: `rtn8_g64`, `rtn4`, `bnb_int8`,
+`via` is any grid quantizer option (conf/quantizer/: `rtn8_g64`, `rtn4`, `bnb_int8`,
 `bnb_nf4`, `gguf_q8_0`, ...): its own `fake_quant`, the same library operation the quantizer
 runs, so a new grid quantizer works here without touching this file. `via_args` changes keys
 of that option for the round trip (e.g. `defense.via_args={group_size: 32}`). A round trip
@@ -18,19 +18,18 @@ as in `defense=noise`; pinned weights excluded).
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from qexp.config import build_plugin, option_node
-from qexp.context import RunContext
+from qexp.core.registry import build_option
+from qexp.core.context import RunContext
 from qexp.defenses.base import Defense
-from qexp.defenses.noise import ChangeCounter, Geometry, quantized_weights
-from qexp.errors import ConfigError, check
-from qexp.plugin import StageResult, Subject
+from qexp.defenses.changes import ChangeCounter, Geometry, quantized_weights
+from qexp.core.errors import ConfigError, check
+from qexp.core.plugin import StageResult, Subject
 from qexp.quantizers.base import GridQuantizer, Quantizer, grid_options
 
 
@@ -38,7 +37,7 @@ def same_quantizer(a: Quantizer, b: Quantizer) -> bool:
     """Whether two quantizers are the same operation (same class and keys, names aside)."""
     if type(a) is not type(b):
         return False
-    fields = lambda q: {k: v for k, v in dataclasses.asdict(q).items() if k != "name"}  # noqa: E731
+    fields = lambda q: {k: v for k, v in q.settings().items() if k != "name"}  # noqa: E731
     return fields(a) == fields(b)
 
 
@@ -50,19 +49,22 @@ class Launder(Defense):
     via: str = "rtn8_g64"  # a grid quantizer option
     via_args: Optional[Dict[str, Any]] = None  # keys of that option changed for the trip
 
-    def __post_init__(self) -> None:
+    # derived (set by `resolve`): the `via` option with `via_args`, built
+    round_trip_quantizer: Any = field(default=None, init=False, repr=False)
+
+    def resolve(self, spec: Any) -> None:
+        """Build the round trip's quantizer (`via` with `via_args`)."""
         grids = grid_options()
-        check(self.via in grids, "via", self.via, "a grid quantizer: " + ", ".join(grids))
-        node = {**option_node("quantizer", self.via), **(self.via_args or {})}
+        check(self.via in grids, "defense.via", self.via, "a grid quantizer: " + ", ".join(grids))
         try:
-            self.round_trip_quantizer: GridQuantizer = build_plugin("quantizer", node)
+            self.round_trip_quantizer = build_option("quantizer", self.via, "defense.via", self.via_args)
         except ConfigError as e:  # its key sits under defense.via_args
             key = e.key.removeprefix("quantizer.")
-            raise ConfigError(f"via_args.{key}", e.value, e.allowed) from None
+            raise ConfigError(f"defense.via_args.{key}", e.value, e.allowed) from None
 
     def describe(self) -> dict:
         """The `via` round trip as recorded in defense_stats: the option and its keys."""
-        keys = dataclasses.asdict(self.round_trip_quantizer)
+        keys = self.round_trip_quantizer.settings()
         return {"via": self.via, "via_config": {k: v for k, v in keys.items() if k != "name"}}
 
     def check_spec(self, spec: Any) -> None:

@@ -39,7 +39,6 @@ The S-curve uses one standard-normal draw per weight scaled by each σ, so it is
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -49,12 +48,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qexp.context import RunContext
+from qexp.core.context import RunContext
 from qexp.defenses.base import Defense
-from qexp.errors import ConfigError, check, check_choice
-from qexp.io import atomic_write_json
-from qexp.plots import new_figure, save_png
-from qexp.plugin import StageResult, Subject
+from qexp.defenses.changes import ChangeCounter, Geometry, expected_flip_fraction, quantized_weights
+from qexp.core.errors import ConfigError, check, check_choice
+from qexp.core.io import atomic_write_json
+from qexp.core.plots import new_figure, save_png
+from qexp.core.plugin import StageResult, Subject
 from qexp.quantizers.base import GridQuantizer, Quantizer
 
 SIGMA_SOURCES = ("fixed", "global", "per_layer")
@@ -64,111 +64,13 @@ ELQ_SIGMA = 1e-3  # Egashira et al. 2024: the fixed σ of ELQ's noise defense
 SCURVE_SIGMAS = tuple(10.0 ** (-6 + k / 3) for k in range(13))  # 1e-6 .. 1e-2, 13 points
 
 
-# ---------------------------------------------------------------- closed form
-
-
-def expected_flip_fraction(ratio: float | torch.Tensor) -> float | torch.Tensor:
-    """P(code changes) for a weight uniform in its interval [-h, h] plus N(0, σ²); ratio = σ/h.
-
-    Given position u, the noisy weight stays iff -h <= u + ε <= h:
-        P(stay | u) = Φ((h - u)/σ) - Φ((-h - u)/σ).
-    Averaging over u ~ U(-h, h) and substituting t = (±h - u)/σ, with a = 2h/σ and
-    ∫Φ(t) dt = tΦ(t) + φ(t):
-        ∫_{-h}^{h} Φ((h-u)/σ) du  = σ [aΦ(a) + φ(a) - φ(0)]
-        ∫_{-h}^{h} Φ((-h-u)/σ) du = σ [aΦ(-a) + φ(0) - φ(a)]
-    so P(stay) = (2Φ(a) - 1) - (2/a)(φ(0) - φ(a)) and
-        P(change) = 2(1 - Φ(a)) + (2/a)(φ(0) - φ(a)).
-    σ = h (a = 2): 0.3905; σ = 2.57 h: 0.704; σ → 0: 0; σ → ∞: 1.
-    """
-    scalar = not torch.is_tensor(ratio)
-    r = torch.as_tensor(ratio, dtype=torch.float64)
-    a = 2.0 / r  # r = 0 -> a = inf -> 0
-    phi0 = 1.0 / math.sqrt(2 * math.pi)
-    phi_a = torch.exp(-0.5 * a * a) * phi0
-    tail = 2.0 * torch.special.ndtr(-a)
-    out = torch.where(a > 0, tail + (2.0 / a) * (phi0 - phi_a), torch.ones_like(a))
-    out = torch.where(torch.isinf(a), torch.zeros_like(a), out)
-    return float(out) if scalar else out
-
-
-# ---------------------------------------------------------------- geometry and codes
-
-
-def quantized_weights(model: nn.Module, quantizer: Quantizer) -> Iterator[tuple[str, nn.Parameter]]:
-    """(`<module>.weight`, parameter) of every linear layer the quantizer quantizes."""
-    for name, lin in quantizer.quantized_linears(model):
-        yield f"{name}.weight", lin.weight
+# ---------------------------------------------------------------- statistics
 
 
 def percentile(values: torch.Tensor | list[float], stat: str) -> float:
     """p25 / p50 / p75 with linear interpolation (numpy's default)."""
     x = values.detach().double().cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
     return float(np.percentile(x, STATS[stat]))
-
-
-@dataclass
-class Geometry:
-    """Preserving intervals of one weight tensor, which weights are not pinned, their h."""
-
-    lo: torch.Tensor
-    hi: torch.Tensor
-    movable: torch.Tensor  # hi > lo
-    half_widths: torch.Tensor  # h = (hi - lo) / 2 of the non-pinned weights, flattened
-
-    @classmethod
-    def of(cls, quantizer: GridQuantizer, w: torch.Tensor) -> Geometry:
-        lo, hi = quantizer.intervals(w.detach().cpu())
-        movable = hi > lo
-        return cls(lo, hi, movable, ((hi - lo) / 2)[movable])
-
-
-class ChangeCounter:
-    """Codes changed among non-pinned weights: real library, interval route, uniform theory."""
-
-    def __init__(self) -> None:
-        self.n = self.library = self.intervals = 0
-        self.theory = 0.0
-
-    def add(
-        self,
-        quantizer: GridQuantizer,
-        geo: Geometry,
-        clean_codes: torch.Tensor,
-        noisy: torch.Tensor,
-        sigma: float,
-    ) -> dict:
-        """Count one tensor (clean geometry and codes vs. `noisy`); return its own fractions."""
-        mov = geo.movable
-        n = int(mov.sum())
-        # the value the library quantizes: a box's edges are values of that lattice
-        x = quantizer.library_input(noisy).double()
-        out = ((x < geo.lo) | (x > geo.hi)) & mov
-        by_intervals = int(out.sum())
-        changed = quantizer.weight_codes(noisy.detach().cpu()) != clean_codes
-        by_library = int((changed & mov).sum())
-        h = geo.half_widths
-        theory = float(expected_flip_fraction(sigma / h).sum()) if n else 0.0
-        self.n += n
-        self.intervals += by_intervals
-        self.library += by_library
-        self.theory += theory
-        return {
-            "n": n,
-            "fraction_changed_intervals": by_intervals / n if n else None,
-            "fraction_changed": by_library / n if n else None,
-            "theory_uniform": theory / n if n else None,
-        }
-
-    def summary(self) -> dict:
-        """Fractions over every counted weight (absent when nothing was counted)."""
-        if not self.n:
-            return {}
-        return {
-            "n_weights_measured": self.n,
-            "fraction_changed_intervals": self.intervals / self.n,
-            "theory_uniform": self.theory / self.n,
-            "fraction_changed_library": self.library / self.n,
-        }
 
 
 # ---------------------------------------------------------------- the defense

@@ -1,6 +1,1 @@
-"""Loggers: each config in conf/logger/ builds one of these."""
-
-from qexp.loggers.base import Logger
-from qexp.loggers.wandb import WandbLogger
-
-__all__ = ["Logger", "WandbLogger"]
+"""loggers: one module per option (named by `_target_` in conf/logger/), base.py holds the contract."""

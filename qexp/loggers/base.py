@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar, Any
 
-from qexp.plugin import Plugin
+from qexp.core.plugin import Plugin
 
 
 @dataclass
 class Logger(Plugin):
     """`logger=none`: local files only (results.json and generations/ are always written)."""
+
+    group: ClassVar[str] = "logger"
 
     name: str = "none"
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-from qexp.errors import ConfigError, check_choice
+from qexp.core.errors import ConfigError, check_choice
 from qexp.loggers.base import Logger
 
 TABLE_COLUMNS = ["id", "prompt", "output", "parsed", "gold", "correct", "injected", "refused"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import ClassVar, TYPE_CHECKING
 
-from qexp.context import RunContext
-from qexp.plugin import Plugin
+from qexp.core.context import RunContext
+from qexp.core.plugin import Plugin
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -27,6 +27,8 @@ class ModelSource(Plugin, ABC):
 
     `fingerprint()` identifies the weights beyond the config (files' digests).
     """
+
+    group: ClassVar[str] = "model"
 
     @abstractmethod
     def load(self, ctx: RunContext) -> LoadedModel:

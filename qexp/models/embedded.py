@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING
 
 import transformers
 
-from qexp.cache import file_lock, file_sha256
-from qexp.context import RunContext
-from qexp.errors import ConfigError
-from qexp.io import atomic_dir
+from qexp.core.cache import file_lock, file_sha256
+from qexp.core.context import RunContext
+from qexp.core.errors import ConfigError
+from qexp.core.io import atomic_dir
 from qexp.models.base import LoadedModel, ModelSource
-from qexp.models.hf import load_config, load_pretrained
+from qexp.models.loading import load_config, load_pretrained
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

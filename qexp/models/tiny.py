@@ -10,9 +10,9 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from qexp.context import RunContext
+from qexp.core.context import RunContext
 from qexp.data import reference_text, svamp_embedded_path
-from qexp.errors import check, check_choice
+from qexp.core.errors import check, check_choice
 from qexp.models.base import LoadedModel, ModelSource, finish_loading
 
 if TYPE_CHECKING:

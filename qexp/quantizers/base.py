@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from qexp.context import RunContext
-from qexp.errors import ConfigError, check
-from qexp.models.geometry import linear_shapes
-from qexp.plugin import Plugin, StageResult, Subject
+from qexp.core.context import RunContext
+from qexp.core.errors import ConfigError, check
+from qexp.core.geometry import linear_shapes
+from qexp.core.plugin import Plugin, StageResult, Subject
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -26,6 +26,8 @@ class Quantizer(Plugin, ABC):
     `info` of the result (library and version, calibration, checks) goes to results.json
     `quantization.<branch>`.
     """
+
+    group: ClassVar[str] = "quantizer"
 
     # whether `save_quantized=true` writes the library's native artifact to quantized/<branch>/
     saves_artifact: ClassVar[bool] = False
@@ -77,10 +79,19 @@ class BoxTarget(ABC):
     exact_boxes: ClassVar[bool] = True
     name: str
 
-    def prepare(self, subject: Subject, ctx: RunContext) -> dict:
-        """Fix what the boxes depend on beyond each tensor (a type mix, an imatrix) from the
-        model about to be boxed; returns what the attack assumes, for its manifest."""
-        return {}
+    @abstractmethod
+    def prepare(self, subject: Subject, ctx: RunContext) -> Boxes:
+        """This target's boxes for the model about to be boxed (what they depend on beyond
+        each tensor, such as a type mix or an importance matrix, fixed from it)."""
+
+
+class Boxes(ABC):
+    """A target's boxes for one model (`BoxTarget.prepare`): per-tensor boxes, codes and
+    blocks; `assumes` says what the attack assumes of the user's quantization run."""
+
+    def __init__(self, target: BoxTarget, assumes: dict | None = None) -> None:
+        self.target, self.assumes = target, assumes or {}
+        self.name, self.exact = target.name, target.exact_boxes
 
     @abstractmethod
     def tensor_box(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +112,48 @@ class BoxTarget(ABC):
         return torch.ones_like(bad)
 
 
-class GridQuantizer(Quantizer, BoxTarget):
+class TensorBoxTarget(BoxTarget):
+    """A box target whose boxes need nothing but the tensor: the target is its own boxes."""
+
+    def prepare(self, subject: Subject, ctx: RunContext) -> Boxes:
+        return TensorBoxes(self)
+
+    @abstractmethod
+    def tensor_box(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[lo, hi]` (float64) per weight of parameter `name`."""
+
+    @abstractmethod
+    def tensor_codes(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """What the library stores for parameter `name`."""
+
+    def tensor_block(self, name: str) -> int:
+        """Weights per independently encoded block along a row of `name`."""
+        raise NotImplementedError(f"{self.name}: boxes are exact, no block verification")
+
+    def coupled_blocks(self, name: str, bad: torch.Tensor) -> torch.Tensor:
+        """The blocks to reset when reset blocks still differ (default: the whole tensor)."""
+        return torch.ones_like(bad)
+
+
+class TensorBoxes(Boxes):
+    """The boxes of a `TensorBoxTarget`: its own per-tensor methods."""
+
+    target: TensorBoxTarget
+
+    def tensor_box(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.target.tensor_box(name, w)
+
+    def tensor_codes(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        return self.target.tensor_codes(name, w)
+
+    def tensor_block(self, name: str) -> int:
+        return self.target.tensor_block(name)
+
+    def coupled_blocks(self, name: str, bad: torch.Tensor) -> torch.Tensor:
+        return self.target.coupled_blocks(name, bad)
+
+
+class GridQuantizer(Quantizer, TensorBoxTarget):
     """A quantizer with a deterministic grid: per-weight codes and preserving intervals.
 
     Every method takes a [out, in] weight in the dtype the model is loaded in and follows
@@ -152,21 +204,21 @@ class GridQuantizer(Quantizer, BoxTarget):
 
 def grid_options() -> list[str]:
     """The quantizer options with a deterministic grid (preserving intervals)."""
-    from qexp.config import options_where
+    from qexp.core.registry import options_where
 
     return options_where("quantizer", lambda cls: issubclass(cls, GridQuantizer))
 
 
 def target_options() -> list[str]:
     """The quantizer options the gap attack can target."""
-    from qexp.config import options_where
+    from qexp.core.registry import options_where
 
     return options_where("quantizer", lambda cls: issubclass(cls, BoxTarget))
 
 
 def target_quantizer(name: str, key: str) -> BoxTarget:
     """Quantizer option `name`, which must be a gap-attack target; errors name `key`."""
-    from qexp.config import build_option
+    from qexp.core.registry import build_option
 
     targets = target_options()
     check(name in targets, key, name, "quantizers with boxes: " + ", ".join(targets))
@@ -175,7 +227,7 @@ def target_quantizer(name: str, key: str) -> BoxTarget:
 
 def grid_quantizer(name: str, key: str) -> GridQuantizer:
     """Quantizer option `name`, which must be a grid quantizer; errors name `key`."""
-    from qexp.config import build_option
+    from qexp.core.registry import build_option
 
     grids = grid_options()
     check(name in grids, key, name, "grid quantizers: " + ", ".join(grids))

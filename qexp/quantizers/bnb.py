@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, List
 import torch
 import transformers
 
-from qexp.context import RunContext
-from qexp.errors import ConfigError, check, check_choice
-from qexp.models.geometry import linear_shapes
-from qexp.plugin import StageResult, Subject
+from qexp.core.context import RunContext
+from qexp.core.errors import ConfigError, check, check_choice
+from qexp.core.geometry import linear_shapes
+from qexp.core.plugin import StageResult, Subject
 from qexp.quantizers.base import GridQuantizer
 from qexp.quantizers.intervals import codebook_intervals, int8_row_intervals
 

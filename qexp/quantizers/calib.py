@@ -1,6 +1,6 @@
 """Calibration data for quantizers that need it (GPTQ, AWQ), without the hub by default.
 
-The `quantizer.calibration` node (qexp/conf/quantizer/base/calibration.yaml):
+The `quantizer.calibration` node (conf/quantizer/base/calibration.yaml):
 `source=self`: N sequences sampled from the full-precision model being quantized (first
 token uniform over the non-special vocabulary, then ancestral sampling at temperature 1, no
 early end), seeded: data-free, as in LLM-QAT. `source=file`: a local .txt (one document) or
@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from qexp.errors import ConfigError, check, check_choice
-from qexp.hub import hub_dataset
+from qexp.core.errors import ConfigError, check, check_choice
+from qexp.core.hub import hub_dataset
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

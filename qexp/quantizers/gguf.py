@@ -16,9 +16,9 @@ from gguf.quants import dequantize
 from gguf.quants import quantize as gguf_quantize
 from tqdm.auto import tqdm
 
-from qexp.context import RunContext
-from qexp.errors import check, check_choice
-from qexp.plugin import StageResult, Subject
+from qexp.core.context import RunContext
+from qexp.core.errors import check, check_choice
+from qexp.core.plugin import StageResult, Subject
 from qexp.quantizers.base import GridQuantizer
 from qexp.quantizers.intervals import GGUF_LEVELS, gguf_intervals
 

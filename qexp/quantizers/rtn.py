@@ -14,9 +14,9 @@ from typing import ClassVar, List
 import torch
 from tqdm.auto import tqdm
 
-from qexp.context import RunContext
-from qexp.errors import check, check_choice
-from qexp.plugin import StageResult, Subject
+from qexp.core.context import RunContext
+from qexp.core.errors import check, check_choice
+from qexp.core.plugin import StageResult, Subject
 from qexp.quantizers.base import GridQuantizer
 from qexp.quantizers.intervals import rtn_intervals
 

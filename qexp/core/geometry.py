@@ -1,0 +1,137 @@
+"""Architecture geometry: which tensors an attack or defense touches, by name, and the heads.
+
+Works from a Hugging Face config (dict or object) and parameter names alone, so the same
+adapter serves an in-memory model and a checkpoint streamed from safetensors shards.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from qexp.core.errors import ConfigError
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+QK_NORM_ARCHS = ("qwen3",)
+_NAME = re.compile(
+    r"^(?:model\.)?layers\.(\d+)\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\."
+    r"(weight|bias)$"
+)
+_NORM = re.compile(
+    r"^(?:model\.)?layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$"
+)
+NORM_ROLES = {"input_layernorm": "input_norm", "post_attention_layernorm": "post_norm"}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Head layout of a decoder: query heads share kv-head h // (num_heads // num_kv_heads)."""
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    qk_norm: bool
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv-head (GQA ratio)."""
+        return self.num_heads // self.num_kv_heads
+
+
+def config_getter(config: Any) -> Callable[..., Any]:
+    """`get(key, default=None)` for a config.json dict or a transformers config object."""
+    if isinstance(config, dict):
+        return config.get
+    return lambda key, default=None: getattr(config, key, default)
+
+
+def geometry(config: Any) -> Geometry:
+    """Geometry of a supported architecture; ConfigError listing the supported ones."""
+    get = config_getter(config)
+    model_type = get("model_type")
+    if model_type not in SUPPORTED:
+        raise ConfigError(
+            "model (architecture)",
+            model_type,
+            "one of " + ", ".join(SUPPORTED) + " for this attack/defense",
+        )
+    heads = get("num_attention_heads")
+    return Geometry(
+        model_type=model_type,
+        num_layers=get("num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=get("num_key_value_heads") or heads,
+        head_dim=get("head_dim") or get("hidden_size") // heads,
+        hidden_size=get("hidden_size"),
+        intermediate_size=get("intermediate_size"),
+        qk_norm=model_type in QK_NORM_ARCHS,
+    )
+
+
+def parse_name(name: str) -> tuple[int, str] | None:
+    """(layer, role) for a tensor an attack may touch, e.g. (3, 'v_weight'); else None."""
+    m = _NAME.match(name)
+    if m is None:
+        return None
+    proj = m.group(3) or m.group(4)
+    return int(m.group(1)), f"{proj}_{m.group(5)}"
+
+
+def parse_norm_name(name: str) -> tuple[int, str] | None:
+    """(layer, 'input_norm' | 'post_norm') for a decoder layer's RMSNorm weight; else None."""
+    m = _NORM.match(name)
+    return None if m is None else (int(m.group(1)), NORM_ROLES[m.group(2)])
+
+
+def linear_shapes(config: Any) -> dict[str, tuple[int, int]] | None:
+    """(out, in) of each decoder linear by projection name, from a config's standard keys
+    (None when a key is missing: the check it serves is then left to quantization time)."""
+    get = config_getter(config)
+    hidden, inter, heads = get("hidden_size"), get("intermediate_size"), get("num_attention_heads")
+    if not (hidden and inter and heads):
+        return None
+    kv = get("num_key_value_heads") or heads
+    hd = get("head_dim") or hidden // heads
+    return {
+        "q_proj": (heads * hd, hidden),
+        "k_proj": (kv * hd, hidden),
+        "v_proj": (kv * hd, hidden),
+        "o_proj": (hidden, heads * hd),
+        "gate_proj": (inter, hidden),
+        "up_proj": (inter, hidden),
+        "down_proj": (hidden, inter),
+    }
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence the model's position encoding was built for, if it says."""
+    get = config_getter(config)
+    return get("max_position_embeddings")
+
+
+def param_count(config: Any) -> int | None:
+    """Parameters of a supported decoder from its config.json keys alone (embeddings, an
+    untied lm_head, every layer's linears, biases and norms, the final norm); None when a
+    standard key is missing."""
+    get = config_getter(config)
+    shapes, hidden, vocab = linear_shapes(config), get("hidden_size"), get("vocab_size")
+    layers = get("num_hidden_layers")
+    if shapes is None or not (vocab and layers):
+        return None
+    per_layer = sum(o * i for o, i in shapes.values()) + 2 * hidden
+    biased = {"q_proj", "k_proj", "v_proj"} if get("model_type") == "qwen2" else set()
+    if get("attention_bias"):
+        biased |= {"q_proj", "k_proj", "v_proj", "o_proj"}
+    if get("mlp_bias"):
+        biased |= {"gate_proj", "up_proj", "down_proj"}
+    per_layer += sum(shapes[p][0] for p in biased)
+    if get("model_type") in QK_NORM_ARCHS:
+        per_layer += 2 * (get("head_dim") or hidden // get("num_attention_heads"))
+    tied = get("tie_word_embeddings", True)
+    return vocab * hidden * (1 if tied else 2) + layers * per_layer + hidden

@@ -1,0 +1,219 @@
+"""results.json and generations/*.jsonl, written atomically after every condition."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import transformers
+
+import qexp
+from qexp import CONDITIONS
+from qexp.core.io import atomic_write_json, atomic_write_jsonl
+from qexp.core.memory import PeakRSS, trim_heap
+
+TABLE_METRICS = (
+    "accuracy",
+    "injection_rate",
+    "refusal_rate",
+    "cos_sim",
+    "bertscore_f1",
+    "retrieval_at_1",
+    "self_ppl",
+    "ref_ppl",
+    "ppl",
+    "max_repeat_3",
+    "seq_rep_4",
+    "tokens_per_s",
+    "n_items",
+)
+
+
+def provenance(model: str, device: str, dtype: str) -> dict[str, Any]:
+    """Versions and origins that determine a run's numbers."""
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "qexp": qexp.__version__,
+        "git_commit": commit,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "model": model,
+        "device": device,
+        "dtype": dtype,
+        "started_utc": utc_now(),
+        # who writes this run: a reader can tell a killed job (status running, no process)
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def complete_config(run_dir: Path) -> Optional[dict]:
+    """The config of a complete results.json in `run_dir`, or None."""
+    try:
+        body = json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return body.get("config") if body.get("status") == "complete" else None
+
+
+@dataclass
+class Results:
+    """The results contract of one job (docs/design.md §1); `save()` rewrites results.json."""
+
+    run_dir: Path
+    config: dict
+    provenance: dict = field(default_factory=dict)
+    function_preservation: dict = field(default_factory=dict)
+    conditions: dict[str, dict] = field(default_factory=dict)
+    defense_stats: dict[str, dict] = field(default_factory=dict)
+    quantization: dict[str, dict] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    # the memory plan (qexp/core/memory.py), the loaded model's bytes and each stage's peak RSS
+    memory: dict[str, Any] = field(default_factory=dict)
+    # per stage and condition: computed (cache off), stored (computed, now cached) or hit
+    cache: dict[str, str] = field(default_factory=dict)
+    status: str = "running"
+    error: str | None = None
+    heartbeat_utc: str | None = None  # refreshed every HEARTBEAT_S while the job runs
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _rss: PeakRSS = field(default_factory=PeakRSS, repr=False)
+    _depth: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        self.memory.update({"baseline_rss_mb": round(self._rss.now_mb(), 1), "peak_rss_mb": {}})
+        self.memory["peak_method"] = (
+            "VmHWM reset per stage" if self._rss.exact else "ru_maxrss (peak since start)"
+        )
+
+    def add(self, condition: str, metrics: dict, records: list[dict]) -> None:
+        """Record one condition: metrics into results.json, records into generations/."""
+        self.conditions[condition] = metrics
+        if records:
+            atomic_write_jsonl(self.run_dir / "generations" / f"{condition}.jsonl", records)
+        self.save()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Add the wall time of the block to stage_seconds[name] and record its peak RSS in
+        memory["peak_rss_mb"][name] (the larger, when a stage name repeats)."""
+        t0 = time.perf_counter()
+        if self._depth == 0:
+            self._rss.reset()
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            dt = time.perf_counter() - t0
+            self.stage_seconds[name] = round(self.stage_seconds.get(name, 0.0) + dt, 3)
+            peaks = self.memory["peak_rss_mb"]
+            peaks[name] = round(max(peaks.get(name, 0.0), self._rss.peak_mb()), 1)
+            if self._depth == 0:
+                trim_heap()  # a stage's freed scratch back to the kernel before the next
+
+    def record_model(self, model: torch.nn.Module) -> None:
+        """The bytes of a loaded model's parameters and buffers (tied tensors once)."""
+        seen, total = set(), 0
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        self.memory["model_bytes"] = total
+
+    @contextmanager
+    def heartbeat(self, every_s: float = 30.0) -> Iterator[None]:
+        """Rewrite results.json every `every_s` seconds while the block runs (a job killed
+        with SIGKILL leaves status running with a stale heartbeat and a gone pid)."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.save()
+                except RuntimeError:  # a dict grew while being written: the next beat
+                    continue
+
+        thread = threading.Thread(target=beat, name="qexp-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def save(self) -> None:
+        """Atomically (re)write results.json (thread-safe: the heartbeat saves too)."""
+        with self._lock:
+            self.heartbeat_utc = utc_now()
+            self._write()
+
+    def _write(self) -> None:
+        body = {
+            "config": self.config,
+            "provenance": self.provenance,
+            "function_preservation": self.function_preservation,
+            "conditions": self.conditions,
+            "defense_stats": self.defense_stats,
+            "quantization": self.quantization,
+            "stage_seconds": self.stage_seconds,
+            "memory": self.memory,
+            "cache": self.cache,
+            "status": self.status,
+            "heartbeat_utc": self.heartbeat_utc,
+        }
+        if self.error:
+            body["error"] = self.error
+        atomic_write_json(self.run_dir / "results.json", body)
+
+
+def format_table(conditions: dict[str, dict], metrics: tuple[str, ...] = TABLE_METRICS) -> str:
+    """Condition × metric table as aligned plain text (`-` where a metric is absent)."""
+    extra = sorted({k for c in conditions.values() for k in c if k.startswith("lm_eval/")})
+    cols = [m for m in (*metrics, *extra) if any(m in c for c in conditions.values())]
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+        return str(v)
+
+    order = [c for c in CONDITIONS if c in conditions]
+    rows = [["condition", *cols]] + [
+        [name, *(cell(conditions[name].get(c)) for c in cols)] for name in order
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+        for r in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
