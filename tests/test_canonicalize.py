@@ -74,7 +74,7 @@ def test_encrypted_and_original_canonicalize_to_the_same_ranges(make_cfg, tmp_pa
 
 def test_fp32_preservation_is_reported(make_cfg, tmp_path):
     ctx, lm = loaded(make_cfg, tmp_path)
-    from qexp.pipeline.run import measured
+    from qexp.pipeline.preservation import measured
 
     d = Canonicalize()
     _, fp = measured(d, subject(lm.model, lm.tokenizer), lambda s: d.apply(s, NoQuantizer(), ctx))

@@ -352,7 +352,7 @@ def test_pipeline_exact_preset_reports_zero_bf16_drift(make_cfg, tmp_path):
 
 def test_bf16_tolerance_stops_the_run():
     from qexp.pipeline.preservation import PreservationError
-    from qexp.pipeline.run import check_drift
+    from qexp.pipeline.preservation import check_drift
 
     report = {"max_abs_logit_diff_fp32": 0.0, "tolerance": 1e-2, "max_abs_logit_diff_bf16": 0.0}
     check_drift("attack", exact(), {**report, "tolerance_bf16": 0.0})  # exact: passes

@@ -140,6 +140,14 @@ class Gap(adaptive.Adapts, Attack):
         key = f"{self.group}.against"
         self.adaptations = adaptive.resolve(self.against, ADAPTATIONS, self, run, key)
 
+    def validate_environment(self) -> None:
+        """Every target's library is installed."""
+        for q in self.quantizers:
+            try:
+                q.validate_environment()
+            except ConfigError as e:
+                raise ConfigError("attack.targets", q.name, e.allowed) from None
+
     def check_spec(self, spec: Any) -> None:
         """The training rows load (qexp, Alpaca or Dolly layout) before any model does."""
         load_rows(self.data_path, "train", "attack.data_path", self.scenario)

@@ -22,7 +22,6 @@ from qexp.core.io import atomic_write_json, atomic_write_text
 from qexp.core.memory import share_malloc_arena
 from qexp.checkpoint.safetensors_io import SafetensorsError
 
-DEFAULT_TARGETS = ("bnb_int8", "bnb_nf4", "bnb_fp4", "gguf_q4_0", "rtn4")
 CHECKS = ("reparam", "gap", "outlier")
 USAGE = """Audit a checkpoint for quantization-conditioned tampering before quantizing it.
 
@@ -46,9 +45,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reference", type=Path, help="a trusted checkpoint to diff against")
     p.add_argument(
         "--quantizer",
-        default=",".join(DEFAULT_TARGETS),
+        default=None,
         help="comma-separated grid quantizers (conf/quantizer names) for the gap check "
-        f"(default {','.join(DEFAULT_TARGETS)})",
+        "(default: the grid quantizers that are one flag of a common loader away, "
+        "`GridQuantizer.audit_default`: bnb_int8, bnb_nf4, bnb_fp4, gguf_q4_0 and rtn4 today)",
     )
     p.add_argument(
         "--checks",
@@ -100,7 +100,7 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     progress = not args.no_progress
     checks = _list(args.checks, "--checks", (*CHECKS, "none"))
-    targets = _list(args.quantizer, "--quantizer")
+    targets = _list(args.quantizer, "--quantizer") if args.quantizer is not None else None
     ckpt = Checkpoint(args.checkpoint, "CHECKPOINT")
     if ckpt.config is None and ("reparam" in checks or args.differential):
         raise ConfigError("CHECKPOINT", str(args.checkpoint), "a checkpoint with config.json")
@@ -108,8 +108,9 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
     ref = Checkpoint(args.reference, "--reference") if args.reference is not None else None
     quantizers = []
     if "gap" in checks or args.differential:
-        from qexp.quantizers.base import grid_quantizer
+        from qexp.quantizers.base import audit_targets, grid_quantizer
 
+        targets = audit_targets() if targets is None else targets
         quantizers = [grid_quantizer(t, "--quantizer") for t in targets]
     report: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),

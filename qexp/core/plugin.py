@@ -25,8 +25,9 @@ class Plugin:
     Lifecycle: the constructor only checks the plugin's own keys (no other option is built
     there); `resolve(spec)` then builds the options it names (`spec` is the run's validated
     spec, or None for a stand-alone tool such as qexp-encrypt) into its derived fields
-    (`field(init=False)`); `check_spec(spec)` runs the checks across groups; `check_model`
-    the checks on config.json; then the stage runs.
+    (`field(init=False)`); `validate_environment()` checks the packages it runs are
+    installed; `check_spec(spec)` runs the checks across groups; `check_model` the checks on
+    config.json; then the stage runs.
     """
 
     name: str
@@ -40,6 +41,10 @@ class Plugin:
         """Build the options this plugin names (the gap attack's targets, `attack.against`,
         launder's `via`) into its derived fields, once every plugin of the run exists
         (`spec`: the run's Spec, or None outside a run); raise ConfigError."""
+
+    def validate_environment(self) -> None:
+        """The packages this plugin runs are installed (checked at validation, before any
+        model loads); raise ConfigError naming the option and how to install them."""
 
     def settings(self) -> dict:
         """The plugin's config keys and values (derived fields left out), as a new dict."""
@@ -69,6 +74,7 @@ class Subject:
     tokenizer: PreTrainedTokenizerBase
     branch: str  # "original" or "attacked": names per-branch files (logs/, quantized/)
     key: str  # stage-cache key of this model state (sub-steps chain from it)
+    source: str = ""  # where the weights came from (a hub id, a path, a packaged file)
 
 
 @dataclass

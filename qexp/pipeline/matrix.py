@@ -17,9 +17,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from qexp.core.errors import check, check_choice
+from qexp.core.registry import option_class, option_node
 
 EMBEDDED_PARAMS = 134_515_008  # SmolLM2-135M, what matrix.cost was measured on
-DATA_DEPENDENT = ("gptq", "awq", "autoround")
 
 
 def check_matrix(node: Any) -> None:
@@ -48,8 +48,6 @@ def axes(cfg: DictConfig) -> dict[str, list[str]]:
 
 def _param_count(model: str) -> int:
     """Parameters of a model option, from its config (no weights loaded)."""
-    from qexp.core.registry import option_node
-
     node = option_node("model", model)
     if model == "smollm2_135m":
         return EMBEDDED_PARAMS
@@ -87,7 +85,7 @@ def plan(cfg: DictConfig) -> dict:
     scale = {m: _param_count(m) / EMBEDDED_PARAMS for m in ax["model"]}
 
     def quantize_s(q: str) -> float:
-        data = any(q.startswith(p) for p in DATA_DEPENDENT)
+        data = option_class("quantizer", q, "matrix.quantizer").data_dependent
         return cost["quantize_data_dependent"] if data else cost["quantize"]
 
     evaluate = cost["evaluate_per_item_token"] * limit * tokens

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from qexp.core.plugin import StageResult, Subject
 from qexp.data import reference_text
 
 if TYPE_CHECKING:
@@ -97,3 +98,38 @@ def compare(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> 
         ),
         "probe_tokens": int(b32.shape[0] * b32.shape[1]),
     }
+
+
+def measured(
+    plugin: Any, subject: Subject, apply: Callable[[Subject], StageResult]
+) -> tuple[StageResult, dict]:
+    """`apply(subject)`, and for a plugin that declares a preservation tolerance the drift of
+    its output against its input on the probe batch ({} otherwise)."""
+    tolerance = plugin.preservation_tolerance()
+    if tolerance is None:
+        return apply(subject), {}
+    ids = probe_ids(subject.tokenizer)
+    before = probe_logits(subject.model, ids)
+    out = apply(subject)
+    report = {**compare(before, probe_logits(out.model, ids)), "tolerance": tolerance}
+    if plugin.preservation_tolerance_bf16() is not None:
+        report["tolerance_bf16"] = plugin.preservation_tolerance_bf16()
+    return out, report
+
+
+def check_drift(group: str, plugin: Any, report: dict | None) -> None:
+    """Stop when a function-preserving stage drifted beyond its tolerance."""
+    if not report:
+        return
+    drift = report["max_abs_logit_diff_fp32"]
+    if not drift <= report["tolerance"]:
+        raise PreservationError(
+            f"{group}={plugin.name} changed the function: max |Δlogit| fp32 = {drift:.3g} > "
+            f"{group}.tolerance = {report['tolerance']:g} (report in results.json)"
+        )
+    drift16 = report["max_abs_logit_diff_bf16"]
+    if "tolerance_bf16" in report and not drift16 <= report["tolerance_bf16"]:
+        raise PreservationError(
+            f"{group}={plugin.name} is not exact in bf16: max |Δlogit| bf16 = {drift16:.3g} > "
+            f"{report['tolerance_bf16']:g} (report in results.json)"
+        )

@@ -113,8 +113,31 @@ class Results:
             "VmHWM reset per stage" if self._rss.exact else "ru_maxrss (peak since start)"
         )
 
-    def add(self, condition: str, metrics: dict, records: list[dict]) -> None:
-        """Record one condition: metrics into results.json, records into generations/."""
+    def record_step(self, branch: str, step: str, info: dict) -> None:
+        """A model step's info (computed or from the cache) into its section: the attack's
+        function preservation, `defense_stats.<branch>`, `quantization.<branch>`."""
+        if step == "attack":
+            self.function_preservation = info["function_preservation"]
+        elif step == "defend":
+            self.defense_stats[branch] = info
+        elif step == "quantize":
+            self.quantization[branch] = info
+        else:  # pragma: no cover - the pipeline's steps are the three above
+            raise ValueError(f"no results.json section for step {step!r}")
+        self.save()
+
+    def mark_cache(self, name: str, how: str) -> None:
+        """How a stage or condition was obtained: computed, stored or hit (results.json
+        `cache`)."""
+        self.cache[name] = how
+
+    def add(
+        self, condition: str, metrics: dict, records: list[dict], model_source: str = ""
+    ) -> None:
+        """Record one condition: metrics into results.json, records into generations/, and
+        where the evaluated weights came from (provenance `model_source`)."""
+        if model_source:
+            self.provenance["model_source"] = model_source
         self.conditions[condition] = metrics
         if records:
             atomic_write_jsonl(self.run_dir / "generations" / f"{condition}.jsonl", records)
@@ -138,6 +161,18 @@ class Results:
             peaks[name] = round(max(peaks.get(name, 0.0), self._rss.peak_mb()), 1)
             if self._depth == 0:
                 trim_heap()  # a stage's freed scratch back to the kernel before the next
+
+    def record_plan(self, plan: dict) -> None:
+        """The memory plan made before any weights load (qexp/core/memory.py)."""
+        self.memory["plan"] = plan
+        self.save()
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        """The job's end: `complete` or `failed` (with the error), written at once."""
+        self.status = status
+        if error is not None:
+            self.error = error
+        self.save()
 
     def record_model(self, model: torch.nn.Module) -> None:
         """The bytes of a loaded model's parameters and buffers (tied tensors once)."""

@@ -142,6 +142,8 @@ def validate(cfg: DictConfig) -> Spec:
         )
     for plugin in spec.plugins():  # the options a plugin names, built now: gap's targets, ...
         plugin.resolve(spec)
+    for plugin in spec.plugins():  # its libraries installed (a quantizer's back-end, ...)
+        plugin.validate_environment()
     for plugin in spec.plugins():  # checks across groups, e.g. a defense reading the quantizer
         plugin.check_spec(spec)
     return spec

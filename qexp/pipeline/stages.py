@@ -1,10 +1,15 @@
 """A branch's model, built lazily through its cached stages (qexp/core/cache.py).
 
-A branch is load -> [attack] -> [defend -> quantize]. Each step's output is keyed by its
-config, the plugin's fingerprint, the upstream key and the seed. The model is only built
-when something needs it: an evaluation whose result is cached needs nothing but the
-recorded results (stats, files) of the steps before it, and a step whose weights are cached
-is loaded instead of run.
+A branch is load -> [attack] -> [defend -> quantize], and an evaluation may follow any of
+them. Each step's output is keyed by its config, the plugin's fingerprint, the upstream key
+and the seed. The model is only built when something needs it: an evaluation whose result
+is cached needs nothing but the recorded results (stats, files) of the steps before it, and
+a step whose weights are cached is loaded instead of run. An evaluation is a step like the
+others, except that it leaves the model as it was and only its result is stored.
+
+Everything a step produces reaches results.json through one channel: `Results.record_step`
+(the step's info), `Results.mark_cache` (computed, stored or hit) and `Results.stage`
+(seconds and peak memory), called here and nowhere else for model steps.
 """
 
 from __future__ import annotations
@@ -15,19 +20,20 @@ from typing import Any, Optional
 
 from qexp.core.cache import Entry, StageCache, digest
 from qexp.core.context import RunContext
-from qexp.models.base import LoadedModel
 from qexp.core.plugin import StageResult, Subject
+from qexp.models.base import LoadedModel
 from qexp.pipeline.results import Results
 
 
 @dataclass
 class Step:
-    """One model stage of a branch (attack, defend or quantize)."""
+    """One stage of a branch: attack, defend, quantize, or an evaluation (`evaluate_*`)."""
 
     name: str
     config: Any  # what, beside the upstream key and the seed, determines the output
     run: Callable[[Subject], StageResult]
-    record: Callable[[dict], None]  # put a result's info into Results (computed or cached)
+    # a computed (never a cached) result is checked after it is recorded (preservation)
+    check: Optional[Callable[[dict], None]] = None
     plain_output: bool = True  # the output has the loaded model's parameters (storable)
     cacheable: bool = True  # False: always run (e.g. it writes an artifact the user asked for)
 
@@ -56,31 +62,31 @@ class Chain:
         return self.keys[-1]
 
     def add(self, step: Step) -> None:
-        """Append a step (its key chains from the current one)."""
+        """Append a model step (its key chains from the current one)."""
         self.steps.append(step)
         self.keys.append(digest(step.name, self.key, step.config, self.ctx.seed))
 
-    def _entry(self, i: int) -> Optional[Entry]:
-        step = self.steps[i]
-        return self.cache.get(step.name, self.keys[i + 1]) if step.cacheable else None
-
-    def _mark(self, i: int, how: str) -> None:
-        self.results.cache[f"{self.branch}/{self.steps[i].name}"] = how
+    def _entry(self, step: Step, key: str) -> Optional[Entry]:
+        return self.cache.get(step.name, key) if step.cacheable else None
 
     def restore(self) -> bool:
         """Restore the recorded results of the steps not applied yet from their cache
         entries; False (nothing restored) if any entry is missing."""
-        entries = [self._entry(i) for i in range(self.done, len(self.steps))]
+        todo = range(self.done, len(self.steps))
+        entries = [self._entry(self.steps[i], self.keys[i + 1]) for i in todo]
         if any(e is None for e in entries):
             return False
-        for i, e in enumerate(entries, start=self.done):
-            self._restore(i, e)
+        for i, e in zip(todo, entries):
+            self._restore(self.steps[i], e)
         return True
 
-    def _restore(self, i: int, entry: Entry) -> None:
-        self.steps[i].record(entry.meta["info"])
+    def _restore(self, step: Step, entry: Entry) -> None:
+        self._record(step, entry.meta["info"], "hit")
         entry.restore_files(self.ctx.run_dir)
-        self._mark(i, "hit")
+
+    def _record(self, step: Step, info: dict, how: str) -> None:
+        self.results.record_step(self.branch, step.name, info)
+        self.results.mark_cache(f"{self.branch}/{step.name}", how)
 
     def model(self) -> LoadedModel:
         """The model after every step: cached weights where stored, computed otherwise."""
@@ -96,12 +102,13 @@ class Chain:
     def _jump(self) -> None:
         """Load the furthest step whose weights are cached, restoring the steps before it."""
         for j in reversed(range(self.done, len(self.steps))):
-            entries = [self._entry(i) for i in range(self.done, j + 1)]
+            todo = range(self.done, j + 1)
+            entries = [self._entry(self.steps[i], self.keys[i + 1]) for i in todo]
             if all(e is not None for e in entries) and entries[-1].has_model:
                 with self.results.stage(f"{self.steps[j].name}_{self.branch}"):
                     entries[-1].load_into(self.loaded.model)
-                for i, e in enumerate(entries, start=self.done):
-                    self._restore(i, e)
+                for i, e in zip(todo, entries):
+                    self._restore(self.steps[i], e)
                 self.done = j + 1
                 return
 
@@ -113,15 +120,10 @@ class Chain:
             with self.results.stage(f"{step.name}_{self.branch}"):
                 if entry is not None and entry.has_model:
                     entry.load_into(self.loaded.model)
-                    self._restore(i, entry)
+                    self._restore(step, entry)
                 else:
-                    self.ctx.seed_everything()
-                    subject = Subject(
-                        self.loaded.model, self.loaded.tokenizer, self.branch, self.keys[i]
-                    )
-                    out = step.run(subject)
+                    out = self._compute(step, self.keys[i])
                     self.loaded.model = out.model
-                    step.record(out.info)
                     store = step.plain_output and step.name in self.ctx.cache_weights
                     cache.put(
                         step.name,
@@ -130,5 +132,34 @@ class Chain:
                         self.loaded.model if store else None,
                         run_dir=self.ctx.run_dir,
                     )
-                    self._mark(i, cache.status)
+                    self.results.mark_cache(f"{self.branch}/{step.name}", cache.status)
         self.done = i + 1
+
+    def _compute(self, step: Step, key: str) -> StageResult:
+        """Run `step` on the current model; record its info, then run its check."""
+        self.ctx.seed_everything()
+        out = step.run(self._subject(self.loaded, key))
+        self.results.record_step(self.branch, step.name, out.info)
+        if step.check is not None:
+            step.check(out.info)
+        return out
+
+    def _subject(self, loaded: LoadedModel, key: str) -> Subject:
+        return Subject(loaded.model, loaded.tokenizer, self.branch, key, loaded.source)
+
+    def evaluate(self, step: Step, condition: str) -> dict:
+        """The result of evaluation `step` on the branch's model as it stands: from the stage
+        cache (the model is then not even built) or measured now and stored."""
+        key = digest(step.name, self.key, step.config, self.ctx.seed)
+        with self.cache.lock(step.name, key):
+            entry = self.cache.get(step.name, key)
+            if entry is not None and self.restore():
+                self.results.mark_cache(condition, "hit")
+                return entry.meta["info"]
+            loaded = self.model()
+            with self.results.stage(f"{step.name}_{condition}"):
+                self.ctx.seed_everything()
+                info = step.run(self._subject(loaded, key)).info
+            self.cache.put(step.name, key, {"info": info})
+            self.results.mark_cache(condition, self.cache.status)
+        return info

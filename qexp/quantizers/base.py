@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from qexp.core.context import RunContext
 from qexp.core.errors import ConfigError, check
 from qexp.core.geometry import linear_shapes
 from qexp.core.plugin import Plugin, StageResult, Subject
+from qexp.core.registry import build_option, options_where
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -31,6 +31,9 @@ class Quantizer(Plugin, ABC):
 
     # whether `save_quantized=true` writes the library's native artifact to quantized/<branch>/
     saves_artifact: ClassVar[bool] = False
+    # whether the result depends on calibration data, not on the weights alone (GPTQ, AWQ,
+    # AutoRound): no exact boxes, and the matrix plan's `quantize_data_dependent` cost
+    data_dependent: ClassVar[bool] = False
     # whether the quantized model has the input's parameters (de-quantized weights), so the
     # stage cache can store it; False for library modules such as bitsandbytes' Linear4bit
     plain_output: ClassVar[bool] = True
@@ -163,6 +166,11 @@ class GridQuantizer(Quantizer, TensorBoxTarget):
     # whether `neighbours` is implemented (defense=quantguard needs it)
     has_neighbours: ClassVar[bool] = False
 
+    def audit_default(self) -> bool:
+        """Whether `qexp-audit`'s gap check targets this option by default (a deployment a
+        user gets with one flag of a common loader)."""
+        return False
+
     def library_input(self, w: torch.Tensor) -> torch.Tensor:
         """The values the library quantizes for this weight on the user's path (its input
         lattice: the weight itself, unless the library casts first)."""
@@ -204,31 +212,28 @@ class GridQuantizer(Quantizer, TensorBoxTarget):
 
 def grid_options() -> list[str]:
     """The quantizer options with a deterministic grid (preserving intervals)."""
-    from qexp.core.registry import options_where
-
     return options_where("quantizer", lambda cls: issubclass(cls, GridQuantizer))
 
 
 def target_options() -> list[str]:
     """The quantizer options the gap attack can target."""
-    from qexp.core.registry import options_where
-
     return options_where("quantizer", lambda cls: issubclass(cls, BoxTarget))
 
 
 def target_quantizer(name: str, key: str) -> BoxTarget:
     """Quantizer option `name`, which must be a gap-attack target; errors name `key`."""
-    from qexp.core.registry import build_option
-
     targets = target_options()
     check(name in targets, key, name, "quantizers with boxes: " + ", ".join(targets))
     return build_option("quantizer", name, key)
 
 
+def audit_targets() -> list[str]:
+    """The grid quantizer options `qexp-audit`'s gap check targets by default."""
+    return [n for n in grid_options() if build_option("quantizer", n, "quantizer").audit_default()]
+
+
 def grid_quantizer(name: str, key: str) -> GridQuantizer:
     """Quantizer option `name`, which must be a grid quantizer; errors name `key`."""
-    from qexp.core.registry import build_option
-
     grids = grid_options()
     check(name in grids, key, name, "grid quantizers: " + ", ".join(grids))
     return build_option("quantizer", name, key)
@@ -242,12 +247,6 @@ def target_linears(model: nn.Module, skip: Sequence[str]) -> Iterator[tuple[str,
 
 
 GROUP_SIZES = (32, 64, 128, 256)
-
-
-def require_library(module: str, quantizer: str, install: str) -> None:
-    """ConfigError naming the quantizer option when its library `module` is not installed."""
-    if importlib.util.find_spec(module) is None:
-        raise ConfigError("quantizer", quantizer, f"another quantizer, or install: {install}")
 
 
 def check_group_size(group_size: int, per_channel: bool) -> None:

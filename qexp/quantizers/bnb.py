@@ -65,6 +65,10 @@ class BitsAndBytes(GridQuantizer):
     plain_output: ClassVar[bool] = False  # Linear8bitLt / Linear4bit modules
     has_neighbours: ClassVar[bool] = True
 
+    def audit_default(self) -> bool:
+        """Every mode: transformers' `load_in_8bit` / `load_in_4bit` (nf4, fp4) is one flag."""
+        return not self.double_quant
+
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, MODES)
         check_choice("compute_dtype", self.compute_dtype, ("float32", "bfloat16", "float16"))

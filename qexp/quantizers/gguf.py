@@ -51,6 +51,10 @@ class GGUFQuant(GridQuantizer):
     qtype: str = "q4_0"
     skip: List[str] = field(default_factory=lambda: ["lm_head"])
 
+    def audit_default(self) -> bool:
+        """Q4_0, the legacy GGUF type most 4-bit files use."""
+        return self.qtype == "q4_0"
+
     def __post_init__(self) -> None:
         check_choice("qtype", self.qtype, tuple(GGUF_LEVELS))
 

@@ -55,6 +55,10 @@ class RTN(GridQuantizer):
 
     has_neighbours: ClassVar[bool] = True
 
+    def audit_default(self) -> bool:
+        """4-bit asymmetric groups of 128: the weight-only round-to-nearest baseline."""
+        return self.bits == 4 and self.group_size == 128 and not self.symmetric
+
     def __post_init__(self) -> None:
         check_choice("bits", self.bits, (2, 3, 4, 5, 6, 8))
         check(

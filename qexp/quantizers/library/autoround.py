@@ -18,62 +18,53 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.metadata
-import importlib.util
 import io
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, List, Optional
+from typing import ClassVar, Optional
 
 import torch
 import transformers
 
 from qexp.core.context import RunContext
-from qexp.core.errors import check, check_choice
-from qexp.core.io import atomic_dir, atomic_write_text
-from qexp.core.plugin import StageResult, Subject
-from qexp.quantizers.base import (
-    Quantizer,
-    check_group_size,
-    model_widths,
-    require_group_fit,
-    require_library,
-)
-from qexp.quantizers.calib import Calibration
-from qexp.quantizers.library.base import copy_checked, relative_error
+from qexp.core.errors import check
+from qexp.core.plugin import Subject
+from qexp.quantizers.library.base import CalibratedQuantizer, ReadBack
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
-
-EXTRA = "pip install 'qexp[autoround]' (auto-round 0.15.1)"
 FORMAT = "auto_round"
 
 
 @dataclass
-class AutoRoundQuant(Quantizer):
+class AutoRoundQuant(CalibratedQuantizer):
     """`bits` per group of `group_size` input weights, symmetric, tuned for `iters` steps."""
 
+    requires: ClassVar[str] = "auto_round"
+    distributions: ClassVar[tuple[str, ...]] = ("auto-round",)
+    install: ClassVar[str] = "pip install 'qexp[autoround]' (auto-round 0.15.1)"
+    label: ClassVar[str] = "AutoRound"
+    log_name: ClassVar[Optional[str]] = "autoround"
+    group_fit_why: ClassVar[str] = (
+        " (AutoRound's kernels refuse to load a layer the group does not divide)"
+    )
+    fixed_skip: ClassVar[Optional[str]] = "AutoRound quantizes every linear of the decoder blocks, never lm_head"
+    saves_artifact: ClassVar[bool] = True
+    data_dependent: ClassVar[bool] = True
+
     name: str = "autoround4"
-    bits: int = 4
     group_size: int = 64
     sym: bool = True
     iters: int = 200
     lr: Optional[float] = None
     batch_size: int = 8
     kernel_tol: float = 5e-3
-    skip: List[str] = field(default_factory=lambda: ["lm_head"])
-    calibration: Calibration = field(default_factory=Calibration)
-
-    saves_artifact: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        check_choice("bits", self.bits, (2, 3, 4, 8))
-        check_group_size(self.group_size, per_channel=True)
+        super().__post_init__()
         check(
             self.sym is True,
             "sym",
@@ -83,39 +74,36 @@ class AutoRoundQuant(Quantizer):
         )
         check(self.iters >= 1, "iters", self.iters, "an integer >= 1 (AutoRound's default: 200)")
         check(self.lr is None or self.lr > 0, "lr", self.lr, "null (1/iters) or a number > 0")
-        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        check(self.kernel_tol > 0, "kernel_tol", self.kernel_tol, "a number > 0")
-        check(
-            self.skip == ["lm_head"],
-            "skip",
-            self.skip,
-            "[lm_head] (AutoRound quantizes every linear of the decoder blocks, never lm_head)",
-        )
 
-    def check_model(self, config) -> None:
-        require_library("auto_round", self.name, EXTRA)
-        super().check_model(config)
+    def route_stderr(self, log: io.StringIO, ctx: RunContext) -> contextlib.AbstractContextManager:
+        """AutoRound's per-block progress bar stays on the console when `progress` is on."""
+        return contextlib.nullcontext() if ctx.progress else contextlib.redirect_stderr(log)
 
-    def check_widths(self, widths: list[int]) -> None:
-        """AutoRound pads a row the group does not divide, but no CPU kernel loads it."""
-        if self.group_size == -1:
-            return
-        why = " (AutoRound's kernels refuse to load a layer the group does not divide)"
-        require_group_fit(widths, self.group_size, "AutoRound", per_channel=True, why=why)
+    @contextlib.contextmanager
+    def route_log(self, log: io.StringIO, path: Path) -> Iterator[None]:
+        """AutoRound's own console handler (per-block losses) writes into `log`."""
+        import auto_round  # noqa: F401  (its first import installs the console handler)
 
-    @torch.no_grad()
-    def quantize(self, subject: Subject, ctx: RunContext) -> StageResult:
+        handlers = [
+            h
+            for h in logging.getLogger("autoround").handlers
+            if isinstance(h, logging.StreamHandler)
+        ]
+        streams = [h.setStream(log) for h in handlers]
+        try:
+            yield
+        finally:
+            for h, s in zip(handlers, streams):
+                h.setStream(s)
+
+    def run_library(self, subject: Subject, ctx: RunContext, log: io.StringIO) -> dict:
         model, tok = subject.model, subject.tokenizer
         names = [n for n, _ in self.quantized_linears(model)]
-        self.check_widths(model_widths(model, self.skip))
-        seqs = self.calibration.sequences(model, tok, ctx.seed)
-        data = [torch.tensor([s]) for s in seqs]
+        data = [torch.tensor([s]) for s in self.calibration_sequences(subject, ctx)]
         device = next(model.parameters()).device
         ctx.cache_dir.mkdir(parents=True, exist_ok=True)
-        log_file = f"logs/autoround_{subject.branch}.log"
         with (
             tempfile.TemporaryDirectory(dir=ctx.cache_dir, prefix=".autoround-") as tmp,
-            _library_log(ctx.run_dir / log_file, ctx.progress),
             _work_space(Path(tmp) / "work"),
         ):
             from auto_round import AutoRound
@@ -145,46 +133,40 @@ class AutoRoundQuant(Quantizer):
             del tuner, tuned, mods
             # the written model, loaded as a user would, with the library's CPU kernel
             loaded = transformers.AutoModelForCausalLM.from_pretrained(dst, device_map=str(device))
-            checks, kernel = self._read_back(loaded, model, deq)
+            kernels = sorted({_kernel(loaded.get_submodule(n), n) for n in names})
+            checks = self.read_back(_modules(loaded, model, deq), model)
             del loaded
+            info = {
+                "bits": self.bits,
+                "group_size": self.group_size,
+                "iters": self.iters,
+                "calibration": self.calibration.describe(),
+                "format": FORMAT,
+                "kernel": ", ".join(kernels),
+                **self.kernel_info(checks),
+            }
             if ctx.save_quantized:
-                with atomic_dir(ctx.run_dir / "quantized" / subject.branch) as out:
-                    shutil.copytree(dst, out, dirs_exist_ok=True)
-        info = {
-            "library": f"auto-round {importlib.metadata.version('auto-round')}",
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "iters": self.iters,
-            "calibration": self.calibration.describe(),
-            "format": FORMAT,
-            "kernel": kernel,
-            "modules": len(checks),
-            "kernel_vs_dequant_max_rel_err": max(checks.values()),
-        }
-        if ctx.save_quantized:
-            info["artifact"] = str(Path("quantized") / subject.branch)
-        return StageResult(model, info, [log_file])
+                write = lambda out: shutil.copytree(dst, out, dirs_exist_ok=True)  # noqa: E731
+                info.update(self.save_artifact(ctx, subject.branch, write))
+        return info
 
-    def _read_back(
-        self, loaded: PreTrainedModel, model: PreTrainedModel, deq: dict[str, torch.Tensor]
-    ) -> tuple[dict[str, float], str]:
-        """Copy each tuned weight into `model` once the reloaded kernel reproduced it."""
-        errs: dict[str, float] = {}
-        g = torch.Generator().manual_seed(0)
-        kernels = set()
-        for name, w in deq.items():
-            mod, lin = loaded.get_submodule(name), model.get_submodule(name)
-            if isinstance(mod, torch.nn.Linear):
-                raise RuntimeError(f"{name}: AutoRound's checkpoint left this layer unquantized")
-            kernels.add(f"{type(mod).__module__}.{type(mod).__name__}")
-            x = torch.randn(4, lin.in_features, generator=g).to(lin.weight.device)
-            dtype = next(t.dtype for t in mod.buffers() if t.is_floating_point())
-            y_lib = mod(x.to(dtype)).float()
-            bias = None if lin.bias is None else lin.bias.detach().float()
-            rel = relative_error(torch.nn.functional.linear(x, w, bias), y_lib)
-            copy_checked(lin, w, None, rel, self.kernel_tol, name, "AutoRound")
-            errs[name] = rel
-        return errs, ", ".join(sorted(kernels))
+
+def _kernel(mod: torch.nn.Module, name: str) -> str:
+    """The reloaded module's class (a library kernel, never a plain Linear)."""
+    if isinstance(mod, torch.nn.Linear):
+        raise RuntimeError(f"{name}: AutoRound's checkpoint left this layer unquantized")
+    return f"{type(mod).__module__}.{type(mod).__name__}"
+
+
+def _modules(
+    loaded: torch.nn.Module, model: torch.nn.Module, deq: dict[str, torch.Tensor]
+) -> Iterator[ReadBack]:
+    """Each tuned weight against the reloaded kernel (which adds the model's own bias)."""
+    for name, w in deq.items():
+        mod, lin = loaded.get_submodule(name), model.get_submodule(name)
+        dtype = next(t.dtype for t in mod.buffers() if t.is_floating_point())
+        bias = None if lin.bias is None else lin.bias.detach().float()
+        yield ReadBack(name, mod, [w], bias, dtype, copy_bias=False)
 
 
 @contextlib.contextmanager
@@ -199,24 +181,3 @@ def _work_space(path: Path) -> Iterator[None]:
             os.environ.pop("AR_WORK_SPACE", None)
         else:
             os.environ["AR_WORK_SPACE"] = old
-
-
-@contextlib.contextmanager
-def _library_log(path: Path, progress: bool) -> Iterator[None]:
-    """AutoRound's log (its own console handler, per-block losses) into the run's logs/;
-    its per-block progress bar stays on the console when `progress` is on."""
-    import auto_round  # noqa: F401  (its first import installs the console handler)
-
-    log = io.StringIO()
-    handlers = [
-        h for h in logging.getLogger("autoround").handlers if isinstance(h, logging.StreamHandler)
-    ]
-    streams = [h.setStream(log) for h in handlers]
-    err = contextlib.nullcontext() if progress else contextlib.redirect_stderr(log)
-    try:
-        with contextlib.redirect_stdout(log), err:
-            yield
-    finally:
-        for h, s in zip(handlers, streams):
-            h.setStream(s)
-        atomic_write_text(path, log.getvalue())

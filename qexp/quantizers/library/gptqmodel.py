@@ -15,38 +15,23 @@ bf16; `TORCHDYNAMO_DISABLE=1` avoids a ~1 min compile on the first forward.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
-import importlib.util
 import io
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, List, Optional
+from typing import ClassVar, Optional
 
 import torch
 
 from qexp.core.context import RunContext, available_cores
 from qexp.core.errors import check, check_choice
-from qexp.core.io import atomic_dir, atomic_write_text
-from qexp.core.plugin import StageResult, Subject
-from qexp.quantizers.base import (
-    Quantizer,
-    check_group_size,
-    model_widths,
-    require_group_fit,
-    require_library,
-)
-from qexp.quantizers.calib import Calibration
-from qexp.quantizers.library.base import copy_checked, copy_rest, relative_error
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+from qexp.core.plugin import Subject
+from qexp.quantizers.library.base import CalibratedQuantizer, ReadBack
 
 METHODS = ("gptq", "awq", "gguf")
 GGUF_KQUANTS = ("q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
-EXTRA = "pip install 'qexp[gptq]' (GPTQModel 7.6)"
 
 
 def _env() -> None:
@@ -55,41 +40,38 @@ def _env() -> None:
 
 
 @dataclass
-class GPTQModelQuant(Quantizer):
+class GPTQModelQuant(CalibratedQuantizer):
     """`method=gptq|awq` (bits, group, sym, act-order, damp) or `method=gguf` (k-quant type)."""
+
+    requires: ClassVar[str] = "gptqmodel"
+    distributions: ClassVar[tuple[str, ...]] = ("gptqmodel",)
+    install: ClassVar[str] = "pip install 'qexp[gptq]' (GPTQModel 7.6)"
+    label: ClassVar[str] = "GPTQModel"
+    log_name: ClassVar[Optional[str]] = "gptqmodel"
+    fixed_skip: ClassVar[Optional[str]] = "GPTQModel quantizes every decoder linear and never lm_head here"
+    saves_artifact: ClassVar[bool] = True
+    data_dependent: ClassVar[bool] = True
 
     name: str = "gptq4"
     method: str = "gptq"
-    bits: int = 4
     group_size: int = 128
     sym: bool = True
     desc_act: bool = False
     damp: float = 0.01
     gguf_type: Optional[str] = None
-    batch_size: int = 4
     kernel_tol: float = 0.02
-    skip: List[str] = field(default_factory=lambda: ["lm_head"])
-    calibration: Calibration = field(default_factory=Calibration)
-
-    saves_artifact: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
         if self.method == "gguf":
             check_choice("gguf_type", self.gguf_type, GGUF_KQUANTS)
         else:
-            check_choice("bits", self.bits, (2, 3, 4, 8))
-            check_group_size(self.group_size, per_channel=True)
             check(0.0 < self.damp < 1.0, "damp", self.damp, "a fraction in (0, 1)")
-        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        check(self.kernel_tol > 0, "kernel_tol", self.kernel_tol, "a number > 0")
-        check(
-            self.skip == ["lm_head"],
-            "skip",
-            self.skip,
-            "[lm_head] (GPTQModel quantizes every decoder linear and never lm_head here)",
-        )
-        require_library("gptqmodel", self.name, EXTRA)
+        super().__post_init__()
+
+    def needs_group_fit(self) -> bool:
+        """AWQ needs every in_features to be a multiple of the group (GPTQ pads, AWQ refuses)."""
+        return self.method == "awq" and self.group_size != -1
 
     def library_config(self):
         """The GPTQModel quantization config."""
@@ -104,97 +86,52 @@ class GPTQModelQuant(Quantizer):
             return QuantizeConfig(quant_method=METHOD.AWQ, format=FORMAT.GEMM, **kw)
         return QuantizeConfig(desc_act=self.desc_act, damp_percent=self.damp, **kw)
 
-    @torch.no_grad()
-    def quantize(self, subject: Subject, ctx: RunContext) -> StageResult:
+    def route_log(self, log: io.StringIO, path: Path) -> contextlib.AbstractContextManager:
+        """GPTQModel's per-processor log files (cwd-relative `./logs/` by default) go to the
+        run dir's logs/."""
+        from gptqmodel.looper import loop_processor
+
+        loop_processor._PROJECT_LOG_DIR = path.parent  # private, 7.6: a cwd-relative Path
+        return contextlib.nullcontext()
+
+    def run_library(self, subject: Subject, ctx: RunContext, log: io.StringIO) -> dict:
         model, tok = subject.model, subject.tokenizer
         _env()
-        self.check_widths(model_widths(model, self.skip))
-        seqs = self.calibration.sequences(model, tok, ctx.seed)
+        seqs = self.calibration_sequences(subject, ctx)
         calib = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in seqs]
         ctx.cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=ctx.cache_dir, prefix=".gptqmodel-") as tmp:
             src, dst = Path(tmp) / "fp", Path(tmp) / "quantized"
             model.save_pretrained(src, safe_serialization=True)
             tok.save_pretrained(src)
-            log_file = f"logs/gptqmodel_{subject.branch}.log"
-            with self._library_log(ctx.run_dir / log_file):
-                from gptqmodel import BACKEND, GPTQModel
+            from gptqmodel import BACKEND, GPTQModel
 
-                kernel = {
-                    "gptq": BACKEND.TORCH,
-                    "awq": BACKEND.AWQ_TORCH,
-                    "gguf": BACKEND.GGUF_TORCH,
-                }[self.method]
-                qm = GPTQModel.load(str(src), self.library_config(), device="cpu", backend=kernel)
-                qm.quantize(calib, batch_size=self.batch_size, backend=kernel)
-                qm.save(str(dst))
-                del qm
-                # the saved artifact, loaded as a user would, with the library's CPU kernel
-                qm = GPTQModel.load(str(dst), device="cpu", backend=kernel)
-            checks = self._read_back(qm.model, model)
+            kernel = {"gptq": BACKEND.TORCH, "awq": BACKEND.AWQ_TORCH, "gguf": BACKEND.GGUF_TORCH}
+            backend = kernel[self.method]
+            qm = GPTQModel.load(str(src), self.library_config(), device="cpu", backend=backend)
+            qm.quantize(calib, batch_size=self.batch_size, backend=backend)
+            qm.save(str(dst))
             del qm
+            # the saved artifact, loaded as a user would, with the library's CPU kernel
+            qm = GPTQModel.load(str(dst), device="cpu", backend=backend)
+            checks = self.read_back(self._modules(qm.model), model)
+            self.copy_rest(qm.model, model, checks)
+            del qm
+            info = {"method": self.method, "calibration": self.calibration.describe()}
+            info.update(self.kernel_info(checks))
             if ctx.save_quantized:
-                with atomic_dir(ctx.run_dir / "quantized" / subject.branch) as out:
-                    shutil.copytree(dst, out, dirs_exist_ok=True)
-        info = {
-            "library": f"gptqmodel {importlib.metadata.version('gptqmodel')}",
-            "method": self.method,
-            "calibration": self.calibration.describe(),
-            "modules": len(checks),
-            "kernel_vs_dequant_max_rel_err": max(checks.values()),
-        }
-        if ctx.save_quantized:
-            info["artifact"] = str(Path("quantized") / subject.branch)
-        return StageResult(model, info, [log_file])
+                write = lambda out: shutil.copytree(dst, out, dirs_exist_ok=True)  # noqa: E731
+                info.update(self.save_artifact(ctx, subject.branch, write))
+        return info
 
-    def check_widths(self, widths: list[int]) -> None:
-        """AWQ needs every in_features to be a multiple of the group (GPTQ pads, AWQ refuses)."""
-        if self.method != "awq" or self.group_size == -1:
-            return
-        require_group_fit(widths, self.group_size, "AWQ", per_channel=True)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _library_log(path: Path):
-        """Send GPTQModel's very verbose console output, and the per-processor log files it
-        writes to `./logs/` by default, into the run dir's logs/."""
-        from gptqmodel.looper import loop_processor
-
-        loop_processor._PROJECT_LOG_DIR = path.parent  # private, 7.6: a cwd-relative Path
-        log = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                yield
-        finally:
-            atomic_write_text(path, log.getvalue())
-
-    def _read_back(self, qmodel: torch.nn.Module, model: PreTrainedModel) -> dict[str, float]:
-        """Copy the quantized model into `model`: de-quantized weights, each checked against
-        the library's kernel, and every other parameter (AWQ rescales the norms before it)."""
-        errs: dict[str, float] = {}
-        g = torch.Generator().manual_seed(0)
-        quantized = set()
+    def _modules(self, qmodel: torch.nn.Module):
+        """Each GPTQModel quantized linear, its de-quantized weight (as stored, or
+        transposed) and the dtype its CPU kernel computes in."""
         for name, mod in qmodel.named_modules():
             w = _dequantized(mod)
-            if w is None:
-                continue
-            quantized.add(name)
-            lin = model.get_submodule(name)
-            x = torch.randn(4, lin.in_features, generator=g)
-            y_lib = mod(x.to(_dtype(mod))).float().reshape(4, -1)
-            bias = None if getattr(mod, "bias", None) is None else mod.bias.float()
-            scored = []
-            for cand in (w, w.T):
-                if cand.shape == lin.weight.shape:
-                    y = torch.nn.functional.linear(x, cand, bias)
-                    scored.append((relative_error(y, y_lib), cand))
-            if not scored:
-                raise RuntimeError(f"{name}: de-quantized shape {tuple(w.shape)} does not fit")
-            rel, best = min(scored, key=lambda t: t[0])
-            copy_checked(lin, best, bias, rel, self.kernel_tol, name, "GPTQModel")
-            errs[name] = rel
-        copy_rest(qmodel, model, quantized, "GPTQModel")
-        return errs
+            if w is not None:
+                bias = None if getattr(mod, "bias", None) is None else mod.bias.float()
+                yield ReadBack(name, mod, [w, w.T], bias, _dtype(mod))
 
 
 def _dequantized(mod: torch.nn.Module) -> Optional[torch.Tensor]:

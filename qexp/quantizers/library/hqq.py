@@ -22,53 +22,30 @@ evaluated on hqq's own result, not assumed.
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, List
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-from tqdm.auto import tqdm
+from torch import nn
 
-from qexp.core.context import RunContext
-from qexp.core.errors import check_choice
-from qexp.core.plugin import StageResult, Subject
-from qexp.quantizers.base import (
-    TensorBoxTarget,
-    Quantizer,
-    check_group_size,
-    model_widths,
-    require_group_fit,
-    require_library,
-)
-from qexp.quantizers.library.base import copy_module_checked
-
-EXTRA = "pip install 'qexp[hqq]' (hqq 0.2.8; DISABLE_CUDA=1 skips its CUDA extension)"
+from qexp.quantizers.base import TensorBoxTarget
+from qexp.quantizers.library.base import ModuleQuantizer
 
 
 @dataclass
-class HQQQuant(Quantizer, TensorBoxTarget):
+class HQQQuant(ModuleQuantizer, TensorBoxTarget):
     """`bits` (2, 3, 4, 8) per group of `group_size` input weights, scale and zero point."""
 
+    requires: ClassVar[str] = "hqq"
+    distributions: ClassVar[tuple[str, ...]] = ("hqq",)
+    install: ClassVar[str] = (
+        "pip install 'qexp[hqq]' (hqq 0.2.8; DISABLE_CUDA=1 skips its CUDA extension)"
+    )
+    label: ClassVar[str] = "hqq"
     exact_boxes: ClassVar[bool] = False
 
     name: str = "hqq4"
-    bits: int = 4
     group_size: int = 64
-    kernel_tol: float = 1e-5
-    skip: List[str] = field(default_factory=lambda: ["lm_head"])
-
-    def __post_init__(self) -> None:
-        check_choice("bits", self.bits, (2, 3, 4, 8))
-        check_group_size(self.group_size, per_channel=False)
-
-    def check_model(self, config: Any) -> None:
-        require_library("hqq", self.name, EXTRA)
-        super().check_model(config)
-
-    def check_widths(self, widths: list[int]) -> None:
-        """hqq groups the flattened weight: a group must not straddle two rows."""
-        require_group_fit(widths, self.group_size, "hqq", per_channel=False)
 
     def library_config(self) -> dict:
         """hqq's quantization config (`BaseQuantizeConfig`)."""
@@ -76,31 +53,13 @@ class HQQQuant(Quantizer, TensorBoxTarget):
 
         return BaseQuantizeConfig(nbits=self.bits, group_size=self.group_size)
 
-    @torch.no_grad()
-    def quantize(self, subject: Subject, ctx: RunContext) -> StageResult:
+    def library_module(self, name: str, lin: nn.Linear, notes: dict) -> nn.Module:
         from hqq.core.quantize import HQQBackend, HQQLinear
 
-        model = subject.model
-        self.check_widths(model_widths(model, self.skip))
         HQQLinear.set_backend(HQQBackend.PYTORCH)  # hqq's default; the others need CUDA
+        w = lin.weight
         cfg = self.library_config()
-        gen = torch.Generator().manual_seed(ctx.seed)
-        layers = list(self.quantized_linears(model))
-        worst = 0.0
-        for name, lin in tqdm(layers, desc=self.name, disable=not ctx.progress, leave=False):
-            w = lin.weight
-            q = HQQLinear(lin, cfg, del_orig=False, compute_dtype=w.dtype, device=str(w.device))
-            rel = copy_module_checked(lin, q, gen, self.kernel_tol, name, "hqq")
-            worst = max(worst, rel)
-            del q
-        info = {
-            "library": f"hqq {importlib.metadata.version('hqq')}",
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "modules": len(layers),
-            "kernel_vs_dequant_max_rel_err": worst,
-        }
-        return StageResult(model, info)
+        return HQQLinear(lin, cfg, del_orig=False, compute_dtype=w.dtype, device=str(w.device))
 
     # ---- gap-attack target -------------------------------------------------------------
     def _encode(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

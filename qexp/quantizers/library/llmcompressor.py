@@ -22,60 +22,51 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.metadata
-import importlib.util
 import io
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, List
+from typing import ClassVar, Optional
 
 import torch
 
 from qexp.core.context import RunContext
 from qexp.core.errors import check, check_choice
-from qexp.core.io import atomic_dir, atomic_write_text
-from qexp.core.plugin import StageResult, Subject
-from qexp.quantizers.base import (
-    Quantizer,
-    check_group_size,
-    model_widths,
-    require_group_fit,
-    require_library,
-)
-from qexp.quantizers.calib import Calibration
-from qexp.quantizers.library.base import copy_checked, copy_rest, relative_error
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+from qexp.core.plugin import Subject
+from qexp.quantizers.library.base import CalibratedQuantizer, ReadBack
 
 METHODS = ("gptq", "awq")
-EXTRA = "pip install 'qexp[llmcompressor]' (llm-compressor 0.14)"
 LOG_FORMAT = "{time:HH:mm:ss.SSS} | {name}:{function} | {level} - {message}"
 
 
 @dataclass
-class LLMCompressorQuant(Quantizer):
+class LLMCompressorQuant(CalibratedQuantizer):
     """`method=gptq|awq` with bits, group, sym, act-order (GPTQ) and dampening (GPTQ)."""
+
+    requires: ClassVar[str] = "llmcompressor"
+    distributions: ClassVar[tuple[str, ...]] = ("llmcompressor", "compressed-tensors")
+    install: ClassVar[str] = "pip install 'qexp[llmcompressor]' (llm-compressor 0.14)"
+    label: ClassVar[str] = "llm-compressor"
+    log_name: ClassVar[Optional[str]] = "llmcompressor"
+    bits_allowed: ClassVar[tuple[int, ...]] = (4, 8)
+    group_fit_why: ClassVar[str] = (
+        " (llm-compressor refuses groups that split a row; SmolLM2-135M needs 64)"
+    )
+    saves_artifact: ClassVar[bool] = True
+    data_dependent: ClassVar[bool] = True
 
     name: str = "gptq4_llmc"
     method: str = "gptq"
-    bits: int = 4
     group_size: int = 128
     sym: bool = True
     desc_act: bool = False
     damp: float = 0.01
-    batch_size: int = 4
     kernel_tol: float = 0.02
-    skip: List[str] = field(default_factory=lambda: ["lm_head"])
-    calibration: Calibration = field(default_factory=Calibration)
-
-    saves_artifact: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
-        check_choice("bits", self.bits, (4, 8))
-        check_group_size(self.group_size, per_channel=True)
+        super().__post_init__()
         check(0.0 < self.damp < 1.0, "damp", self.damp, "a fraction in (0, 1)")
         check(
             not (self.desc_act and self.method == "awq"),
@@ -83,15 +74,12 @@ class LLMCompressorQuant(Quantizer):
             self.desc_act,
             "false with method=awq (act-order is a GPTQ option)",
         )
-        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        check(self.kernel_tol > 0, "kernel_tol", self.kernel_tol, "a number > 0")
         check(
             "lm_head" in self.skip and all(isinstance(s, str) and s for s in self.skip),
             "skip",
             self.skip,
             "a list of module-name substrings that includes lm_head (tied to the embeddings)",
         )
-        require_library("llmcompressor", self.name, EXTRA)
 
     def scheme(self):
         """The compressed-tensors weight scheme: int `bits`, per group (or channel), W-only."""
@@ -128,11 +116,25 @@ class LLMCompressorQuant(Quantizer):
             )
         ]
 
-    @torch.no_grad()
-    def quantize(self, subject: Subject, ctx: RunContext) -> StageResult:
+    @contextlib.contextmanager
+    def route_log(self, log: io.StringIO, path: Path) -> Iterator[None]:
+        """llm-compressor's loguru messages (INFO and up, per-module GPTQ metrics) into `log`:
+        its first import warns (no accelerator) and installs a console handler, replaced by
+        one to `log` for the duration."""
+        from llmcompressor.logger import LoggerConfig, configure_logger
+        from loguru import logger
+
+        configure_logger(LoggerConfig(console_log_level=None))
+        sink = logger.add(log, level="INFO", format=LOG_FORMAT, colorize=False)
+        try:
+            yield
+        finally:
+            logger.remove(sink)
+            configure_logger(LoggerConfig())  # the library's default: console, INFO
+
+    def run_library(self, subject: Subject, ctx: RunContext, log: io.StringIO) -> dict:
         model, tok = subject.model, subject.tokenizer
-        self.check_widths(model_widths(model, self.skip))
-        seqs = self.calibration.sequences(model, tok, ctx.seed)
+        seqs = self.calibration_sequences(subject, ctx)
         device = next(model.parameters()).device
         data = [
             {"input_ids": torch.tensor(s), "attention_mask": torch.ones(len(s), dtype=torch.long)}
@@ -143,13 +145,12 @@ class LLMCompressorQuant(Quantizer):
         ignore = sorted(set(ignore) - {n for n, _ in self.quantized_linears(model)})
         qmodel = copy.deepcopy(model)
         ctx.cache_dir.mkdir(parents=True, exist_ok=True)
-        log_file = f"logs/llmcompressor_{subject.branch}.log"
-        log_path = ctx.run_dir / log_file
+        info = {"method": self.method, "calibration": self.calibration.describe()}
         with tempfile.TemporaryDirectory(dir=ctx.cache_dir, prefix=".llmcompressor-") as tmp:
             # oneshot re-reads the config from `name_or_path` to refuse pre-quantized models
             qmodel.config.save_pretrained(tmp)
             qmodel.config.name_or_path = tmp
-            with self._library_log(log_path) as log, _cpu_safe():
+            with _cpu_safe():
                 from llmcompressor import oneshot
                 from llmcompressor.core import reset_session
 
@@ -165,91 +166,40 @@ class LLMCompressorQuant(Quantizer):
                     )
                 finally:
                     reset_session()  # the global session would keep the copy alive
-                checks = self._read_back(qmodel, model, device)
+                checks = self.read_back(self._modules(qmodel, device), model)
+                self.copy_rest(qmodel, model, checks)
+                info.update(self.kernel_info(checks))
                 if ctx.save_quantized:
                     qmodel.config.name_or_path = model.config.name_or_path
-                    with atomic_dir(ctx.run_dir / "quantized" / subject.branch) as out:
-                        qmodel.save_pretrained(out, save_compressed=True)
+
+                    def write(out: Path, qm: torch.nn.Module = qmodel) -> None:
+                        qm.save_pretrained(out, save_compressed=True)
                         tok.save_pretrained(out)
+
+                    info.update(self.save_artifact(ctx, subject.branch, write))
         del qmodel
-        info = {
-            "library": f"llmcompressor {importlib.metadata.version('llmcompressor')}, "
-            f"compressed-tensors {importlib.metadata.version('compressed-tensors')}",
-            "method": self.method,
-            "calibration": self.calibration.describe(),
-            "modules": len(checks),
-            "kernel_vs_dequant_max_rel_err": max(checks.values()),
-        }
         fallback = [ln for ln in log.getvalue().splitlines() if "Hessian inversion failed" in ln]
         if fallback:  # llm-compressor quietly used round-to-nearest for some modules
             info["gptq_rtn_fallback"] = fallback[-1].split(" - ", 1)[-1]
-        if ctx.save_quantized:
-            info["artifact"] = str(Path("quantized") / subject.branch)
-        return StageResult(model, info, [log_file])
+        return info
 
-    def check_widths(self, widths: list[int]) -> None:
-        """llm-compressor refuses a group that does not divide a layer's input width."""
-        if self.group_size == -1:
-            return
-        why = " (llm-compressor refuses groups that split a row; SmolLM2-135M needs 64)"
-        require_group_fit(widths, self.group_size, "llm-compressor", per_channel=True, why=why)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _library_log(path: Path):
-        """Send llm-compressor's loguru messages (INFO and up, per-module GPTQ metrics) and
-        the progress bars and warnings on stdout/stderr into the run dir's logs/. Yields the
-        captured text buffer."""
-        log = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                # the first import warns (no accelerator) and installs a console handler:
-                # replace it with one to `log` for the duration
-                from llmcompressor.logger import LoggerConfig, configure_logger
-                from loguru import logger
-
-                configure_logger(LoggerConfig(console_log_level=None))
-                sink = logger.add(log, level="INFO", format=LOG_FORMAT, colorize=False)
-                try:
-                    yield log
-                finally:
-                    logger.remove(sink)
-                    configure_logger(LoggerConfig())  # the library's default: console, INFO
-        finally:
-            atomic_write_text(path, log.getvalue())
-
-    def _read_back(
-        self, qmodel: torch.nn.Module, model: PreTrainedModel, device: torch.device
-    ) -> dict[str, float]:
-        """Copy the quantized copy into `model`: de-quantized weights (packed and unpacked by
-        compressed-tensors, checked against the library's forward) and every other parameter."""
+    def _modules(self, qmodel: torch.nn.Module, device: torch.device) -> Iterator[ReadBack]:
+        """Each quantized module's weight, packed and unpacked by compressed-tensors' own
+        compressor (as `save_pretrained(save_compressed=True)` and a loader do)."""
         from compressed_tensors.compressors import BaseCompressor
         from compressed_tensors.compressors.format import infer_module_format
         from compressed_tensors.utils import get_direct_state_dict
 
-        errs: dict[str, float] = {}
-        g = torch.Generator().manual_seed(0)
-        quantized = set()
         for name, mod in qmodel.named_modules():
             scheme = getattr(mod, "quantization_scheme", None)
             if scheme is None or scheme.weights is None:
                 continue
-            quantized.add(name)
             fmt = scheme.format or infer_module_format(type(mod), scheme)
             compressor = BaseCompressor.get_value_from_registry(getattr(fmt, "value", fmt))
-            state = get_direct_state_dict(mod)
-            packed = compressor.compress(state, scheme)
+            packed = compressor.compress(get_direct_state_dict(mod), scheme)
             w = compressor.decompress(packed, scheme)["weight"].float()
-            lin = model.get_submodule(name)
-            x = torch.randn(4, lin.in_features, generator=g).to(device)
-            y_lib = mod(x.to(mod.weight.dtype)).float()
             bias = None if mod.bias is None else mod.bias.float()
-            y = torch.nn.functional.linear(x, w.to(device), bias)
-            rel = relative_error(y, y_lib)
-            copy_checked(lin, w, bias, rel, self.kernel_tol, name, "llm-compressor")
-            errs[name] = rel
-        copy_rest(qmodel, model, quantized, "llm-compressor")
-        return errs
+            yield ReadBack(name, mod, [w], bias, mod.weight.dtype)
 
 
 @contextlib.contextmanager

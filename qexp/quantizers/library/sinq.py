@@ -30,67 +30,47 @@ weights, so attacked_q is sinq's own result on the repaired model, evaluated.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
-import importlib.util
 import io
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, List
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-from tqdm.auto import tqdm
+from torch import nn
 
-from qexp.core.context import RunContext
-from qexp.core.errors import check_choice
-from qexp.core.plugin import StageResult, Subject
-from qexp.quantizers.base import (
-    TensorBoxTarget,
-    Quantizer,
-    check_group_size,
-    model_widths,
-    require_group_fit,
-    require_library,
-)
-from qexp.quantizers.library.base import copy_module_checked
+from qexp.quantizers.base import TensorBoxTarget
+from qexp.quantizers.library.base import ModuleQuantizer
 
 log = logging.getLogger(__name__)
 
-EXTRA = (
-    "pip install --no-deps sinq==0.2.0 (its declared torchaudio/gemlite pull a CUDA torch; "
-    "then remove the sitecustomize.py it puts in site-packages, as `make setup` does)"
-)
 KURTOSIS_THRESHOLD = 5.0  # sinq 0.2.0's optimize_weights default: above it, round-to-nearest
 
 
 @dataclass
-class SINQQuant(Quantizer, TensorBoxTarget):
+class SINQQuant(ModuleQuantizer, TensorBoxTarget):
     """`bits` per group of `group_size` input weights, dual scales, zero point per group."""
 
+    requires: ClassVar[str] = "sinq"
+    distributions: ClassVar[tuple[str, ...]] = ("sinq",)
+    install: ClassVar[str] = (
+        "pip install --no-deps sinq==0.2.0 (its declared torchaudio/gemlite pull a CUDA torch; "
+        "then remove the sitecustomize.py it puts in site-packages, as `make setup` does)"
+    )
+    label: ClassVar[str] = "sinq"
+    bits_allowed: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 8)
     exact_boxes: ClassVar[bool] = False
 
     name: str = "sinq4"
-    bits: int = 4
     group_size: int = 64
-    kernel_tol: float = 1e-5
-    skip: List[str] = field(default_factory=lambda: ["lm_head"])
 
-    def __post_init__(self) -> None:
-        check_choice("bits", self.bits, (2, 3, 4, 5, 6, 8))
-        check_group_size(self.group_size, per_channel=False)
-
-    def check_model(self, config: Any) -> None:
-        require_library("sinq", self.name, EXTRA)
+    def validate_environment(self) -> None:
+        super().validate_environment()
         if os.environ.get("SINQ_PTH_LOADED") == "1":
             log.warning(
                 "sinq's sitecustomize.py patched transformers' from_pretrained in this "
                 "interpreter; set SINQ_AUTO_PATCH=0 or remove site-packages/sitecustomize.py"
             )
-        super().check_model(config)
-
-    def check_widths(self, widths: list[int]) -> None:
-        """sinq groups the flattened weight: a group must not straddle two rows."""
-        require_group_fit(widths, self.group_size, "sinq", per_channel=False)
 
     def library_config(self) -> dict:
         """The quant_config transformers' SinqConfig hands SINQLinear."""
@@ -107,45 +87,28 @@ class SINQQuant(Quantizer, TensorBoxTarget):
             method="sinq",
         )
 
-    @torch.no_grad()
-    def quantize(self, subject: Subject, ctx: RunContext) -> StageResult:
-        model = subject.model
-        self.check_widths(model_widths(model, self.skip))
+    def notes(self) -> dict:
+        return {"method": "sinq", "rtn_fallback": []}
+
+    def library_module(self, name: str, lin: nn.Linear, notes: dict) -> nn.Module:
         with contextlib.redirect_stdout(io.StringIO()):  # "No gemlite installation, ..."
             from sinq.optimize import kurtosis
             from sinq.sinqlinear_hf import SINQLinear
-        cfg = self.library_config()
-        gen = torch.Generator().manual_seed(ctx.seed)
-        layers = list(self.quantized_linears(model))
-        worst, fallback = 0.0, []
-        for name, lin in tqdm(layers, desc=self.name, disable=not ctx.progress, leave=False):
-            w = lin.weight.detach()
-            solver = torch.float32 if w.device == "cpu" else torch.float16  # sinq's own test
-            if float(kurtosis(w.to(solver))) > KURTOSIS_THRESHOLD:
-                fallback.append(name)
-            q = SINQLinear(
-                in_features=lin.in_features,
-                out_features=lin.out_features,
-                bias=lin.bias is not None,
-                quant_config=cfg,
-                compute_dtype=w.dtype,
-                device=str(w.device),
-                use_unpack_kernel=True,
-            )
-            q.quantize(w, bias=lin.bias)
-            rel = copy_module_checked(lin, q, gen, self.kernel_tol, name, "sinq")
-            worst = max(worst, rel)
-            del q
-        info = {
-            "library": f"sinq {importlib.metadata.version('sinq')}",
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "method": "sinq",
-            "modules": len(layers),
-            "rtn_fallback": fallback,
-            "kernel_vs_dequant_max_rel_err": worst,
-        }
-        return StageResult(model, info)
+        w = lin.weight.detach()
+        solver = torch.float32 if w.device == "cpu" else torch.float16  # sinq's own test
+        if float(kurtosis(w.to(solver))) > KURTOSIS_THRESHOLD:
+            notes["rtn_fallback"].append(name)
+        q = SINQLinear(
+            in_features=lin.in_features,
+            out_features=lin.out_features,
+            bias=lin.bias is not None,
+            quant_config=self.library_config(),
+            compute_dtype=w.dtype,
+            device=str(w.device),
+            use_unpack_kernel=True,
+        )
+        q.quantize(w, bias=lin.bias)
+        return q
 
     # ---- gap-attack target -------------------------------------------------------------
     def _encode(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

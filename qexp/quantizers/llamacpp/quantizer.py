@@ -71,9 +71,12 @@ class LlamaCppQuant(Quantizer, BoxTarget):
         check_choice("source_dtype", self.source_dtype, SOURCE_DTYPES)
         check(not self.skip, "skip", self.skip, "[] (llama.cpp's own rules choose the tensors)")
 
-    def check_model(self, config: Any) -> None:
+    def validate_environment(self) -> None:
+        """llama.cpp's quantizers (libggml-base) are built."""
         if not ggml.available():
             raise ConfigError("quantizer", self.name, "llama.cpp's quantizers: " + ggml.INSTALL)
+
+    def check_model(self, config: Any) -> None:
         model_type = getattr(config, "model_type", None)
         check(
             model_type in ARCHS,
