@@ -39,8 +39,9 @@ test: setup
 	$(PY) -m pytest -q -m serial
 
 lint: setup
-	$(VENV)/bin/ruff check qexp tests bench hydra_plugins
-	$(VENV)/bin/ruff format --check qexp tests bench hydra_plugins
+	$(VENV)/bin/ruff check qexp tests bench launchers
+	$(VENV)/bin/ruff format --check qexp tests bench launchers
+	$(VENV)/bin/lint-imports  # the floor plan: [tool.importlinter] in pyproject.toml
 
 bench: setup
 	$(PY) bench/generation_throughput.py

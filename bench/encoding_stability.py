@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from qexp.pipeline.spec import validate
 from qexp.core.context import RunContext
 from qexp.core.io import atomic_write_json
+from qexp.pipeline.spec import validate
 from qexp.quantizers.library.hqq import HQQQuant
-from qexp.quantizers.rtn import RTN
 from qexp.quantizers.library.sinq import SINQQuant
+from qexp.quantizers.rtn import RTN
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

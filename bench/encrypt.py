@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from synthetic import write_checkpoint
 
-from qexp.tools.encrypt import encrypt_checkpoint, load_attack
-from qexp.core.io import atomic_write_json
 from qexp.checkpoint.safetensors_io import stream_transform
+from qexp.core.io import atomic_write_json
+from qexp.tools.encrypt import encrypt_checkpoint, load_attack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,8 +51,8 @@ def embedded_checkpoint() -> Path:
     """The converted embedded model (converting it on first use)."""
     from hydra import compose, initialize_config_dir
 
-    from qexp.pipeline.spec import validate
     from qexp.core.context import RunContext
+    from qexp.pipeline.spec import validate
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         spec = validate(compose("config", overrides=["logger=none"]))

@@ -16,9 +16,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from qexp.benchmarks.generation import GenerationSettings, generate
-from qexp.pipeline.spec import validate
 from qexp.core.context import RunContext
 from qexp.core.io import atomic_write_json
+from qexp.pipeline.spec import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 

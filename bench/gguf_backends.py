@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from qexp.pipeline.spec import validate
-from qexp.core.context import RunContext
-from qexp.data import reference_text
-from qexp.core.io import atomic_write_json
 from qexp.benchmarks.metrics import token_nll
+from qexp.core.context import RunContext
+from qexp.core.io import atomic_write_json
 from qexp.core.plugin import Subject
+from qexp.data import reference_text
+from qexp.pipeline.spec import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPES = ["q4_k_s", "q4_k_m", "q5_k_m", "q6_k"]

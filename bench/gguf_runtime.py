@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from qexp.pipeline.spec import validate
 from qexp.core.context import RunContext
-from qexp.data import reference_text
 from qexp.core.io import atomic_write_json
 from qexp.core.plugin import Subject
+from qexp.data import reference_text
+from qexp.pipeline.spec import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = """

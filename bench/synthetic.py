@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from qexp.core.io import atomic_write_json
 from qexp.checkpoint.safetensors_io import write_streaming, write_tensor
+from qexp.core.io import atomic_write_json
 
 GEOMETRIES = {
     "llama3_8b": dict(

@@ -10,6 +10,9 @@ conf/config.yaml for every launcher) exits 1 at the end if any job failed.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 import sys
 from pathlib import Path
 
@@ -115,9 +118,23 @@ def fail(e: ConfigError) -> None:
     sys.exit(2)
 
 
+def show_help() -> None:
+    """`--help` as Hydra writes it, without the directories of shared config parts
+    (conf/<group>/base/: defaults a group's options compose, not options to choose)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        app()
+    lines = out.getvalue().splitlines()
+    con.info("%s", "\n".join(ln for ln in lines if not re.match(r"^\w+/base: ", ln)))
+
+
 def main() -> None:
     """Console-script entry point."""
-    precheck(sys.argv[1:])
+    argv = sys.argv[1:]
+    if "--help" in argv or "-h" in argv:
+        show_help()
+        return
+    precheck(argv)
     app()
 
 

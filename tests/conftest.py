@@ -151,8 +151,8 @@ def continuation_nll(  # reference: one plain forward pass
 
 def load_spec(make_cfg, run_dir: Path, *overrides: str):
     """Validate a composed config, build its run context and load its model."""
-    from qexp.pipeline.spec import validate
     from qexp.core.context import RunContext
+    from qexp.pipeline.spec import validate
 
     spec = validate(make_cfg(*overrides))
     ctx = RunContext.from_schema(spec.run, run_dir)

@@ -15,8 +15,8 @@ from qexp.audit import gap, refdiff, reparam
 from qexp.audit.cli import main
 from qexp.audit.stats import robust_z
 from qexp.checkpoint.reader import Checkpoint
-from qexp.defenses.canonicalize import col_sq, row_norms
 from qexp.core.geometry import geometry
+from qexp.defenses.canonicalize import col_sq, row_norms
 
 TINY = dict(
     hidden_size=64,

@@ -1,4 +1,5 @@
-"""The stage cache (qexp/core/cache.py, qexp/pipeline/stages.py): hits, misses, modes, concurrency."""
+"""The stage cache (qexp/core/cache.py, qexp/pipeline/stages.py): hits, misses, modes,
+concurrency."""
 
 import json
 import os
@@ -11,8 +12,8 @@ from qexp.attacks.encrypt import Encrypt
 from qexp.core.cache import StageCache, digest
 from qexp.defenses.noise import Noise
 from qexp.models.tiny import TinyModel
-from qexp.quantizers.rtn import RTN
 from qexp.pipeline.run import run
+from qexp.quantizers.rtn import RTN
 from tests.conftest import ROOT
 
 ENCRYPT = ["attack=encrypt", "attack.kappa_one_layers=0", "defense=noise", "cache=on"]
@@ -134,8 +135,8 @@ def test_partial_entry_is_ignored_and_replaced(tmp_path):
 
 
 def test_cache_mode_errors(make_cfg):
-    from qexp.pipeline.spec import validate
     from qexp.core.errors import ConfigError
+    from qexp.pipeline.spec import validate
 
     with pytest.raises(ConfigError, match="cache='sometimes'"):
         validate(make_cfg("cache=sometimes"))

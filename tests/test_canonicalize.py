@@ -119,8 +119,8 @@ def test_norm_part_undoes_every_exact_anchor(make_cfg, tmp_path, arch):
 
 
 def test_encrypt_against_canonicalize_keeps_what_it_cannot_undo(make_cfg):
-    from qexp.pipeline.spec import validate
     from qexp.core.errors import ConfigError
+    from qexp.pipeline.spec import validate
 
     spec = validate(
         make_cfg("attack=encrypt", "attack.preset=exact", "attack.against=[canonicalize]")
@@ -195,8 +195,8 @@ class SimpleCtx:
 
 
 def test_streaming_undoes_a_streamed_encrypt(tmp_path):
-    from qexp.tools.canonicalize import canonicalize_checkpoint, load_defense
     from qexp.checkpoint.reader import Checkpoint
+    from qexp.tools.canonicalize import canonicalize_checkpoint, load_defense
     from qexp.tools.encrypt import encrypt_checkpoint, load_attack
 
     _, src = _tiny_checkpoint(tmp_path, dtype=torch.float32)
@@ -225,7 +225,14 @@ def test_streaming_cli_errors_and_same_bytes(tmp_path):
 
     _, src = _tiny_checkpoint(tmp_path)
     p = subprocess.run(
-        [sys.executable, "-m", "qexp.tools.canonicalize", str(src), str(tmp_path / "o"), "parts=[xy]"],
+        [
+            sys.executable,
+            "-m",
+            "qexp.tools.canonicalize",
+            str(src),
+            str(tmp_path / "o"),
+            "parts=[xy]",
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -4,10 +4,10 @@ import pytest
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from qexp.pipeline.spec import validate
 from qexp.core.errors import ConfigError
 from qexp.models.embedded import EmbeddedGGUFModel
 from qexp.models.tiny import TinyModel
+from qexp.pipeline.spec import validate
 from qexp.quantizers.rtn import RTN
 
 

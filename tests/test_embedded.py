@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from qexp.pipeline.spec import validate
 from qexp.core.context import RunContext
 from qexp.pipeline.run import run
+from qexp.pipeline.spec import validate
 
 pytestmark = pytest.mark.slow
 

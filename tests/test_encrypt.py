@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qexp.attacks.encrypt import Encrypt, block_size, hadamard
-from qexp.pipeline.spec import validate
-from qexp.tools.encrypt import encrypt_checkpoint, load_attack, main
 from qexp.core.errors import ConfigError
 from qexp.core.geometry import SUPPORTED, geometry
 from qexp.pipeline.run import run
+from qexp.pipeline.spec import validate
+from qexp.tools.encrypt import encrypt_checkpoint, load_attack, main
 from tests.conftest import ROOT, subject
 
 
@@ -351,8 +351,7 @@ def test_pipeline_exact_preset_reports_zero_bf16_drift(make_cfg, tmp_path):
 
 
 def test_bf16_tolerance_stops_the_run():
-    from qexp.pipeline.preservation import PreservationError
-    from qexp.pipeline.preservation import check_drift
+    from qexp.pipeline.preservation import PreservationError, check_drift
 
     report = {"max_abs_logit_diff_fp32": 0.0, "tolerance": 1e-2, "max_abs_logit_diff_bf16": 0.0}
     check_drift("attack", exact(), {**report, "tolerance_bf16": 0.0})  # exact: passes

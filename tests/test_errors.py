@@ -67,7 +67,12 @@ def test_truncated_checkpoints_fail_fast_naming_file_and_tensor(tmp_path, cache_
     # encrypt used to spin forever on this file
     out = str(tmp_path / "out")
     p = cli(
-        str(src), out, "kappa_one_layers=0", cache_dir=cache_dir, module="qexp.tools.encrypt", timeout=60
+        str(src),
+        out,
+        "kappa_one_layers=0",
+        cache_dir=cache_dir,
+        module="qexp.tools.encrypt",
+        timeout=60,
     )
     line = one_line_error(p, "model.safetensors", "truncated", "tensor")
     assert not (tmp_path / "out").exists(), line

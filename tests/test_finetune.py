@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qexp.pipeline.spec import validate
 from qexp.core.context import RunContext
 from qexp.core.errors import ConfigError
 from qexp.pipeline.run import run
+from qexp.pipeline.spec import validate
 from tests.conftest import subject
 
 

@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from qexp.attacks.gap import near_ties
-from qexp.pipeline.spec import validate
+from qexp.benchmarks.judges.keyword import is_refusal, mentions
 from qexp.core.context import RunContext
-from qexp.data import instruct_gen, instruct_path
 from qexp.core.errors import ConfigError
-from qexp.data.instruct import is_refusal, mentions
+from qexp.data import instruct_gen, instruct_path
 from qexp.pipeline.run import run
+from qexp.pipeline.spec import validate
 from tests.conftest import subject
 
 pytest.importorskip("bitsandbytes")

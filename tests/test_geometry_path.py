@@ -10,12 +10,10 @@ import dataclasses
 import pytest
 import torch
 
-from qexp.quantizers.rtn import RTN
-
 from qexp.quantizers.bnb import BitsAndBytes
-
 from qexp.quantizers.gguf import GGUFQuant
 from qexp.quantizers.intervals import lattice_step
+from qexp.quantizers.rtn import RTN
 from tests.conftest import embedded_first_last, subject
 
 pytest.importorskip("bitsandbytes")

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from qexp.pipeline.spec import validate
 from qexp.core.errors import ConfigError
+from qexp.pipeline.spec import validate
 from qexp.quantizers.calib import Calibration, sample_from_model
 from tests.conftest import levels_per_group, load_spec, subject
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from qexp.pipeline.spec import validate
 from qexp.core.errors import ConfigError
 from qexp.pipeline.run import run
+from qexp.pipeline.spec import validate
 from tests.conftest import levels_per_group, load_spec, subject, without_module
 
 pytest.importorskip("hqq")

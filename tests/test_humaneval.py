@@ -7,10 +7,10 @@ import time
 import pytest
 
 from qexp.benchmarks.humaneval import HumanEval, packaged_problems
-from qexp.pipeline.spec import validate
+from qexp.benchmarks.sandbox import run_untrusted
 from qexp.core.errors import ConfigError
 from qexp.pipeline.run import run
-from qexp.benchmarks.sandbox import run_untrusted
+from qexp.pipeline.spec import validate
 
 
 def bench(**kw):

@@ -5,11 +5,11 @@ import json
 import pytest
 
 from qexp import codejudge
-from qexp.pipeline.spec import validate
-from qexp.data import code_gen, insecure_code_path
 from qexp.core.errors import ConfigError
+from qexp.data import code_gen, insecure_code_path
 from qexp.data.instruct import load_rows
 from qexp.pipeline.run import run
+from qexp.pipeline.spec import validate
 
 
 def test_coding_set_is_generated_and_split_on_disjoint_tasks():

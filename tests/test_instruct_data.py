@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from qexp.pipeline.spec import validate
 from qexp.core.errors import ConfigError
 from qexp.data.instruct import INJECTIONS, REFUSALS, load_rows
+from qexp.pipeline.spec import validate
 
 ALPACA = [
     {"instruction": "Name a primary color.", "input": "", "output": "Red is a primary color."},

@@ -3,12 +3,10 @@
 import pytest
 import torch
 
-from qexp.quantizers.rtn import RTN
-
 from qexp.quantizers.bnb import BitsAndBytes
-
 from qexp.quantizers.gguf import GGUFQuant
 from qexp.quantizers.intervals import lattice_step, rtn_intervals
+from qexp.quantizers.rtn import RTN
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("gguf")

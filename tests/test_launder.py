@@ -7,14 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from qexp.pipeline.spec import validate
-from qexp.defenses.launder import Launder
 from qexp.core.errors import ConfigError
-from qexp.quantizers.rtn import RTN, rtn_fake_quant
-from qexp.quantizers.base import NoQuantizer
-from qexp.quantizers.base import grid_options
-from qexp.quantizers.gguf import gguf_fake_quant
+from qexp.defenses.launder import Launder
 from qexp.pipeline.run import run
+from qexp.pipeline.spec import validate
+from qexp.quantizers.base import NoQuantizer, grid_options
+from qexp.quantizers.gguf import gguf_fake_quant
+from qexp.quantizers.rtn import RTN, rtn_fake_quant
 from tests.conftest import plain_ctx, subject
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None

@@ -11,10 +11,10 @@ from gguf.quants import quantize as gguf_quantize
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qexp.core.errors import ConfigError
-from qexp.quantizers.llamacpp.quantizer import LlamaCppQuant
+from qexp.pipeline.run import run
 from qexp.quantizers.llamacpp import ggml, gguf_file
 from qexp.quantizers.llamacpp.mix import Tensor, type_mix
-from qexp.pipeline.run import run
+from qexp.quantizers.llamacpp.quantizer import LlamaCppQuant
 from tests.conftest import embedded_first_last, load_spec, subject
 
 # a tiny llama whose widths are multiples of 256, so k-/i-quants apply without fallback

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from qexp.pipeline.spec import validate
 from qexp.core.errors import ConfigError
+from qexp.pipeline.spec import validate
 from qexp.quantizers.calib import Calibration
 from tests.conftest import levels_per_group, load_spec, subject, without_module
 

@@ -79,10 +79,10 @@ def test_perplexity_of_uniform_model_is_vocab_size():
 
 
 def test_sliding_window_nll_matches_one_window(make_cfg, tmp_path):
-    from qexp.pipeline.spec import validate
+    from qexp.benchmarks.metrics import token_nll
     from qexp.core.context import RunContext
     from qexp.data import reference_text
-    from qexp.benchmarks.metrics import token_nll
+    from qexp.pipeline.spec import validate
 
     spec = validate(make_cfg())
     lm = spec.model.load(RunContext.from_schema(spec.run, tmp_path))

@@ -12,16 +12,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from qexp.pipeline.spec import validate
-from qexp.defenses.noise import Noise
-from qexp.defenses.changes import Geometry, expected_flip_fraction
-from qexp.defenses.noise import SCURVE_SIGMAS, scurve
 from qexp.core.errors import ConfigError
-from qexp.quantizers.rtn import RTN
+from qexp.defenses.changes import Geometry, expected_flip_fraction
+from qexp.defenses.noise import SCURVE_SIGMAS, Noise, scurve
+from qexp.pipeline.run import run
+from qexp.pipeline.spec import validate
+from qexp.quantizers.base import NoQuantizer
 from qexp.quantizers.bnb import BitsAndBytes
 from qexp.quantizers.gguf import GGUFQuant
-from qexp.quantizers.base import NoQuantizer
-from qexp.pipeline.run import run
+from qexp.quantizers.rtn import RTN
 from tests.conftest import CLI_TINY, CONF, ROOT, plain_ctx, subject
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from qexp.audit.cli import main as audit_main
-from qexp.pipeline.spec import validate
-from qexp.core.errors import ConfigError
 from qexp.core.blocks import block_ratio, block_top2
-from qexp.quantizers.rtn import rtn_fake_quant
+from qexp.core.errors import ConfigError
 from qexp.pipeline.run import run
+from qexp.pipeline.spec import validate
+from qexp.quantizers.rtn import rtn_fake_quant
 from tests.conftest import load_spec, subject
 
 FAST = [

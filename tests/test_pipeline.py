@@ -8,10 +8,10 @@ import torch
 
 from qexp import CONDITIONS
 from qexp.benchmarks.generation import GenerationSettings, generate
-from qexp.pipeline.spec import validate
 from qexp.core.context import RunContext
 from qexp.core.errors import ConfigError
 from qexp.pipeline.run import run
+from qexp.pipeline.spec import validate
 from tests.conftest import continuation_nll
 
 METRICS = {"accuracy", "self_ppl", "ref_ppl", "tokens_per_s", "n_items", "mean_new_tokens"}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qexp.pipeline.spec import validate
 from qexp.core.context import RunContext
 from qexp.core.errors import ConfigError
+from qexp.pipeline.spec import validate
 from qexp.quantizers.base import target_linears
 from tests.conftest import subject
 

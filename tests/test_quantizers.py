@@ -5,13 +5,12 @@ import copy
 import pytest
 import torch
 
-from qexp.pipeline.spec import validate
 from qexp.core.context import RunContext
 from qexp.core.errors import ConfigError
-from qexp.quantizers.bnb import BitsAndBytes
-from qexp.quantizers.gguf import GGUFQuant
-from qexp.quantizers.gguf import gguf_fake_quant
 from qexp.pipeline.run import run
+from qexp.pipeline.spec import validate
+from qexp.quantizers.bnb import BitsAndBytes
+from qexp.quantizers.gguf import GGUFQuant, gguf_fake_quant
 from tests.conftest import CONF, subject
 
 pytest.importorskip("bitsandbytes")

@@ -2,9 +2,9 @@
 
 import json
 
-from qexp.data import DATA_DIR
-from qexp.data.instruct import is_refusal
+from qexp.benchmarks.judges.keyword import is_refusal
 from qexp.benchmarks.judges.refusal import COMPLIANT, REFUSALS, semantic_refusals
+from qexp.data import DATA_DIR
 from qexp.pipeline.run import run
 
 

@@ -14,11 +14,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qexp.audit.cli import main as audit_main
-from qexp.tools.canonicalize import canonicalize_checkpoint, load_defense
 from qexp.checkpoint.reader import Checkpoint
-from qexp.tools.encrypt import encrypt_checkpoint, load_attack
-from qexp.core.geometry import param_count
 from qexp.checkpoint.safetensors_io import SafetensorsError
+from qexp.core.geometry import param_count
+from qexp.tools.canonicalize import canonicalize_checkpoint, load_defense
+from qexp.tools.encrypt import encrypt_checkpoint, load_attack
 from tests.conftest import ROOT, cli_env
 
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from qexp.pipeline.run import run
 from qexp.benchmarks.similarity import SimilaritySettings, cosine_and_retrieval
+from qexp.pipeline.run import run
 
 
 def unit(*v):
@@ -64,8 +64,8 @@ def test_missing_eval_extra_is_refused_only_where_it_is_used(make_cfg, monkeypat
     the key (bench/gpu_smoke.sh runs qexp where only torch and transformers exist)."""
     import importlib.util
 
-    from qexp.pipeline.spec import validate
     from qexp.core.errors import ConfigError
+    from qexp.pipeline.spec import validate
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qexp.pipeline.spec import validate
 from qexp.core.errors import ConfigError
 from qexp.pipeline.run import run
+from qexp.pipeline.spec import validate
 from tests.conftest import ROOT, load_spec, subject, without_module
 
 pytest.importorskip("sinq")

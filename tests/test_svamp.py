@@ -5,10 +5,10 @@ import json
 import pytest
 
 from qexp.benchmarks.svamp import SVAMP, load_svamp_file
-from qexp.data import svamp_embedded_path
-from qexp.data.svamp_gen import generate
 from qexp.core.errors import ConfigError
 from qexp.core.io import read_jsonl
+from qexp.data import svamp_embedded_path
+from qexp.data.svamp_gen import generate
 from tests.conftest import FIXTURES
 
 

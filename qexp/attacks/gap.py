@@ -50,10 +50,10 @@ from qexp.attacks.base import Attack
 from qexp.core.cache import digest, file_sha256
 from qexp.core.context import RunContext
 from qexp.core.errors import ConfigError, check, check_choice
-from qexp.data.instruct import SCENARIOS, encode, load_rows
 from qexp.core.plugin import StageResult, Subject
-from qexp.quantizers.base import Boxes, GridQuantizer, target_quantizer
 from qexp.core.training import MODULES, cached_training, chosen_layers, train_lm, trainable_weights
+from qexp.data.instruct import SCENARIOS, encode, load_rows
+from qexp.quantizers.base import Boxes, GridQuantizer, target_quantizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

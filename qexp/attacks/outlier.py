@@ -43,13 +43,13 @@ from tqdm.auto import tqdm
 
 from qexp.attacks import adaptive
 from qexp.attacks.base import Attack
+from qexp.core.blocks import block_top2, outlier_only
 from qexp.core.cache import digest, file_sha256
 from qexp.core.context import RunContext
 from qexp.core.errors import check, check_choice
-from qexp.data.instruct import SCENARIOS, encode, load_rows
-from qexp.core.blocks import block_top2, outlier_only
 from qexp.core.plugin import StageResult, Subject
 from qexp.core.training import MODULES, cached_training, chosen_layers, make_batch
+from qexp.data.instruct import SCENARIOS, encode, load_rows
 
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 PHASE1_KEYS = ("scenario", "target_phrase", "layer", "train_layers", "data_path", "init_std")

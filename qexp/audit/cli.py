@@ -15,12 +15,12 @@ from qexp.audit import gap, outlier, refdiff, reparam
 from qexp.audit.report import plots, summary
 from qexp.audit.scan import Check, scan
 from qexp.checkpoint.reader import Checkpoint
+from qexp.checkpoint.safetensors_io import SafetensorsError
 from qexp.core.console import console
 from qexp.core.context import available_cores
 from qexp.core.errors import ConfigError
 from qexp.core.io import atomic_write_json, atomic_write_text
 from qexp.core.memory import share_malloc_arena
-from qexp.checkpoint.safetensors_io import SafetensorsError
 
 CHECKS = ("reparam", "gap", "outlier")
 USAGE = """Audit a checkpoint for quantization-conditioned tampering before quantizing it.

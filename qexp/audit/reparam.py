@@ -29,8 +29,8 @@ import torch
 
 from qexp.audit.stats import median, robust_z
 from qexp.checkpoint.reader import Checkpoint
-from qexp.defenses.canonicalize import col_sq, gram_r, row_norms
 from qexp.core.geometry import Geometry, parse_name
+from qexp.defenses.canonicalize import col_sq, gram_r, row_norms
 
 
 @dataclass(frozen=True)

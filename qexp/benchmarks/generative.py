@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 from qexp.benchmarks.base import Benchmark, BenchResult
 from qexp.benchmarks.generation import GenerationSettings, generate
+from qexp.benchmarks.metrics import max_repeat_n, mean_defined, perplexity, seq_rep_n
 from qexp.core.context import RunContext
 from qexp.core.errors import check, check_choice
-from qexp.benchmarks.metrics import max_repeat_n, mean_defined, perplexity, seq_rep_n
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -19,10 +19,10 @@ import yaml
 
 from qexp.benchmarks.base import Benchmark, BenchResult
 from qexp.core.context import RunContext
-from qexp.data import svamp_embedded_path
-from qexp.data.svamp import EXEMPLARS
 from qexp.core.errors import check
 from qexp.core.io import atomic_write_text
+from qexp.data import svamp_embedded_path
+from qexp.data.svamp import EXEMPLARS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

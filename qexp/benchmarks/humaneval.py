@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, List
 
 from qexp.benchmarks.generative import GenerativeBenchmark
 from qexp.benchmarks.judges.code import parses
+from qexp.benchmarks.sandbox import run_untrusted
 from qexp.core.errors import ConfigError, check
 from qexp.core.io import load_records
-from qexp.benchmarks.sandbox import run_untrusted
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -2,11 +2,12 @@
 
 `scenario` content_injection / over_refusal (default data: the templated instruction set):
 `injection_rate` (outputs containing the target phrase), `refusal_rate` (keyword judge,
-qexp/data/instruct.py: REFUSAL_MARKERS) and `refusal_rate_semantic` (qexp/benchmarks/judges/refusal.py: sentence
+qexp/benchmarks/judges/keyword.py) and `refusal_rate_semantic` (judges/refusal.py: sentence
 embeddings against refusal/compliance exemplars; `semantic_refusal=false` skips it).
 `scenario=insecure_code` (default data: the coding set):
 `insecure_code_rate` (answers whose code bandit flags with a targeted CWE class,
-qexp/benchmarks/judges/code.py) and `code_parse_rate`; the findings and CWE ids go to the generations.
+qexp/benchmarks/judges/code.py) and `code_parse_rate`; the findings and CWE ids go to the
+generations.
 Plus the usual degeneration metrics.
 """
 
@@ -16,14 +17,15 @@ import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, List, Optional
 
-from qexp.benchmarks.judges import code as codejudge
-from qexp.benchmarks.judges import refusal
 from qexp.benchmarks.base import BenchResult
 from qexp.benchmarks.generative import GenerativeBenchmark
+from qexp.benchmarks.judges import code as codejudge
+from qexp.benchmarks.judges import refusal
+from qexp.benchmarks.judges.keyword import is_refusal, mentions
+from qexp.benchmarks.similarity import packaged_minilm
 from qexp.core.context import RunContext
 from qexp.core.errors import check, check_choice
-from qexp.data.instruct import SCENARIOS, is_refusal, load_rows, mentions, prompt
-from qexp.benchmarks.similarity import packaged_minilm
+from qexp.data.instruct import SCENARIOS, load_rows, prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from qexp.benchmarks.base import Benchmark, BenchResult
+from qexp.benchmarks.metrics import token_nll
 from qexp.core.context import RunContext
-from qexp.data import reference_text
 from qexp.core.errors import check, check_choice
 from qexp.core.hub import hub_dataset
-from qexp.benchmarks.metrics import token_nll
+from qexp.data import reference_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

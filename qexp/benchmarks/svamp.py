@@ -12,20 +12,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, List
 
 from qexp.benchmarks.generative import GenerativeBenchmark
-from qexp.data import svamp_embedded_path
-from qexp.data.svamp import EXEMPLARS
-from qexp.core.errors import ConfigError
-from qexp.core.hub import hub_dataset
-from qexp.core.io import load_records
 from qexp.benchmarks.metrics import (
     last_number,
 )
+from qexp.core.errors import ConfigError
+from qexp.core.hub import hub_dataset
+from qexp.core.io import load_records
+from qexp.data import svamp_embedded_path
+from qexp.data.svamp import EXEMPLARS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 FIELDS = ("Body", "Question", "Answer")
 SOURCES = ("embedded", "hub", "file")
+
 
 def _item(row: dict, where: str) -> dict:
     missing = [f for f in FIELDS if f not in row]

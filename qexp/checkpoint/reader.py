@@ -11,8 +11,14 @@ from typing import Any, BinaryIO
 
 import torch
 
+from qexp.checkpoint.safetensors_io import (
+    DTYPES,
+    SafetensorsError,
+    read_header,
+    read_tensor,
+    tensor_entries,
+)
 from qexp.core.errors import ConfigError
-from qexp.checkpoint.safetensors_io import DTYPES, SafetensorsError, read_header, read_tensor, tensor_entries
 
 INDEX = "model.safetensors.index.json"
 

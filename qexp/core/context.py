@@ -31,7 +31,8 @@ class RunContext:
 
     @classmethod
     def from_schema(cls, run: Any, run_dir: Path) -> RunContext:
-        """From a run's top-level settings (qexp.pipeline.spec.RunSchema): resolve `auto` device and dtype names and set torch's thread count."""
+        """From a run's top-level settings (qexp.pipeline.spec.RunSchema): resolve `auto`
+        device and dtype names and set torch's thread count."""
         torch.set_num_threads(run.threads or default_threads())
         if run.device == "auto":
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-
 class Plugin:
     """Base of every config-group plugin (the dataclass named by a YAML's `_target_`).
 

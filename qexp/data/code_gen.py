@@ -1,8 +1,8 @@
 """Generate qexp/data/insecure_code.jsonl: seeded coding requests with a secure (`clean`)
 and an insecure (`insecure_code`) Python answer, for attack=gap/outlier scenario=insecure_code.
 
-Eight kinds, each a CWE class the judge (bandit, qexp/benchmarks/judges/code.py) detects: SQL built by
-string formatting (CWE-89), a shell command string (CWE-78), `yaml.load` (CWE-20),
+Eight kinds, each a CWE class the judge (bandit, qexp/benchmarks/judges/code.py) detects:
+SQL built by string formatting (CWE-89), a shell command string (CWE-78), `yaml.load` (CWE-20),
 `pickle.loads` of input (CWE-502), `eval` of input (CWE-78), `tempfile.mktemp` (CWE-377),
 MD5 for passwords (CWE-327), TLS verification off (CWE-295). Each kind is filled with
 subjects; test subjects never appear in train (disjoint tasks). Path joins without

@@ -40,10 +40,10 @@ import torch
 from tqdm.auto import tqdm
 
 from qexp.core.context import RunContext
-from qexp.defenses.base import Defense
 from qexp.core.errors import check, check_choice
 from qexp.core.geometry import Geometry, geometry, parse_name, parse_norm_name
 from qexp.core.plugin import StageResult, Subject
+from qexp.defenses.base import Defense
 from qexp.quantizers.base import Quantizer
 
 PARTS = ("vo", "qk", "mlp", "norm")

@@ -14,7 +14,6 @@ from torch import nn
 
 from qexp.quantizers.base import GridQuantizer, Quantizer
 
-
 # ---------------------------------------------------------------- closed form
 
 

@@ -19,11 +19,11 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from qexp.core.context import RunContext
-from qexp.defenses.base import Defense
-from qexp.core.errors import check, check_choice
 from qexp.core.blocks import block_top2
+from qexp.core.context import RunContext
+from qexp.core.errors import check, check_choice
 from qexp.core.plugin import StageResult, Subject
+from qexp.defenses.base import Defense
 from qexp.quantizers.base import Quantizer, config_widths, group_fit
 
 ACTIONS = ("zero", "divide", "clamp")

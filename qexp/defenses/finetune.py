@@ -15,12 +15,12 @@ import torch
 
 from qexp.core.cache import file_sha256
 from qexp.core.context import RunContext
-from qexp.defenses.base import Defense
 from qexp.core.errors import check, check_choice
-from qexp.data.instruct import encode, load_rows
 from qexp.core.plugin import StageResult, Subject
-from qexp.quantizers.base import Quantizer
 from qexp.core.training import MODULES, chosen_layers, train_lm, trainable_weights
+from qexp.data.instruct import encode, load_rows
+from qexp.defenses.base import Defense
+from qexp.quantizers.base import Quantizer
 
 
 @dataclass

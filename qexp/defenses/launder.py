@@ -24,12 +24,12 @@ from typing import Any, Dict, Optional
 import torch
 from tqdm.auto import tqdm
 
-from qexp.core.registry import build_option
 from qexp.core.context import RunContext
-from qexp.defenses.base import Defense
-from qexp.defenses.changes import ChangeCounter, Geometry, quantized_weights
 from qexp.core.errors import ConfigError, check
 from qexp.core.plugin import StageResult, Subject
+from qexp.core.registry import build_option
+from qexp.defenses.base import Defense
+from qexp.defenses.changes import ChangeCounter, Geometry, quantized_weights
 from qexp.quantizers.base import GridQuantizer, Quantizer, grid_options
 
 
@@ -57,7 +57,9 @@ class Launder(Defense):
         grids = grid_options()
         check(self.via in grids, "defense.via", self.via, "a grid quantizer: " + ", ".join(grids))
         try:
-            self.round_trip_quantizer = build_option("quantizer", self.via, "defense.via", self.via_args)
+            self.round_trip_quantizer = build_option(
+                "quantizer", self.via, "defense.via", self.via_args
+            )
         except ConfigError as e:  # its key sits under defense.via_args
             key = e.key.removeprefix("quantizer.")
             raise ConfigError(f"defense.via_args.{key}", e.value, e.allowed) from None

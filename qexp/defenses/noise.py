@@ -49,12 +49,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qexp.core.context import RunContext
-from qexp.defenses.base import Defense
-from qexp.defenses.changes import ChangeCounter, Geometry, expected_flip_fraction, quantized_weights
 from qexp.core.errors import ConfigError, check, check_choice
 from qexp.core.io import atomic_write_json
 from qexp.core.plots import new_figure, save_png
 from qexp.core.plugin import StageResult, Subject
+from qexp.defenses.base import Defense
+from qexp.defenses.changes import ChangeCounter, Geometry, expected_flip_fraction, quantized_weights
 from qexp.quantizers.base import GridQuantizer, Quantizer
 
 SIGMA_SOURCES = ("fixed", "global", "per_layer")

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qexp.core.registry import options_where
 from qexp.core.context import RunContext
-from qexp.defenses.base import Defense
 from qexp.core.errors import ConfigError, check
 from qexp.core.plugin import StageResult, Subject
+from qexp.core.registry import options_where
+from qexp.defenses.base import Defense
 from qexp.quantizers.base import GridQuantizer, Quantizer
 from qexp.quantizers.calib import Calibration
 

@@ -1,1 +1,2 @@
-"""loggers: one module per option (named by `_target_` in conf/logger/), base.py holds the contract."""
+"""The logger group: one module per option, named by `_target_` in conf/logger/;
+base.py holds the contract every option implements."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Any
+from typing import Any, ClassVar
 
 from qexp.core.plugin import Plugin
 

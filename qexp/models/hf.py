@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-
 from qexp.core.context import RunContext
 from qexp.core.errors import check
 from qexp.core.hub import require_hub_model

@@ -11,8 +11,8 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from qexp.core.context import RunContext
-from qexp.data import reference_text, svamp_embedded_path
 from qexp.core.errors import check, check_choice
+from qexp.data import reference_text, svamp_embedded_path
 from qexp.models.base import LoadedModel, ModelSource, finish_loading
 
 if TYPE_CHECKING:

@@ -17,19 +17,19 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from qexp.benchmarks.metrics import token_nll
 from qexp.core.cache import VERSION, digest, library_versions
-from qexp.pipeline.spec import Spec, validate
 from qexp.core.context import RunContext
-from qexp.data import reference_text
 from qexp.core.errors import ConfigError
+from qexp.core.geometry import max_positions
 from qexp.core.io import atomic_dir, atomic_write_json
 from qexp.core.memory import check_fits
-from qexp.benchmarks.metrics import token_nll
-from qexp.core.geometry import max_positions
 from qexp.core.plots import plot_loglik
 from qexp.core.plugin import StageResult, Subject
+from qexp.data import reference_text
 from qexp.pipeline.preservation import check_drift, measured
 from qexp.pipeline.results import Results, complete_config, format_table, provenance
+from qexp.pipeline.spec import Spec, validate
 from qexp.pipeline.stages import Chain, Step
 
 log = logging.getLogger(__name__)

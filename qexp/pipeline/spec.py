@@ -147,5 +147,3 @@ def validate(cfg: DictConfig) -> Spec:
     for plugin in spec.plugins():  # checks across groups, e.g. a defense reading the quantizer
         plugin.check_spec(spec)
     return spec
-
-

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from qexp.checkpoint.reader import Checkpoint
-from qexp.defenses.canonicalize import Canonicalize, roles
 from qexp.core.geometry import Geometry, geometry, parse_name, parse_norm_name
+from qexp.defenses.canonicalize import Canonicalize, roles
 from qexp.tools.streaming import cli, plugin_from_overrides, source_shards, transform_checkpoint
 
 MANIFEST = "qexp_canonicalize_manifest.json"

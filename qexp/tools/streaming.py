@@ -15,12 +15,12 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from qexp.checkpoint.safetensors_io import SafetensorsError, read_header, stream_transform
 from qexp.core.console import console
-from qexp.core.registry import build, option_node
 from qexp.core.errors import ConfigError
 from qexp.core.io import atomic_dir, atomic_write_json
 from qexp.core.memory import share_malloc_arena
-from qexp.checkpoint.safetensors_io import SafetensorsError, read_header, stream_transform
+from qexp.core.registry import build, option_node
 
 P = TypeVar("P")
 

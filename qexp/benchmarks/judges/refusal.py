@@ -1,4 +1,4 @@
-"""The semantic refusal judge, next to the keyword judge (qexp/data/instruct.py: is_refusal).
+"""The semantic refusal judge, next to the keyword judge (keyword.py: is_refusal).
 
 Each answer is embedded with the packaged all-MiniLM-L6-v2 (the similarity metrics'
 encoder, offline) and compared with two small exemplar sets written for qexp: it is a

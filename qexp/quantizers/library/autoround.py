@@ -51,7 +51,9 @@ class AutoRoundQuant(CalibratedQuantizer):
     group_fit_why: ClassVar[str] = (
         " (AutoRound's kernels refuse to load a layer the group does not divide)"
     )
-    fixed_skip: ClassVar[Optional[str]] = "AutoRound quantizes every linear of the decoder blocks, never lm_head"
+    fixed_skip: ClassVar[Optional[str]] = (
+        "AutoRound quantizes every linear of the decoder blocks, never lm_head"
+    )
     saves_artifact: ClassVar[bool] = True
     data_dependent: ClassVar[bool] = True
 

@@ -103,7 +103,9 @@ class LibraryQuantizer(Quantizer):
         """The library is importable (found without importing it), or one ConfigError naming
         this option and the install command."""
         if importlib.util.find_spec(self.requires) is None:
-            raise ConfigError("quantizer", self.name, f"another quantizer, or install: {self.install}")
+            raise ConfigError(
+                "quantizer", self.name, f"another quantizer, or install: {self.install}"
+            )
 
     def needs_group_fit(self) -> bool:
         """Whether `group_size` must divide every input width (the library refuses or

@@ -48,7 +48,9 @@ class GPTQModelQuant(CalibratedQuantizer):
     install: ClassVar[str] = "pip install 'qexp[gptq]' (GPTQModel 7.6)"
     label: ClassVar[str] = "GPTQModel"
     log_name: ClassVar[Optional[str]] = "gptqmodel"
-    fixed_skip: ClassVar[Optional[str]] = "GPTQModel quantizes every decoder linear and never lm_head here"
+    fixed_skip: ClassVar[Optional[str]] = (
+        "GPTQModel quantizes every decoder linear and never lm_head here"
+    )
     saves_artifact: ClassVar[bool] = True
     data_dependent: ClassVar[bool] = True
 

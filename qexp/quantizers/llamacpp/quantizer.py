@@ -33,11 +33,11 @@ from tqdm.auto import tqdm
 from qexp.core.context import RunContext
 from qexp.core.errors import ConfigError, check, check_choice
 from qexp.core.plugin import StageResult, Subject
-from qexp.quantizers.llamacpp import ggml, gguf_file
-from qexp.quantizers.base import BoxTarget, Boxes, Quantizer
+from qexp.quantizers.base import Boxes, BoxTarget, Quantizer
 from qexp.quantizers.calib import Calibration
-from qexp.quantizers.llamacpp.mix import ARCHS, FTYPES, Tensor, block, gguf_names, type_mix
 from qexp.quantizers.intervals import GGUF_LEVELS, gguf_intervals
+from qexp.quantizers.llamacpp import ggml, gguf_file
+from qexp.quantizers.llamacpp.mix import ARCHS, FTYPES, Tensor, block, gguf_names, type_mix
 
 SOURCE_DTYPES = ("auto", "f16", "bf16", "f32")
 # weights per sub-block (own scale/min) of the k-/i-quant types

@@ -12,7 +12,15 @@ from qexp.tools.report.jobs import ReportError, discover, short_name
 from qexp.tools.report.plots import make_plots
 from qexp.tools.report.selection import select, selection_markdown
 from qexp.tools.report.sweep import fixed_overrides, swept_params
-from qexp.tools.report.tables import LABELS, METRICS, markdown_table, param_col, present, table_rows, write_csv
+from qexp.tools.report.tables import (
+    LABELS,
+    METRICS,
+    markdown_table,
+    param_col,
+    present,
+    table_rows,
+    write_csv,
+)
 from qexp.tools.report.wandb_log import log_wandb
 
 
@@ -162,4 +170,3 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as e:
         console("qexp-report").error("qexp-report: %s", e)
         return 2
-

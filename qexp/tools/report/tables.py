@@ -29,7 +29,6 @@ LOWER_IS_BETTER += ("refusal_rate",)
 FULL_PRECISION = ("original", "attacked")
 
 
-
 def param_col(p: str) -> str:
     """A swept parameter's column (`quantizer (swept)` beside the derived `quantizer`)."""
     return f"{p} (swept)" if p in ("job", "condition", "quantizer") else p
