@@ -1,4 +1,4 @@
-"""The floor plan (docs/design.md §2): packages by role, the import contracts CI enforces,
+"""The floor plan (docs/design.md): packages by role, the import contracts CI enforces,
 the cluster templates in launchers/, and a new back-end as one module plus one YAML."""
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from qexp.quantizers.library.base import ModuleQuantizer
+from qexp.quantizers.library.base import Library, ModuleQuantizer
 from qexp.quantizers.rtn import RTN
 
 
@@ -126,10 +126,7 @@ class Rounded(nn.Module):
 
 @dataclass
 class ToyQuant(ModuleQuantizer):
-    requires: ClassVar[str] = "torch"
-    distributions: ClassVar[tuple] = ("torch",)
-    install: ClassVar[str] = "pip install torch"
-    label: ClassVar[str] = "toy"
+    library: ClassVar[Library] = Library("torch", "pip install torch", "toy")
     data_dependent: ClassVar[bool] = True  # pretend: the matrix plan prices it so
 
     name: str = "toy4"

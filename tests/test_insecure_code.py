@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qexp import codejudge
+from qexp.benchmarks.judges import code as codejudge
 from qexp.core.errors import ConfigError
 from qexp.data import code_gen, insecure_code_path
 from qexp.data.instruct import load_rows

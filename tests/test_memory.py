@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from qexp import memory
+from qexp.core import memory
 from qexp.core.errors import ConfigError
 from qexp.core.geometry import param_count
 from qexp.pipeline.preservation import computed_in

@@ -34,26 +34,21 @@ import transformers
 from qexp.core.context import RunContext
 from qexp.core.errors import check
 from qexp.core.plugin import Subject
-from qexp.quantizers.library.base import CalibratedQuantizer, ReadBack
+from qexp.quantizers.library.base import CalibratedQuantizer, Library, ReadBack
 
 FORMAT = "auto_round"
+INSTALL = "pip install 'qexp[autoround]' (auto-round 0.15.1)"
 
 
 @dataclass
 class AutoRoundQuant(CalibratedQuantizer):
     """`bits` per group of `group_size` input weights, symmetric, tuned for `iters` steps."""
 
-    requires: ClassVar[str] = "auto_round"
-    distributions: ClassVar[tuple[str, ...]] = ("auto-round",)
-    install: ClassVar[str] = "pip install 'qexp[autoround]' (auto-round 0.15.1)"
-    label: ClassVar[str] = "AutoRound"
-    log_name: ClassVar[Optional[str]] = "autoround"
-    group_fit_why: ClassVar[str] = (
-        " (AutoRound's kernels refuse to load a layer the group does not divide)"
+    library: ClassVar[Library] = Library(
+        "auto_round", INSTALL, "AutoRound", ("auto-round",), "autoround"
     )
-    fixed_skip: ClassVar[Optional[str]] = (
-        "AutoRound quantizes every linear of the decoder blocks, never lm_head"
-    )
+    group_fit_why: ClassVar[str] = " (its kernels refuse to load a layer the group does not divide)"
+    fixed_skip: ClassVar[Optional[str]] = "AutoRound quantizes the decoder blocks' linears only"
     saves_artifact: ClassVar[bool] = True
     data_dependent: ClassVar[bool] = True
 

@@ -1,8 +1,8 @@
 """The base of every library back-end: a quantizer that runs a third-party library.
 
-A back-end declares its library (`requires`: the import name; `distributions`: what its
-version line records; `install`: the one-line fix when it is missing) and implements
-`run_library`. The base gives it, the same way for all of them:
+A back-end declares its library (`library = Library(import name, install command, label,
+distributions, log name)`) and implements `run_library`. The base gives it, the same way
+for all of them:
 
 - `validate_environment()`: the library is importable, checked when the run is validated
   (before any model loads), one ConfigError naming the option and the install command;
@@ -19,8 +19,9 @@ version line records; `install`: the one-line fix when it is missing) and implem
   `quantization.<branch>`.
 
 `CalibratedQuantizer` adds the calibration sequences (qexp/quantizers/calib.py) and a batch
-size; `ModuleQuantizer` is a calibration-free library that encodes one linear layer at a
-time into a module with `dequantize()` (hqq, sinq).
+size; `GPTQFamily` the keys GPTQ and AWQ libraries share; `ModuleQuantizer` is a
+calibration-free library that encodes one linear layer at a time into a module with
+`dequantize()` (hqq, sinq).
 """
 
 from __future__ import annotations
@@ -69,16 +70,22 @@ class ReadBack:
     copy_bias: bool = True  # False: the model keeps its bias (the library's is the same)
 
 
+@dataclass(frozen=True)
+class Library:
+    """The third-party library a back-end runs."""
+
+    requires: str  # its import name (found without importing it)
+    install: str  # how to install it: the one-line error when it is missing says this
+    label: str  # its name in messages ("GPTQModel")
+    distributions: tuple[str, ...] = ()  # whose versions results.json records (default: requires)
+    log_name: Optional[str] = None  # its console output goes to logs/<log_name>_<branch>.log
+
+
 @dataclass
 class LibraryQuantizer(Quantizer):
     """A quantizer that runs a third-party library (its capabilities on the class)."""
 
-    # the library's import name, the distributions its version line names, how to install it
-    requires: ClassVar[str] = ""
-    distributions: ClassVar[tuple[str, ...]] = ()
-    install: ClassVar[str] = ""
-    label: ClassVar[str] = ""  # the library's name in messages ("GPTQModel")
-    log_name: ClassVar[Optional[str]] = None  # logs/<log_name>_<branch>.log; None: no log
+    library: ClassVar[Library] = Library("", "", "")
     bits_allowed: ClassVar[tuple[int, ...]] = (2, 3, 4, 8)
     per_channel: ClassVar[bool] = True  # group_size=-1 (one group per output row) allowed
     group_fit_why: ClassVar[str] = ""  # why a group must divide every input width
@@ -102,25 +109,22 @@ class LibraryQuantizer(Quantizer):
     def validate_environment(self) -> None:
         """The library is importable (found without importing it), or one ConfigError naming
         this option and the install command."""
-        if importlib.util.find_spec(self.requires) is None:
-            raise ConfigError(
-                "quantizer", self.name, f"another quantizer, or install: {self.install}"
-            )
-
-    def needs_group_fit(self) -> bool:
-        """Whether `group_size` must divide every input width (the library refuses or
-        cannot load a row it splits)."""
-        return self.group_size != -1
+        if importlib.util.find_spec(self.library.requires) is None:
+            allowed = f"another quantizer, or install: {self.library.install}"
+            raise ConfigError("quantizer", self.name, allowed)
 
     def check_widths(self, widths: list[int]) -> None:
-        if self.needs_group_fit():
+        """`group_size` divides every input width (the library refuses, or cannot load, a
+        row a group splits)."""
+        if self.group_size != -1:
             require_group_fit(
-                widths, self.group_size, self.label, self.per_channel, why=self.group_fit_why
+                widths, self.group_size, self.library.label, self.per_channel, self.group_fit_why
             )
 
     def library_info(self) -> dict:
         """The `library` entry of results.json: each distribution and its version."""
-        versions = [f"{d} {importlib.metadata.version(d)}" for d in self.distributions]
+        names = self.library.distributions or (self.library.requires,)
+        versions = [f"{d} {importlib.metadata.version(d)}" for d in names]
         return {"library": ", ".join(versions)}
 
     # ---- the stage ---------------------------------------------------------------------
@@ -128,10 +132,10 @@ class LibraryQuantizer(Quantizer):
     def quantize(self, subject: Subject, ctx: RunContext) -> StageResult:
         self.check_widths(model_widths(subject.model, self.skip))
         files = []
-        if self.log_name is None:
+        if self.library.log_name is None:
             info = self.run_library(subject, ctx, io.StringIO())
         else:
-            log_file = f"logs/{self.log_name}_{subject.branch}.log"
+            log_file = f"logs/{self.library.log_name}_{subject.branch}.log"
             with self.capture_log(ctx.run_dir / log_file, ctx) as log:
                 info = self.run_library(subject, ctx, log)
             files.append(log_file)
@@ -196,9 +200,9 @@ class LibraryQuantizer(Quantizer):
         """Copy a de-quantized weight (and bias) into `lin` if it matched the library's forward."""
         if not rel <= self.kernel_tol:
             raise RuntimeError(
-                f"{name}: the de-quantized weight does not reproduce {self.label}'s forward "
-                f"(relative error {rel:.3g} > kernel_tol {self.kernel_tol}); refusing to "
-                "evaluate a different model"
+                f"{name}: the de-quantized weight does not reproduce {self.library.label}'s "
+                f"forward (relative error {rel:.3g} > kernel_tol {self.kernel_tol}); refusing "
+                "to evaluate a different model"
             )
         lin.weight.copy_(w.to(lin.weight.dtype))
         if bias is not None:
@@ -208,7 +212,7 @@ class LibraryQuantizer(Quantizer):
         """Copy every parameter outside the quantized modules; fail if nothing was quantized."""
         quantized = set(quantized)
         if not quantized:
-            raise RuntimeError(f"{self.label} quantized no module; nothing to evaluate")
+            raise RuntimeError(f"{self.library.label} quantized no module; nothing to evaluate")
         own = dict(model.named_parameters())
         for name, p in qmodel.named_parameters():
             if name.rpartition(".")[0] not in quantized and name in own:
@@ -244,14 +248,30 @@ class CalibratedQuantizer(LibraryQuantizer):
 
 
 @dataclass
+class GPTQFamily(CalibratedQuantizer):
+    """The keys GPTQ/AWQ libraries share: method, symmetric groups, act-order, dampening."""
+
+    data_dependent: ClassVar[bool] = True
+    saves_artifact: ClassVar[bool] = True
+
+    method: str = "gptq"
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False  # act-order (GPTQ)
+    damp: float = 0.01  # Hessian dampening (GPTQ), a fraction of the mean diagonal
+    kernel_tol: float = 0.02
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0.0 < self.damp < 1.0, "damp", self.damp, "a fraction in (0, 1)")
+
+
+@dataclass
 class ModuleQuantizer(LibraryQuantizer):
     """A calibration-free library that encodes each linear layer into one of its modules
     (with `dequantize()`), whose forward the read-back checks."""
 
     per_channel: ClassVar[bool] = False  # the library groups the flattened weight
-
-    def needs_group_fit(self) -> bool:
-        return True  # a group must not straddle two rows
 
     def library_module(self, name: str, lin: nn.Linear, notes: dict) -> nn.Module:
         """The library's quantized module for one linear layer (facts about it go into

@@ -26,9 +26,10 @@ from typing import ClassVar, Optional
 import torch
 
 from qexp.core.context import RunContext, available_cores
-from qexp.core.errors import check, check_choice
+from qexp.core.errors import check_choice
 from qexp.core.plugin import Subject
-from qexp.quantizers.library.base import CalibratedQuantizer, ReadBack
+from qexp.quantizers.base import require_group_fit
+from qexp.quantizers.library.base import GPTQFamily, Library, ReadBack
 
 METHODS = ("gptq", "awq", "gguf")
 GGUF_KQUANTS = ("q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
@@ -40,40 +41,27 @@ def _env() -> None:
 
 
 @dataclass
-class GPTQModelQuant(CalibratedQuantizer):
+class GPTQModelQuant(GPTQFamily):
     """`method=gptq|awq` (bits, group, sym, act-order, damp) or `method=gguf` (k-quant type)."""
 
-    requires: ClassVar[str] = "gptqmodel"
-    distributions: ClassVar[tuple[str, ...]] = ("gptqmodel",)
-    install: ClassVar[str] = "pip install 'qexp[gptq]' (GPTQModel 7.6)"
-    label: ClassVar[str] = "GPTQModel"
-    log_name: ClassVar[Optional[str]] = "gptqmodel"
-    fixed_skip: ClassVar[Optional[str]] = (
-        "GPTQModel quantizes every decoder linear and never lm_head here"
+    library: ClassVar[Library] = Library(
+        "gptqmodel", "pip install 'qexp[gptq]' (GPTQModel 7.6)", "GPTQModel", log_name="gptqmodel"
     )
-    saves_artifact: ClassVar[bool] = True
-    data_dependent: ClassVar[bool] = True
+    fixed_skip: ClassVar[Optional[str]] = "GPTQModel quantizes every decoder linear, never lm_head"
 
     name: str = "gptq4"
-    method: str = "gptq"
-    group_size: int = 128
-    sym: bool = True
-    desc_act: bool = False
-    damp: float = 0.01
-    gguf_type: Optional[str] = None
-    kernel_tol: float = 0.02
+    gguf_type: Optional[str] = None  # method=gguf: the k-quant type
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
         if self.method == "gguf":
             check_choice("gguf_type", self.gguf_type, GGUF_KQUANTS)
-        else:
-            check(0.0 < self.damp < 1.0, "damp", self.damp, "a fraction in (0, 1)")
         super().__post_init__()
 
-    def needs_group_fit(self) -> bool:
+    def check_widths(self, widths: list[int]) -> None:
         """AWQ needs every in_features to be a multiple of the group (GPTQ pads, AWQ refuses)."""
-        return self.method == "awq" and self.group_size != -1
+        if self.method == "awq" and self.group_size != -1:
+            require_group_fit(widths, self.group_size, "AWQ", per_channel=True)
 
     def library_config(self):
         """The GPTQModel quantization config."""

@@ -29,19 +29,16 @@ import torch
 from torch import nn
 
 from qexp.quantizers.base import TensorBoxTarget
-from qexp.quantizers.library.base import ModuleQuantizer
+from qexp.quantizers.library.base import Library, ModuleQuantizer
 
 
 @dataclass
 class HQQQuant(ModuleQuantizer, TensorBoxTarget):
     """`bits` (2, 3, 4, 8) per group of `group_size` input weights, scale and zero point."""
 
-    requires: ClassVar[str] = "hqq"
-    distributions: ClassVar[tuple[str, ...]] = ("hqq",)
-    install: ClassVar[str] = (
-        "pip install 'qexp[hqq]' (hqq 0.2.8; DISABLE_CUDA=1 skips its CUDA extension)"
+    library: ClassVar[Library] = Library(
+        "hqq", "pip install 'qexp[hqq]' (hqq 0.2.8; DISABLE_CUDA=1 skips its CUDA extension)", "hqq"
     )
-    label: ClassVar[str] = "hqq"
     exact_boxes: ClassVar[bool] = False
 
     name: str = "hqq4"

@@ -27,47 +27,39 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 
 from qexp.core.context import RunContext
 from qexp.core.errors import check, check_choice
 from qexp.core.plugin import Subject
-from qexp.quantizers.library.base import CalibratedQuantizer, ReadBack
+from qexp.quantizers.library.base import GPTQFamily, Library, ReadBack
 
 METHODS = ("gptq", "awq")
+INSTALL = "pip install 'qexp[llmcompressor]' (llm-compressor 0.14)"
 LOG_FORMAT = "{time:HH:mm:ss.SSS} | {name}:{function} | {level} - {message}"
 
 
 @dataclass
-class LLMCompressorQuant(CalibratedQuantizer):
+class LLMCompressorQuant(GPTQFamily):
     """`method=gptq|awq` with bits, group, sym, act-order (GPTQ) and dampening (GPTQ)."""
 
-    requires: ClassVar[str] = "llmcompressor"
-    distributions: ClassVar[tuple[str, ...]] = ("llmcompressor", "compressed-tensors")
-    install: ClassVar[str] = "pip install 'qexp[llmcompressor]' (llm-compressor 0.14)"
-    label: ClassVar[str] = "llm-compressor"
-    log_name: ClassVar[Optional[str]] = "llmcompressor"
-    bits_allowed: ClassVar[tuple[int, ...]] = (4, 8)
-    group_fit_why: ClassVar[str] = (
-        " (llm-compressor refuses groups that split a row; SmolLM2-135M needs 64)"
+    library: ClassVar[Library] = Library(
+        "llmcompressor",
+        INSTALL,
+        "llm-compressor",
+        ("llmcompressor", "compressed-tensors"),
+        "llmcompressor",
     )
-    saves_artifact: ClassVar[bool] = True
-    data_dependent: ClassVar[bool] = True
+    bits_allowed: ClassVar[tuple[int, ...]] = (4, 8)
+    group_fit_why: ClassVar[str] = " (it refuses groups that split a row; SmolLM2-135M needs 64)"
 
     name: str = "gptq4_llmc"
-    method: str = "gptq"
-    group_size: int = 128
-    sym: bool = True
-    desc_act: bool = False
-    damp: float = 0.01
-    kernel_tol: float = 0.02
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
         super().__post_init__()
-        check(0.0 < self.damp < 1.0, "damp", self.damp, "a fraction in (0, 1)")
         check(
             not (self.desc_act and self.method == "awq"),
             "desc_act",

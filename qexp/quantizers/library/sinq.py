@@ -40,10 +40,14 @@ import torch
 from torch import nn
 
 from qexp.quantizers.base import TensorBoxTarget
-from qexp.quantizers.library.base import ModuleQuantizer
+from qexp.quantizers.library.base import Library, ModuleQuantizer
 
 log = logging.getLogger(__name__)
 
+INSTALL = (
+    "pip install --no-deps sinq==0.2.0 (its declared torchaudio/gemlite pull a CUDA torch; "
+    "then remove the sitecustomize.py it puts in site-packages, as `make setup` does)"
+)
 KURTOSIS_THRESHOLD = 5.0  # sinq 0.2.0's optimize_weights default: above it, round-to-nearest
 
 
@@ -51,13 +55,7 @@ KURTOSIS_THRESHOLD = 5.0  # sinq 0.2.0's optimize_weights default: above it, rou
 class SINQQuant(ModuleQuantizer, TensorBoxTarget):
     """`bits` per group of `group_size` input weights, dual scales, zero point per group."""
 
-    requires: ClassVar[str] = "sinq"
-    distributions: ClassVar[tuple[str, ...]] = ("sinq",)
-    install: ClassVar[str] = (
-        "pip install --no-deps sinq==0.2.0 (its declared torchaudio/gemlite pull a CUDA torch; "
-        "then remove the sitecustomize.py it puts in site-packages, as `make setup` does)"
-    )
-    label: ClassVar[str] = "sinq"
+    library: ClassVar[Library] = Library("sinq", INSTALL, "sinq")
     bits_allowed: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 8)
     exact_boxes: ClassVar[bool] = False
 
