@@ -7,7 +7,7 @@ import time
 import pytest
 
 from qexp.benchmarks.humaneval import HumanEval, packaged_problems
-from qexp.benchmarks.sandbox import run_untrusted
+from qexp.benchmarks.sandbox import bwrap_available, run_untrusted
 from qexp.core.errors import ConfigError
 from qexp.pipeline.run import run
 from qexp.pipeline.spec import validate
@@ -74,6 +74,64 @@ def test_sandbox_confines_writes_and_hides_secrets(tmp_path, monkeypatch):
     assert os.environ["QEXP_TEST_SECRET"] == "s3cret"
     res = run_untrusted("import os\nassert 'QEXP_TEST_SECRET' not in os.environ\n")
     assert res.passed  # the environment is not inherited
+
+
+def test_sandbox_limits_are_set_by_the_child_not_in_preexec_fn(monkeypatch):
+    """The limits hold inside the program (read back from /proc), and the parent starts the
+    child without `preexec_fn` (unsafe while the pipeline's heartbeat thread runs)."""
+    import subprocess
+
+    seen = []
+    real = subprocess.Popen
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", spy)
+    code = (
+        "lim = open('/proc/self/limits').read()\n"
+        "rows = {l[:26].strip(): l[26:].split() for l in lim.splitlines()[1:]}\n"
+        "assert rows['Max address space'][:2] == [str(300 << 20)] * 2, rows\n"
+        "assert rows['Max cpu time'][:2] == ['3', '3'], rows\n"
+        "assert rows['Max open files'][:2] == ['64', '64'], rows\n"
+        "assert rows['Max core file size'][:2] == ['0', '0'], rows\n"
+    )
+    res = run_untrusted(code, timeout=2.0, memory_mb=300)
+    assert res.passed, res.stderr_tail
+    assert seen and all("preexec_fn" not in kw for kw in seen)
+
+
+@pytest.mark.skipif(not bwrap_available(), reason="bubblewrap is not installed")
+def test_bwrap_contains_what_the_python_guard_misses(tmp_path):
+    """The guard patches open/os.open, not `_io.FileIO`: without bubblewrap that write lands
+    outside the program's directory; inside bubblewrap the file system is read-only but for
+    the program's directory and a private /tmp, so it never reaches the real one."""
+    outside = tmp_path / "canary.txt"
+    code = f"import _io\n_io.FileIO({str(outside)!r}, 'w').write(b'x')\n"
+    assert run_untrusted(code, timeout=5.0).passed and outside.exists()  # the guard's gap
+    outside.unlink()
+    res = run_untrusted(code, timeout=5.0, isolation="bwrap")
+    assert not outside.exists()  # written to bubblewrap's private /tmp, or refused
+    for hostile in ("while True:\n    pass\n", "import socket\n", "x = bytearray(8 * 2**30)\n"):
+        assert not run_untrusted(hostile, timeout=2.0, memory_mb=256, isolation="bwrap").passed
+    ok = run_untrusted("open('a.txt', 'w').write('x')\n", timeout=5.0, isolation="bwrap")
+    assert ok.passed and res.returncode is not None
+
+
+def test_isolation_bwrap_without_bubblewrap_is_a_config_error(make_cfg, monkeypatch):
+    from qexp.benchmarks import humaneval
+
+    monkeypatch.setattr(humaneval, "bwrap_available", lambda: False)
+    with pytest.raises(ConfigError) as e:
+        validate(
+            make_cfg(
+                "benchmark=humaneval",
+                "benchmark.allow_code_execution=true",
+                "benchmark.isolation=bwrap",
+            )
+        )
+    assert e.value.key == "benchmark.isolation" and "bubblewrap" in e.value.allowed
 
 
 def test_pipeline_reports_pass_at_1(make_cfg, tmp_path):

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, List
 
 from qexp.benchmarks.generative import GenerativeBenchmark
 from qexp.benchmarks.judges.code import parses
-from qexp.benchmarks.sandbox import run_untrusted
-from qexp.core.errors import ConfigError, check
+from qexp.benchmarks.sandbox import ISOLATION, bwrap_available, run_untrusted
+from qexp.core.errors import ConfigError, check, check_choice
 from qexp.core.io import load_records
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ class HumanEval(GenerativeBenchmark):
     allow_code_execution: bool = False
     timeout: float = 5.0  # wall-clock seconds per program
     memory_mb: int = 512  # address-space limit per program
+    isolation: str = "process"  # process | bwrap (bubblewrap around each program as well)
     stop_strings: List[str] = field(
         default_factory=lambda: ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
     )
@@ -69,6 +70,13 @@ class HumanEval(GenerativeBenchmark):
         )
         check(self.timeout > 0, "timeout", self.timeout, "seconds > 0")
         check(self.memory_mb >= 64, "memory_mb", self.memory_mb, "an integer >= 64")
+        check_choice("isolation", self.isolation, ISOLATION)
+
+    def validate_environment(self) -> None:
+        """isolation=bwrap needs bubblewrap installed."""
+        if self.isolation == "bwrap" and not bwrap_available():
+            allowed = "process, or install bubblewrap (apt install bubblewrap)"
+            raise ConfigError("benchmark.isolation", self.isolation, allowed)
 
     def items(self) -> list[dict]:
         if self.source == "file":
@@ -94,7 +102,8 @@ class HumanEval(GenerativeBenchmark):
         return f"{item['prompt']}{completion}\n\n{item['test']}\n\ncheck({item['entry_point']})\n"
 
     def judge(self, item: dict, text: str) -> dict:
-        res = run_untrusted(self.program(item, text), self.timeout, self.memory_mb)
+        program = self.program(item, text)
+        res = run_untrusted(program, self.timeout, self.memory_mb, self.isolation)
         return {"passed": res.passed, "status": res.status, "parses": parses(item["prompt"] + text)}
 
     def summarize(self, records: list[dict]) -> dict:

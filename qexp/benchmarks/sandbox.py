@@ -4,22 +4,27 @@ Each program runs in a fresh `python -I -S` (no user site, no site-packages, no 
 variables) whose working directory is an empty temporary directory, deleted afterwards, with:
 
 - a scrubbed environment (no inherited secrets: only PATH, HOME/TMPDIR = that directory),
-- resource limits: address space `memory_mb`, CPU seconds, 16 MiB per written file, 64 open
-  files; a wall-clock `timeout` that kills the whole process group,
+- resource limits set by the child itself, first thing (`setrlimit` before any program
+  code; not in `preexec_fn`, which Python documents as unsafe while the parent runs other
+  threads): address space `memory_mb`, CPU seconds, 16 MiB per written file, 64 open files,
+  no core dumps; a wall-clock `timeout` that kills the whole process group,
 - a guard installed before the program: `open`/`os.open` for writing outside the directory,
   deleting/renaming/chmod anywhere, process creation (`os.system`, `fork`, `exec*`, `spawn*`,
-  `subprocess`), `os.kill`/`chdir` and the network (`socket`) raise PermissionError.
+  `subprocess`), `os.kill`/`chdir` and the network (`socket`) raise PermissionError,
+- with `isolation="bwrap"` (where bubblewrap is installed), inside a bubblewrap container
+  as well: the file system read-only but for the program's directory and a private /tmp,
+  new network (none), PID, IPC and user namespaces, killed with its parent.
 
-This is defense in depth for evaluating code benchmarks, not a security boundary: Python
-code can reach the OS through `ctypes` and similar. Evaluate models you do not trust inside a
-container or VM as well (docs/benchmarks.md#sandbox).
+The guard is defense in depth, not a security boundary: Python code can reach the OS through
+`ctypes` and similar; bubblewrap's namespaces are enforced by the kernel. Evaluate models you
+do not trust inside a container or VM as well (docs/benchmarks.md#sandbox).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,9 +33,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# Runs first in the child: limits Python's reach, then executes program.py as __main__.
+# Runs first in the child: its own resource limits (argv: MiB of address space, CPU
+# seconds), then limits Python's reach, then executes program.py as __main__.
 GUARD = r"""
-import builtins, io, os, sys
+import resource, sys
+_MB = 1 << 20
+_mem, _cpu = int(sys.argv[1]) * _MB, int(sys.argv[2])
+for _lim, _v in ((resource.RLIMIT_AS, _mem), (resource.RLIMIT_CPU, _cpu),
+                 (resource.RLIMIT_FSIZE, 16 * _MB), (resource.RLIMIT_NOFILE, 64),
+                 (resource.RLIMIT_CORE, 0)):
+    resource.setrlimit(_lim, (_v, _v))
+sys.argv = ["program.py"]
+import builtins, io, os
 ROOT = os.path.realpath(os.getcwd())
 def _deny(*a, **k):
     raise PermissionError("blocked by the qexp sandbox")
@@ -85,32 +99,55 @@ class SandboxResult:
         return self.status == "passed"
 
 
-def _limits(memory_mb: int, cpu_s: int) -> None:
-    """Child-side rlimits (runs between fork and exec)."""
-    mb = 1 << 20
-    resource.setrlimit(resource.RLIMIT_AS, (memory_mb * mb, memory_mb * mb))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * mb, 16 * mb))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+ISOLATION = ("process", "bwrap")
 
 
-def run_untrusted(code: str, timeout: float = 5.0, memory_mb: int = 512) -> SandboxResult:
+def bwrap_available() -> bool:
+    """Whether bubblewrap is installed (`isolation="bwrap"`)."""
+    return shutil.which("bwrap") is not None
+
+
+def _bwrap(workdir: str) -> list[str]:
+    """bubblewrap around the child: everything read-only but `workdir` and a private /tmp,
+    no network, its own PID/IPC/UTS/user namespaces, gone when its parent dies."""
+    return [
+        shutil.which("bwrap") or "bwrap",
+        "--ro-bind", "/", "/",
+        "--dev", "/dev",
+        "--proc", "/proc",
+        "--tmpfs", "/tmp",
+        "--bind", workdir, workdir,
+        "--chdir", workdir,
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+    ]  # fmt: skip
+
+
+def run_untrusted(
+    code: str, timeout: float = 5.0, memory_mb: int = 512, isolation: str = "process"
+) -> SandboxResult:
     """Execute `code` as a script in the sandbox; exit status 0 within the limits = passed."""
+    if isolation not in ISOLATION:
+        raise ValueError(f"isolation={isolation!r}: one of {', '.join(ISOLATION)}")
+    if isolation == "bwrap" and not bwrap_available():
+        raise RuntimeError("isolation=bwrap: bubblewrap is not installed (apt install bubblewrap)")
     with tempfile.TemporaryDirectory(prefix="qexp-sandbox-") as d:
         Path(d, "program.py").write_text(code, encoding="utf-8")
         env = {"PATH": "/usr/bin:/bin", "HOME": d, "TMPDIR": d, "LANG": "C.UTF-8"}
         cpu = max(1, int(timeout) + 1)
+        child = [sys.executable, "-I", "-S", "-c", GUARD, str(memory_mb), str(cpu)]
+        if isolation == "bwrap":
+            child = [*_bwrap(d), *child]
         start = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", GUARD],
+            child,
             cwd=d,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=lambda: _limits(memory_mb, cpu),
         )
         try:
             _, err = proc.communicate(timeout=timeout)
