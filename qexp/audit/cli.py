@@ -27,7 +27,8 @@ USAGE = """Audit a checkpoint for quantization-conditioned tampering before quan
 
 Static checks (streamed, no model instantiated): reparam (attack=encrypt signs), gap
 (attack=gap signs, per target quantizer), outlier (attack=outlier: per-block max/second
-max |w|); --reference DIR adds a diff against a trusted
+max |w|), and always finite (NaN or infinite weights); FP8 and int8 weights are read times
+their scales; --reference DIR adds a diff against a trusted
 checkpoint; --differential fake-quantizes with each target and compares logits (loads the
 model). Writes audit.json, summary.txt and plots to --out. Exit code: 0 clean, 1 suspicious,
 2 error.
@@ -57,6 +58,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "or none (e.g. with --reference alone)",
     )
     p.add_argument("--differential", action="store_true", help="also run the differential check")
+    p.add_argument(
+        "--allow-symlinks",
+        action="store_true",
+        help="read shards that are symlinks leaving the checkpoint directory (refused by default)",
+    )
     p.add_argument("--out", type=Path, help="report directory (default ./audit-<checkpoint name>)")
     p.add_argument(
         "--threads",
@@ -101,11 +107,13 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
     progress = not args.no_progress
     checks = _list(args.checks, "--checks", (*CHECKS, "none"))
     targets = _list(args.quantizer, "--quantizer") if args.quantizer is not None else None
-    ckpt = Checkpoint(args.checkpoint, "CHECKPOINT")
+    ckpt = Checkpoint(args.checkpoint, "CHECKPOINT", args.allow_symlinks)
     if ckpt.config is None and ("reparam" in checks or args.differential):
         raise ConfigError("CHECKPOINT", str(args.checkpoint), "a checkpoint with config.json")
     geo = geometry(ckpt.config) if ckpt.config is not None else None
-    ref = Checkpoint(args.reference, "--reference") if args.reference is not None else None
+    ref = None
+    if args.reference is not None:
+        ref = Checkpoint(args.reference, "--reference", args.allow_symlinks)
     quantizers = []
     if "gap" in checks or args.differential:
         from qexp.quantizers.base import audit_targets, grid_quantizer

@@ -64,6 +64,20 @@ def summary(report: dict[str, Any]) -> str:
             lines.append(f"    {name}")
         if len(o["flagged"]) > 8:
             lines.append(f"    ... {len(o['flagged']) - 8} more tensors")
+    if "finite" in checks:
+        f = checks["finite"]
+        read = ", ".join(f"{k}: {v}" for k, v in f["read_as"].items())
+        lines.append(
+            f"[finite] {f['verdict']}: {len(f['nonfinite'])}/{f['tensors']} tensors hold NaN or "
+            f"infinite values (read {read})"
+        )
+        for name, n in list(f["nonfinite"].items())[:8]:
+            lines.append(f"    {name}: {n} non-finite values")
+        if f["not_interpreted"]:
+            lines.append(
+                f"    not interpreted (skipped by every check): {f['not_interpreted'][:5]}"
+                + (" ..." if len(f["not_interpreted"]) > 5 else "")
+            )
     if "reference" in checks:
         d = checks["reference"]
         s = d["score"]

@@ -27,13 +27,19 @@ DTYPES = {
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,  # FP8 serving formats (compressed-tensors, HF fine-grained)
+    "F8_E5M2": torch.float8_e5m2,
     "I64": torch.int64,
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+MAX_HEADER = 100_000_000  # bytes; safetensors' own loader refuses larger headers
 CODES = {v: k for k, v in DTYPES.items()}
 CHUNK = 64 << 20
 
@@ -43,15 +49,19 @@ class SafetensorsError(ValueError):
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(header, byte offset of the data section), after checking that every tensor's bytes
-    lie inside the file (a truncated file is refused here, naming its first missing tensor)."""
+    """(header, byte offset of the data section) of a file that follows the format's rules:
+    a JSON object header of at most MAX_HEADER bytes, string metadata, and for each tensor a
+    known dtype, a shape of non-negative integers and `data_offsets` whose length is shape ×
+    dtype, the tensors' byte ranges covering the data section exactly, without overlap or gap
+    (a truncated file is refused naming its first missing tensor). Every problem is one
+    SafetensorsError naming the file, the tensor and the rule."""
     size = Path(path).stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise SafetensorsError(f"{path}: too short for a safetensors file")
         (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000 or 8 + n > size:
+        if n > MAX_HEADER or 8 + n > size:
             raise SafetensorsError(
                 f"{path}: header of {n} bytes does not fit a file of {size} bytes"
             )
@@ -61,26 +71,61 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
             raise SafetensorsError(f"{path}: header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: header is not a JSON object")
-    for name, entry in tensor_entries(header):
-        try:
-            start, end = (int(v) for v in entry["data_offsets"])
-            shape, dtype = entry["shape"], entry["dtype"]
-        except (KeyError, TypeError, ValueError):
-            raise SafetensorsError(f"{path}: tensor {name} has a malformed header entry") from None
-        if dtype not in DTYPES:
-            raise SafetensorsError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        want = DTYPES[dtype].itemsize * math.prod(shape)
-        if not 0 <= start <= end or end - start != want:
-            raise SafetensorsError(
-                f"{path}: tensor {name} spans bytes {start}..{end}, its shape {shape} "
-                f"{dtype} needs {want}"
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise SafetensorsError(f"{path}: __metadata__ is not a map of strings")
+    data = size - 8 - n
+    ranges = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = _check_entry(path, name, entry)
+        ranges.append((start, end, name))
+    pos = 0
+    for start, end, name in sorted(ranges):
+        if start != pos:
+            what = (
+                "overlaps the tensor before it"
+                if start < pos
+                else f"leaves bytes {pos}..{start} unused"
             )
-        if 8 + n + end > size:
+            raise SafetensorsError(f"{path}: tensor {name} at bytes {start}..{end} {what}")
+        if end > data:
             raise SafetensorsError(
                 f"{path}: truncated: tensor {name} ends at byte {8 + n + end}, the file has "
                 f"{size} bytes"
             )
+        pos = end
+    if pos != data:
+        raise SafetensorsError(
+            f"{path}: {data - pos} bytes after the last tensor (no tensor holds them)"
+        )
     return header, 8 + n
+
+
+def _check_entry(path: Path, name: str, entry: Any) -> tuple[int, int]:
+    """One tensor entry's byte range, after checking its dtype, shape and size."""
+    try:
+        dtype, shape = entry["dtype"], entry["shape"]
+        start, end = entry["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise SafetensorsError(f"{path}: tensor {name} has a malformed header entry") from None
+    if dtype not in DTYPES:
+        raise SafetensorsError(
+            f"{path}: tensor {name} has unsupported dtype {dtype} (known: {', '.join(DTYPES)})"
+        )
+    ints = [shape] if not isinstance(shape, list) else shape
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in ints):
+        raise SafetensorsError(f"{path}: tensor {name} has shape {shape}, not a list of sizes")
+    if type(start) is not int or type(end) is not int:
+        raise SafetensorsError(f"{path}: tensor {name} has non-integer data_offsets")
+    want = DTYPES[dtype].itemsize * math.prod(shape)
+    if not 0 <= start <= end or end - start != want:
+        raise SafetensorsError(
+            f"{path}: tensor {name} spans bytes {start}..{end}, its shape {shape} {dtype} "
+            f"needs {want}"
+        )
+    return start, end
 
 
 def tensor_entries(header: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

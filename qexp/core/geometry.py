@@ -109,6 +109,43 @@ def linear_shapes(config: Any) -> dict[str, tuple[int, int]] | None:
     }
 
 
+_OTHER = re.compile(
+    r"^(?:model\.)?(?:(embed_tokens|norm)|layers\.(\d+)\.self_attn\.(q_norm|k_norm))\.weight$"
+)
+
+
+def expected_shape(name: str, config: Any) -> list[int] | None:
+    """The shape config.json implies for a decoder tensor of the standard layout (linear
+    weights and biases, norms, embeddings, the head), or None for any other name or when a
+    standard key is missing. A layer index the config does not have gives [] (no shape)."""
+    get = config_getter(config)
+    shapes, hidden, vocab = linear_shapes(config), get("hidden_size"), get("vocab_size")
+    layers = get("num_hidden_layers")
+    if shapes is None or not (vocab and layers):
+        return None
+    if name == "lm_head.weight":
+        return [vocab, hidden]
+    parsed = parse_name(name) or parse_norm_name(name)
+    if parsed is not None:
+        layer, role = parsed
+        if not 0 <= layer < layers:
+            return []
+        if role.endswith("_norm"):
+            return [hidden]
+        out, inp = shapes[role.rpartition("_")[0] + "_proj"]
+        return [out, inp] if role.endswith("_weight") else [out]
+    m = _OTHER.match(name)
+    if m is None:
+        return None
+    if m.group(1) == "embed_tokens":
+        return [vocab, hidden]
+    if m.group(1) == "norm":
+        return [hidden]
+    if not 0 <= int(m.group(2)) < layers:
+        return []
+    return [get("head_dim") or hidden // get("num_attention_heads")]
+
+
 def max_positions(config: Any) -> int | None:
     """The longest sequence the model's position encoding was built for, if it says."""
     get = config_getter(config)

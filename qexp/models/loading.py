@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Optional
 
 import transformers
 
-from qexp.checkpoint.safetensors_io import SafetensorsError, read_header
+from qexp.checkpoint.reader import Checkpoint
+from qexp.checkpoint.safetensors_io import SafetensorsError
 from qexp.core.context import RunContext
 from qexp.core.errors import ConfigError
 from qexp.core.memory import device_map
@@ -29,18 +30,16 @@ def check_checkpoint_dir(key: str, path: Path) -> None:
         raise ConfigError(key, str(path), "an existing local directory or a hub id org/name")
     if not (path / "config.json").exists():
         raise ConfigError(key, str(path), "a Hugging Face checkpoint directory with config.json")
-    shards = sorted(path.glob("*.safetensors"))
-    if not shards:
+    if not any(path.glob("*.safetensors")):
         raise ConfigError(
             key,
             str(path),
             "a checkpoint with *.safetensors weights (pickled .bin files are never loaded)",
         )
-    for shard in shards:  # headers only: a truncated or corrupt shard is refused here
-        try:
-            read_header(shard)
-        except (SafetensorsError, OSError) as e:
-            raise ConfigError(key, str(path), f"a checkpoint with intact shards ({e})") from None
+    try:  # headers, index and shapes only (qexp/checkpoint/reader.py): no weight is read
+        Checkpoint(path, key).close()
+    except (SafetensorsError, OSError) as e:
+        raise ConfigError(key, str(path), f"a checkpoint that passes qexp's reader ({e})") from None
 
 
 def load_pretrained(

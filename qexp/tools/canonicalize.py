@@ -22,9 +22,16 @@ from typing import Any
 import torch
 
 from qexp.checkpoint.reader import Checkpoint
+from qexp.checkpoint.safetensors_io import SafetensorsError
 from qexp.core.geometry import Geometry, geometry, parse_name, parse_norm_name
 from qexp.defenses.canonicalize import Canonicalize, roles
-from qexp.tools.streaming import cli, plugin_from_overrides, source_shards, transform_checkpoint
+from qexp.tools.streaming import (
+    cli,
+    open_source,
+    plugin_from_overrides,
+    require_finite,
+    transform_checkpoint,
+)
 
 MANIFEST = "qexp_canonicalize_manifest.json"
 
@@ -60,11 +67,16 @@ class LayerStream:
         return parsed is not None and self.names.get(parsed[0], {}).get(parsed[1]) == name
 
     def _compute(self, layer: int) -> dict[str, torch.Tensor]:
-        tensors = {r: self.ckpt.get(n) for r, n in self.names[layer].items()}
+        names = self.names[layer]
+        tensors = {r: require_finite(self.ckpt, n, self.ckpt.get(n)) for r, n in names.items()}
         missing = [r for r in self.roles if r.endswith("weight") and r not in tensors]
         missing += [r for r in ("input_norm", "post_norm") if r in self.roles and r not in tensors]
         if missing:
-            raise KeyError(f"layer {layer}: no {', '.join(sorted(missing))} tensor")
+            shard = self.ckpt.entries[next(iter(names.values()))][0]
+            raise SafetensorsError(
+                f"{shard}: layer {layer} has no {', '.join(sorted(missing))} tensor (the "
+                "canonical form needs every tensor of its parts)"
+            )
         with torch.no_grad():
             cond = self.defense.canonicalize(tensors, self.geo)
         if cond:
@@ -100,32 +112,35 @@ class LayerStream:
 
 
 def canonicalize_checkpoint(
-    src: Path, dst: Path, defense: Canonicalize, progress: bool = True
+    src: Path,
+    dst: Path,
+    defense: Canonicalize,
+    progress: bool = True,
+    allow_symlinks: bool = False,
 ) -> dict:
     """Canonicalize the checkpoint in `src` into a new directory `dst`; returns the manifest."""
-    config, shards = source_shards(src, dst)
-    geo = geometry(config)
-    with torch.no_grad(), Checkpoint(src, "IN") as ckpt:
+    with torch.no_grad(), open_source(src, dst, allow_symlinks) as ckpt:
+        geo = geometry(ckpt.config)
         stream = LayerStream(ckpt, geo, defense)
         try:
             return transform_checkpoint(
-                src,
+                ckpt,
                 dst,
-                shards,
                 stream.transform,
                 stream.wants,
                 (MANIFEST, stream.manifest),
                 "canonicalize",
                 progress,
                 reads=lambda _: False,  # the layer is read whole from the checkpoint
+                allow_symlinks=allow_symlinks,
             )
         finally:
             stream.close()
 
 
-def _work(src: Path, dst: Path, overrides: list[str], progress: bool) -> str:
+def _work(src: Path, dst: Path, overrides: list[str], progress: bool, symlinks: bool) -> str:
     defense = load_defense(overrides)
-    m = canonicalize_checkpoint(src, dst, defense, progress)
+    m = canonicalize_checkpoint(src, dst, defense, progress, symlinks)
     return (
         f"canonicalized {m['tensors_changed']} tensors into {dst} (parts {','.join(defense.parts)})"
     )

@@ -15,7 +15,13 @@ from pathlib import Path
 
 from qexp.attacks.encrypt import Encrypt
 from qexp.core.geometry import geometry
-from qexp.tools.streaming import cli, plugin_from_overrides, source_shards, transform_checkpoint
+from qexp.tools.streaming import (
+    cli,
+    open_source,
+    plugin_from_overrides,
+    require_finite,
+    transform_checkpoint,
+)
 
 MANIFEST = "qexp_encrypt_manifest.json"
 
@@ -25,26 +31,28 @@ def load_attack(overrides: list[str]) -> Encrypt:
     return plugin_from_overrides("attack", "encrypt", Encrypt, overrides)
 
 
-def encrypt_checkpoint(src: Path, dst: Path, attack: Encrypt, progress: bool = True) -> dict:
+def encrypt_checkpoint(
+    src: Path, dst: Path, attack: Encrypt, progress: bool = True, allow_symlinks: bool = False
+) -> dict:
     """Encrypt the checkpoint in `src` into a new directory `dst`; returns the manifest."""
-    config, shards = source_shards(src, dst)
-    geo = geometry(config)
-    keys = attack.plan(geo)
-    return transform_checkpoint(
-        src,
-        dst,
-        shards,
-        lambda name, t: attack.transform(name, t, keys, geo),
-        lambda name: attack.touches(name, keys),
-        (MANIFEST, lambda: attack.manifest(keys, geo)),
-        "encrypt",
-        progress,
-    )
+    with open_source(src, dst, allow_symlinks) as ckpt:
+        geo = geometry(ckpt.config)
+        keys = attack.plan(geo)
+        return transform_checkpoint(
+            ckpt,
+            dst,
+            lambda name, t: attack.transform(name, require_finite(ckpt, name, t), keys, geo),
+            lambda name: attack.touches(name, keys),
+            (MANIFEST, lambda: attack.manifest(keys, geo)),
+            "encrypt",
+            progress,
+            allow_symlinks=allow_symlinks,
+        )
 
 
-def _work(src: Path, dst: Path, overrides: list[str], progress: bool) -> str:
+def _work(src: Path, dst: Path, overrides: list[str], progress: bool, symlinks: bool) -> str:
     attack = load_attack(overrides)
-    m = encrypt_checkpoint(src, dst, attack, progress)
+    m = encrypt_checkpoint(src, dst, attack, progress, symlinks)
     return (
         f"encrypted {m['tensors_changed']} tensors into {dst} (mechanisms "
         f"{','.join(attack.mechanisms)}, seed {attack.seed})"
