@@ -37,7 +37,7 @@ from qexp.checkpoint.safetensors_io import (
     tensor_entries,
 )
 from qexp.core.errors import ConfigError
-from qexp.core.geometry import expected_shape
+from qexp.core.geometry import bad_size, expected_shape
 
 INDEX = "model.safetensors.index.json"
 SUFFIX = ".safetensors"
@@ -58,6 +58,9 @@ def read_config(path: Path) -> dict[str, Any] | None:
         raise SafetensorsError(f"{path}: not JSON ({e})") from None
     if not isinstance(config, dict):
         raise SafetensorsError(f"{path}: not a JSON object")
+    bad = bad_size(config)
+    if bad is not None:
+        raise SafetensorsError(f"{path}: {bad[0]} = {bad[1]!r} is not a positive integer")
     return config
 
 

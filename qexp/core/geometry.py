@@ -51,8 +51,32 @@ def config_getter(config: Any) -> Callable[..., Any]:
     return lambda key, default=None: getattr(config, key, default)
 
 
+# config.json keys that are sizes: a positive integer wherever they appear
+SIZE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_hidden_layers",
+    "vocab_size",
+)
+
+
+def bad_size(config: Any) -> tuple[str, Any] | None:
+    """The first size key of a config whose value is not a positive integer (absent keys are
+    fine), as (key, value); None when every present one is."""
+    get = config_getter(config)
+    for key in SIZE_KEYS:
+        v = get(key)
+        if v is not None and (type(v) is not int or v < 1):
+            return key, v
+    return None
+
+
 def geometry(config: Any) -> Geometry:
-    """Geometry of a supported architecture; ConfigError listing the supported ones."""
+    """Geometry of a supported architecture; ConfigError listing the supported ones, or
+    naming a size key that is missing, not a positive integer, or does not divide."""
     get = config_getter(config)
     model_type = get("model_type")
     if model_type not in SUPPORTED:
@@ -61,14 +85,25 @@ def geometry(config: Any) -> Geometry:
             model_type,
             "one of " + ", ".join(SUPPORTED) + " for this attack/defense",
         )
-    heads = get("num_attention_heads")
+    bad = bad_size(config)
+    if bad is not None:
+        raise ConfigError(f"config.json {bad[0]}", bad[1], "a positive integer")
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers"):
+        if get(key) is None:
+            raise ConfigError(f"config.json {key}", None, "a positive integer (it is required)")
+    heads, hidden = get("num_attention_heads"), get("hidden_size")
+    kv = get("num_key_value_heads") or heads
+    if heads % kv:
+        raise ConfigError("config.json num_key_value_heads", kv, f"a divisor of {heads} heads")
+    if get("head_dim") is None and hidden % heads:
+        raise ConfigError("config.json num_attention_heads", heads, f"a divisor of {hidden}")
     return Geometry(
         model_type=model_type,
         num_layers=get("num_hidden_layers"),
         num_heads=heads,
-        num_kv_heads=get("num_key_value_heads") or heads,
-        head_dim=get("head_dim") or get("hidden_size") // heads,
-        hidden_size=get("hidden_size"),
+        num_kv_heads=kv,
+        head_dim=get("head_dim") or hidden // heads,
+        hidden_size=hidden,
         intermediate_size=get("intermediate_size"),
         qk_norm=model_type in QK_NORM_ARCHS,
     )
