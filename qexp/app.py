@@ -4,7 +4,7 @@ In a sweep (`-m`), a job whose run dir already holds a complete results.json for
 resolved config is skipped (re-running an interrupted sweep with the same `hydra.sweep.dir`
 finishes only what is missing), and a job that fails marks itself failed in its results.json
 and the sweep goes on (in experiment=matrix a config error marks the cell "n/a": that
-combination does not apply); the sweep callback (hydra_plugins/qexp_sweep_callbacks, configured in
+combination does not apply); the sweep callback (qexp/pipeline/callbacks.py, configured in
 conf/config.yaml for every launcher) exits 1 at the end if any job failed.
 """
 

@@ -25,20 +25,14 @@ from qexp.checkpoint.reader import Checkpoint
 from qexp.checkpoint.safetensors_io import SafetensorsError
 from qexp.core.geometry import Geometry, geometry, parse_name, parse_norm_name
 from qexp.defenses.canonicalize import Canonicalize, roles
-from qexp.tools.streaming import (
-    cli,
-    open_source,
-    plugin_from_overrides,
-    require_finite,
-    transform_checkpoint,
-)
+from qexp.tools import streaming
 
 MANIFEST = "qexp_canonicalize_manifest.json"
 
 
 def load_defense(overrides: list[str]) -> Canonicalize:
     """defense=canonicalize's config with `key=value` overrides, validated like the Hydra app."""
-    return plugin_from_overrides("defense", "canonicalize", Canonicalize, overrides)
+    return streaming.plugin_from_overrides("defense", "canonicalize", Canonicalize, overrides)
 
 
 class LayerStream:
@@ -68,7 +62,9 @@ class LayerStream:
 
     def _compute(self, layer: int) -> dict[str, torch.Tensor]:
         names = self.names[layer]
-        tensors = {r: require_finite(self.ckpt, n, self.ckpt.get(n)) for r, n in names.items()}
+        tensors = {
+            r: streaming.require_finite(self.ckpt, n, self.ckpt.get(n)) for r, n in names.items()
+        }
         missing = [r for r in self.roles if r.endswith("weight") and r not in tensors]
         missing += [r for r in ("input_norm", "post_norm") if r in self.roles and r not in tensors]
         if missing:
@@ -119,11 +115,11 @@ def canonicalize_checkpoint(
     allow_symlinks: bool = False,
 ) -> dict:
     """Canonicalize the checkpoint in `src` into a new directory `dst`; returns the manifest."""
-    with torch.no_grad(), open_source(src, dst, allow_symlinks) as ckpt:
+    with torch.no_grad(), streaming.open_source(src, dst, allow_symlinks) as ckpt:
         geo = geometry(ckpt.config)
         stream = LayerStream(ckpt, geo, defense)
         try:
-            return transform_checkpoint(
+            return streaming.transform_checkpoint(
                 ckpt,
                 dst,
                 stream.transform,
@@ -148,7 +144,7 @@ def _work(src: Path, dst: Path, overrides: list[str], progress: bool, symlinks: 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; exit code 0 ok, 2 bad input."""
-    return cli("qexp-canonicalize", __doc__, argv, _work)
+    return streaming.cli("qexp-canonicalize", __doc__, argv, _work)
 
 
 if __name__ == "__main__":

@@ -15,33 +15,29 @@ from pathlib import Path
 
 from qexp.attacks.encrypt import Encrypt
 from qexp.core.geometry import geometry
-from qexp.tools.streaming import (
-    cli,
-    open_source,
-    plugin_from_overrides,
-    require_finite,
-    transform_checkpoint,
-)
+from qexp.tools import streaming
 
 MANIFEST = "qexp_encrypt_manifest.json"
 
 
 def load_attack(overrides: list[str]) -> Encrypt:
     """attack=encrypt's config with `key=value` overrides, validated like the Hydra app."""
-    return plugin_from_overrides("attack", "encrypt", Encrypt, overrides)
+    return streaming.plugin_from_overrides("attack", "encrypt", Encrypt, overrides)
 
 
 def encrypt_checkpoint(
     src: Path, dst: Path, attack: Encrypt, progress: bool = True, allow_symlinks: bool = False
 ) -> dict:
     """Encrypt the checkpoint in `src` into a new directory `dst`; returns the manifest."""
-    with open_source(src, dst, allow_symlinks) as ckpt:
+    with streaming.open_source(src, dst, allow_symlinks) as ckpt:
         geo = geometry(ckpt.config)
         keys = attack.plan(geo)
-        return transform_checkpoint(
+        return streaming.transform_checkpoint(
             ckpt,
             dst,
-            lambda name, t: attack.transform(name, require_finite(ckpt, name, t), keys, geo),
+            lambda name, t: attack.transform(
+                name, streaming.require_finite(ckpt, name, t), keys, geo
+            ),
             lambda name: attack.touches(name, keys),
             (MANIFEST, lambda: attack.manifest(keys, geo)),
             "encrypt",
@@ -61,7 +57,7 @@ def _work(src: Path, dst: Path, overrides: list[str], progress: bool, symlinks: 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; exit code 0 ok, 2 bad input."""
-    return cli("qexp-encrypt", __doc__, argv, _work)
+    return streaming.cli("qexp-encrypt", __doc__, argv, _work)
 
 
 if __name__ == "__main__":
