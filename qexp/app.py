@@ -15,6 +15,7 @@ import io
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -26,25 +27,50 @@ from qexp.core.errors import ConfigError
 from qexp.core.io import atomic_write_json
 from qexp.core.registry import CONF_DIR, compose_overrides, parse_args
 
+if TYPE_CHECKING:
+    from qexp.pipeline.results import Results
+
 con = console("qexp")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def app(cfg: DictConfig) -> None:
     """Hydra entry point."""
-    from qexp.pipeline.run import AlreadyComplete, run  # torch & co. load only once a job runs
+    from qexp.pipeline.run import AlreadyComplete
 
     hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
-    name = hc.job.override_dirname or hc.job.name
     if hc.mode != RunMode.MULTIRUN:
         try:
-            run(cfg, run_dir, job_name=name)
-        except AlreadyComplete:
-            con.warning("qexp: %s: complete in %s, skipped", name, run_dir)
+            job(cfg)
+        except AlreadyComplete as e:
+            con.warning("qexp: %s: complete in %s, skipped", job_name(), e)
         except ConfigError as e:
             fail(e)
         return
+    sweep_job(cfg)
+
+
+def job_name() -> str:
+    """The running Hydra job's name: its override dirname, else `qexp`."""
+    hc = HydraConfig.get()
+    return hc.job.override_dirname or hc.job.name
+
+
+def job(cfg: DictConfig) -> Results:
+    """One run in the running Hydra job's directory (the command line's and `qexp.run`'s
+    task). Raises AlreadyComplete when that directory already holds this run."""
+    from qexp.pipeline.run import run  # torch & co. load only once a job runs
+
+    return run(cfg, Path(HydraConfig.get().runtime.output_dir), job_name=job_name())
+
+
+def sweep_job(cfg: DictConfig) -> None:
+    """One job of a sweep: a failure is recorded in its results.json, the sweep goes on."""
+    from qexp.pipeline.run import AlreadyComplete, run
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    name = job_name()
     # W&B group: one per sweep, "<experiment>:<sweep dir name>" or the sweep dir name
     experiment = hc.runtime.choices.get("experiment")
     group = Path(hc.sweep.dir).name

@@ -197,3 +197,105 @@ def test_bitsandbytes_output_is_not_stored_but_its_evaluations_are(make_cfg, tmp
     assert body(tmp_path / "b")["cache"] == {"original/quantize": "hit", "original_q": "hit"}
     run(make_cfg(*one, "benchmark.limit=3"), tmp_path / "c3")
     assert body(tmp_path / "c3")["cache"] == {"original/quantize": "stored", "original_q": "stored"}
+
+
+def _copy_package(dest):
+    """qexp's package and configs, copied: a checkout the test may edit."""
+    import shutil
+
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "qexp", dest / "qexp", ignore=ignore)
+    shutil.copytree(ROOT / "conf", dest / "conf", ignore=ignore)
+    return dest
+
+
+def _qexp_in(root, cache, run_dir, *extra):
+    """`python -m qexp` of the package in `root`: the rtn4 ppl example; its results.json."""
+    args = ["model=tiny_llama", "quantizer=rtn4", "benchmark=ppl", "logger=none"]
+    args += ["conditions=[original,original_q]", "progress=false", *extra]
+    env = {**os.environ, "PYTHONPATH": str(root), "QEXP_CACHE_DIR": str(cache)}
+    env["HF_HUB_OFFLINE"] = "1"
+    p = subprocess.run(
+        [sys.executable, "-m", "qexp", *args, f"hydra.run.dir={run_dir}"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    return body(run_dir)
+
+
+@pytest.mark.slow
+def test_keys_follow_the_code(tmp_path):
+    """An edit of the code a stage runs recomputes it; an edit of the report tool (which no
+    pipeline job can import) keeps every entry; cache_code=false is the knowing opt-out."""
+    root, cache = _copy_package(tmp_path / "src"), tmp_path / "cache"
+    first = _qexp_in(root, cache, tmp_path / "a")
+    assert set(first["cache"].values()) == {"stored"}
+    report = root / "qexp" / "tools" / "report" / "cli.py"
+    report.write_text(report.read_text() + "\n# an edit no stage runs\n")
+    assert set(_qexp_in(root, cache, tmp_path / "b")["cache"].values()) == {"hit"}
+    rtn = root / "qexp" / "quantizers" / "rtn.py"
+    src = rtn.read_text()
+    assert "torch.round(x / s)" in src
+    rtn.write_text(src.replace("torch.round(x / s)", "torch.trunc(x / s)"))  # other rounding
+    edited = _qexp_in(root, cache, tmp_path / "c")
+    assert set(edited["cache"].values()) == {"stored"}
+    fresh = _qexp_in(root, cache, tmp_path / "d", "cache=off")
+    q = "original_q"
+    assert edited["conditions"][q]["ref_ppl"] == fresh["conditions"][q]["ref_ppl"]
+    assert edited["conditions"][q]["ref_ppl"] != first["conditions"][q]["ref_ppl"]
+    assert edited["conditions"]["original"] == first["conditions"]["original"]
+    # opting out: the keys ignore the code, so the entries of the unedited code answer
+    _qexp_in(root, cache, tmp_path / "e", "cache_code=false")  # stores code-less entries
+    rtn.write_text(src)
+    stale = _qexp_in(root, cache, tmp_path / "f", "cache_code=false")
+    assert set(stale["cache"].values()) == {"hit"}
+    assert stale["conditions"][q]["ref_ppl"] == edited["conditions"][q]["ref_ppl"]
+
+
+def test_code_digest_covers_what_stages_run(tmp_path, monkeypatch):
+    from qexp.core import cache as cache_mod
+
+    pkg = tmp_path / "qexp"
+    for rel in ["quantizers/rtn.py", "tools/report/cli.py", "data/x.jsonl", "app.py"]:
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(rel)
+    monkeypatch.setattr(cache_mod, "PACKAGE_DIR", pkg)
+
+    def fresh() -> str:
+        cache_mod.code_digest.cache_clear()
+        return cache_mod.code_digest()
+
+    base = fresh()
+    (pkg / "tools/report/cli.py").write_text("edited")
+    (pkg / "app.py").write_text("edited")
+    assert fresh() == base
+    (pkg / "data/x.jsonl").write_text("edited")
+    after_data = fresh()
+    assert after_data != base
+    (pkg / "quantizers/rtn.py").write_text("edited")
+    assert fresh() != after_data
+    cache_mod.code_digest.cache_clear()
+
+
+def test_a_flipped_bit_of_same_size_and_mtime_is_found(tmp_path):
+    import torch
+
+    cache = StageCache(tmp_path)
+    key = digest("y")
+    with cache.lock("quantize", key):
+        cache.put("quantize", key, {"info": {}}, tensors={"w": torch.arange(4096.0)})
+    blob = tmp_path / "quantize" / key / "tensors.safetensors"
+    meta = json.loads((blob.parent / "meta.json").read_text())
+    assert set(meta["blobs"]["tensors.safetensors"]) == {"size", "xxh3"}
+    assert cache.get("quantize", key) is not None
+    st = blob.stat()
+    data = bytearray(blob.read_bytes())
+    data[-10] ^= 0x01  # bit rot inside a tensor: same size
+    blob.write_bytes(bytes(data))
+    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime
+    assert cache.get("quantize", key) is None
+    assert not (tmp_path / "quantize" / key).exists()

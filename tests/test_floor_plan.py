@@ -20,9 +20,9 @@ from tests.conftest import CONF, ROOT, TINY, qexp_batch
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 
-def test_the_package_root_holds_packages_and_the_app_only():
+def test_the_package_root_holds_packages_the_app_and_the_api_only():
     modules = sorted(p.name for p in (ROOT / "qexp").glob("*.py"))
-    assert modules == ["__init__.py", "__main__.py", "app.py"]
+    assert modules == ["__init__.py", "__main__.py", "api.py", "app.py"]
     packages = sorted(p.name for p in (ROOT / "qexp").iterdir() if (p / "__init__.py").is_file())
     assert packages == [
         "attacks",

@@ -24,7 +24,7 @@ def test_the_164_packaged_problems_and_their_canonical_solutions_pass():
     solutions = {r["task_id"]: r["canonical_solution"] for _, r in packaged_problems()}
     for it in items[:6]:  # the reference solutions pass; a wrong body fails
         verdict = b.judge(it, solutions[it["id"]])
-        assert verdict == {"passed": True, "status": "passed", "parses": True}
+        assert verdict == {"passed": True, "status": "passed", "timed_out": False, "parses": True}
         assert b.judge(it, "    return None\n")["passed"] is False
     assert b.judge(items[0], "    return (\n")["parses"] is False
 

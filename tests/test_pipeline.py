@@ -46,6 +46,8 @@ def test_results_schema(make_cfg, tmp_path):
         "provenance",
         "function_preservation",
         "conditions",
+        "intervals",
+        "comparisons",
         "defense_stats",
         "quantization",
         "stage_seconds",
@@ -54,6 +56,11 @@ def test_results_schema(make_cfg, tmp_path):
         "status",
         "heartbeat_utc",
     }
+    ci = body["intervals"]["original_q"]
+    assert ci["accuracy"]["method"] == "wilson" and ci["accuracy"]["n"] == 4
+    assert ci["ref_ppl"]["lo"] < body["conditions"]["original_q"]["ref_ppl"] < ci["ref_ppl"]["hi"]
+    assert list(body["comparisons"]) == ["original_q vs original"]
+    assert body["comparisons"]["original_q vs original"]["accuracy"]["test"] == "mcnemar_exact"
     assert set(body["stage_seconds"]) == set(body["memory"]["peak_rss_mb"])  # a peak per stage
     assert set(body["conditions"]) == {"original", "original_q"}
     assert body["defense_stats"] == {"original": {}} and set(body["quantization"]) == {"original"}

@@ -33,13 +33,17 @@ def test_ties_with_the_pair_count_as_retrieved():
 def test_compare_identical_and_different_texts():
     s = SimilaritySettings()
     texts = ["5 + 3 = 8 apples. The answer is 8.", "The answer is 12.", ""]
-    same = s.compare(texts, texts)
+    same, items = s.compare(texts, texts)
+    assert [round(i["cos_sim"], 4) for i in items] == [1.0, 1.0, 1.0]
+    assert all(i["retrieved"] for i in items)
+    assert same["bertscore_f1"] == pytest.approx(sum(i["bertscore_f1"] for i in items) / 3)
     assert same["cos_sim"] == pytest.approx(1.0, abs=1e-5)
     assert same["retrieval_at_1"] == 1.0
     assert same["bertscore_f1"] == pytest.approx(1.0, abs=1e-5)
     assert "MiniLM" in same["bertscore_model"]
-    other = s.compare(["banana bread recipe", "The answer is 12.", "x"], texts)
+    other, items = s.compare(["banana bread recipe", "The answer is 12.", "x"], texts)
     assert other["cos_sim"] < 0.8 and other["bertscore_f1"] < same["bertscore_f1"]
+    assert items[1]["cos_sim"] > 0.99 > items[0]["cos_sim"]
 
 
 def test_pipeline_reports_similarity_to_original(make_cfg, tmp_path):

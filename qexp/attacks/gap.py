@@ -162,10 +162,12 @@ class Gap(adaptive.Adapts, Attack):
                 raise ConfigError("attack.targets", q.name, e.allowed) from None
 
     def fingerprint(self) -> Any:
-        """The training data's digest (a user's file may change under the same path) and the
-        adapted defenses' settings."""
+        """The training data's digest (a user's file may change under the same path), the
+        targets' own fingerprints (llama.cpp's ggml build) and the adapted defenses' settings."""
         data = file_sha256(Path(self.data_path).expanduser()) if self.data_path else None
-        return [data, adaptive.fingerprint(self.adaptations)] if self.adaptations else data
+        targets = [q.fingerprint() for q in self.quantizers]
+        adapted = adaptive.fingerprint(self.adaptations) if self.adaptations else None
+        return [data, targets, adapted]
 
     # ---- scope -------------------------------------------------------------------------
     def trained_modules(self) -> list[str]:

@@ -25,6 +25,9 @@ class Benchmark(Plugin, ABC):
     """Evaluates a model of one condition."""
 
     group: ClassVar[str] = "benchmark"
+    # each rate metric and the boolean field of every record it counts: the pipeline gives
+    # the rate its Wilson interval and compares conditions with an exact McNemar test
+    rates: ClassVar[dict[str, str]] = {}
 
     @abstractmethod
     def evaluate(

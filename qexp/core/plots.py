@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,20 @@ def new_figure(size: tuple[float, float], dpi: int = 110) -> tuple[Figure, Axes]
 
     fig = Figure(figsize=size, dpi=dpi)
     return fig, fig.subplots()
+
+
+def error_bars(rows: list[dict], key: str) -> list[list[float]] | None:
+    """`yerr` for `Axes.errorbar` / `Axes.bar`: per row the distances from `row[key]` down to
+    `row[key + "_lo"]` and up to `row[key + "_hi"]` (0 where a row has no finite interval);
+    None when no row has one, so nothing is drawn."""
+    below, above, any_ci = [], [], False
+    for r in rows:
+        v, lo, hi = r.get(key), r.get(f"{key}_lo"), r.get(f"{key}_hi")
+        ok = all(isinstance(x, (int, float)) and math.isfinite(x) for x in (v, lo, hi))
+        any_ci |= ok
+        below.append(max(0.0, v - lo) if ok else 0.0)
+        above.append(max(0.0, hi - v) if ok else 0.0)
+    return [below, above] if any_ci else None
 
 
 def save_png(fig: Figure, path: Path) -> Path:

@@ -190,3 +190,23 @@ def build_option(group: str, name: str, key: str, changes: dict | None = None) -
     plugin = build_plugin(group, {**option_node(group, name), **(changes or {})})
     plugin.resolve(None)  # the options it names in turn, on their own (no run around it)
     return plugin
+
+
+def run_job(task: Callable[[DictConfig], Any], overrides: list[str]) -> Any:
+    """Run `task` as the `qexp` app's one Hydra job, in this process: the same config
+    composition, run directory (`hydra.run.dir`), `.hydra/` files and job logging as the
+    command line; returns what `task` returned (and raises what it raised)."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        raise RuntimeError(
+            "Hydra is already initialized in this process (inside a Hydra app or an "
+            "initialize() block): call qexp.run outside it"
+        )
+    hydra = Hydra.create_main_hydra2("qexp", create_config_search_path(str(CONF_DIR)))
+    try:
+        return hydra.run("config", task, overrides).return_value
+    finally:
+        GlobalHydra.instance().clear()

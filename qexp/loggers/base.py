@@ -23,5 +23,7 @@ class Logger(Plugin):
     def log_condition(self, condition: str, metrics: dict[str, Any], records: list[dict]) -> None:
         """Log one condition's metrics (as `<condition>/<metric>`) and generations."""
 
-    def finish(self, status: str) -> None:
-        """Close the logging run; `status` is `complete` or `failed`."""
+    def finish(self, status: str, results: dict | None = None, run_dir: Path | None = None) -> None:
+        """Close the logging run; `status` is `complete` or `failed`, `results` the dict
+        written to results.json and `run_dir` the job's directory (its plots, generations/
+        and attacked/ are there), both None when the job stopped before they existed."""

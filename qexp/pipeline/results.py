@@ -22,6 +22,7 @@ import qexp
 from qexp import CONDITIONS
 from qexp.core.io import atomic_write_json, atomic_write_jsonl
 from qexp.core.memory import PeakRSS, trim_heap
+from qexp.pipeline.uncertainty import format_value
 
 TABLE_METRICS = (
     "accuracy",
@@ -37,6 +38,20 @@ TABLE_METRICS = (
     "seq_rep_4",
     "tokens_per_s",
     "n_items",
+)
+# the sections `Results.read` restores (besides config, memory and error)
+READ_BACK = (
+    "provenance",
+    "function_preservation",
+    "conditions",
+    "intervals",
+    "comparisons",
+    "defense_stats",
+    "quantization",
+    "stage_seconds",
+    "cache",
+    "status",
+    "heartbeat_utc",
 )
 
 
@@ -93,6 +108,10 @@ class Results:
     provenance: dict = field(default_factory=dict)
     function_preservation: dict = field(default_factory=dict)
     conditions: dict[str, dict] = field(default_factory=dict)
+    # per condition and metric: the 95% interval {lo, hi, method, n} (pipeline/uncertainty.py)
+    intervals: dict[str, dict] = field(default_factory=dict)
+    # per pair ("attacked_q vs original_q") and metric: the paired difference and its test
+    comparisons: dict[str, dict] = field(default_factory=dict)
     defense_stats: dict[str, dict] = field(default_factory=dict)
     quantization: dict[str, dict] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -113,6 +132,16 @@ class Results:
             "VmHWM reset per stage" if self._rss.exact else "ru_maxrss (peak since start)"
         )
 
+    @classmethod
+    def read(cls, run_dir: Path) -> Results:
+        """A run's results.json read back (the sections as written; nothing is rewritten)."""
+        body = json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8"))
+        sections = {k: body[k] for k in READ_BACK if k in body}
+        res = cls(Path(run_dir), body.get("config") or {}, **sections)
+        res.memory = body.get("memory") or {}
+        res.error = body.get("error")
+        return res
+
     def record_step(self, branch: str, step: str, info: dict) -> None:
         """A model step's info (computed or from the cache) into its section: the attack's
         function preservation, `defense_stats.<branch>`, `quantization.<branch>`."""
@@ -132,16 +161,29 @@ class Results:
         self.cache[name] = how
 
     def add(
-        self, condition: str, metrics: dict, records: list[dict], model_source: str = ""
+        self,
+        condition: str,
+        metrics: dict,
+        records: list[dict],
+        model_source: str = "",
+        intervals: dict | None = None,
     ) -> None:
-        """Record one condition: metrics into results.json, records into generations/, and
-        where the evaluated weights came from (provenance `model_source`)."""
+        """Record one condition: metrics and their intervals into results.json, records into
+        generations/, and where the evaluated weights came from (provenance `model_source`)."""
         if model_source:
             self.provenance["model_source"] = model_source
         self.conditions[condition] = metrics
+        if intervals:
+            self.intervals[condition] = intervals
         if records:
             atomic_write_jsonl(self.run_dir / "generations" / f"{condition}.jsonl", records)
         self.save()
+
+    def compare(self, pair: str, comparison: dict) -> None:
+        """The paired comparison of two conditions (`<condition> vs <baseline>`)."""
+        if comparison:
+            self.comparisons[pair] = comparison
+            self.save()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -211,11 +253,17 @@ class Results:
             self._write()
 
     def _write(self) -> None:
+        atomic_write_json(self.run_dir / "results.json", self.as_dict())
+
+    def as_dict(self) -> dict[str, Any]:
+        """The body of results.json."""
         body = {
             "config": self.config,
             "provenance": self.provenance,
             "function_preservation": self.function_preservation,
             "conditions": self.conditions,
+            "intervals": self.intervals,
+            "comparisons": self.comparisons,
             "defense_stats": self.defense_stats,
             "quantization": self.quantization,
             "stage_seconds": self.stage_seconds,
@@ -226,24 +274,27 @@ class Results:
         }
         if self.error:
             body["error"] = self.error
-        atomic_write_json(self.run_dir / "results.json", body)
+        return body
 
 
-def format_table(conditions: dict[str, dict], metrics: tuple[str, ...] = TABLE_METRICS) -> str:
-    """Condition × metric table as aligned plain text (`-` where a metric is absent)."""
+def format_table(
+    conditions: dict[str, dict],
+    intervals: dict[str, dict] | None = None,
+    metrics: tuple[str, ...] = TABLE_METRICS,
+) -> str:
+    """Condition × metric table as aligned plain text (`-` where a metric is absent), each
+    number with its 95% interval where it has one: `0.333 [0.22, 0.47]`."""
     extra = sorted({k for c in conditions.values() for k in c if k.startswith("lm_eval/")})
     cols = [m for m in (*metrics, *extra) if any(m in c for c in conditions.values())]
-
-    def cell(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
-        return str(v)
+    intervals = intervals or {}
 
     order = [c for c in CONDITIONS if c in conditions]
     rows = [["condition", *cols]] + [
-        [name, *(cell(conditions[name].get(c)) for c in cols)] for name in order
+        [
+            name,
+            *(format_value(conditions[name].get(c), intervals.get(name, {}).get(c)) for c in cols),
+        ]
+        for name in order
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qexp.benchmarks.metrics import token_nll
-from qexp.core.cache import VERSION, digest, library_versions
+from qexp.core.cache import VERSION, code_digest, digest, library_versions
 from qexp.core.context import RunContext
 from qexp.core.errors import ConfigError
 from qexp.core.geometry import max_positions
@@ -27,10 +27,12 @@ from qexp.core.memory import check_fits
 from qexp.core.plots import plot_loglik
 from qexp.core.plugin import StageResult, Subject
 from qexp.data import reference_text
+from qexp.pipeline import uncertainty
 from qexp.pipeline.preservation import check_drift, measured
 from qexp.pipeline.results import Results, complete_config, format_table, provenance
 from qexp.pipeline.spec import Spec, validate
 from qexp.pipeline.stages import Chain, Step
+from qexp.pipeline.uncertainty import Evidence
 
 log = logging.getLogger(__name__)
 BRANCHES = (("original", "original_q"), ("attacked", "attacked_q"))
@@ -45,6 +47,7 @@ class Pipeline:
         self.spec, self.ctx, self.results = spec, ctx, results
         self.config = results.config
         self.originals: list[dict] = []  # original's generations, for similarity
+        self.evidence: dict[str, Evidence] = {}  # per condition, for paired comparisons
 
     def run(self) -> None:
         """Every requested condition, two branches of (full precision, quantized)."""
@@ -57,6 +60,7 @@ class Pipeline:
             c["dtype"],
             str(self.ctx.device),
             library_versions(),
+            code_digest() if spec.run.cache_code else "code not in keys (cache_code=false)",
         )
         for base, quantized in BRANCHES:
             wanted = [x for x in (base, quantized) if x in spec.run.conditions]
@@ -156,9 +160,32 @@ class Pipeline:
             with self.results.stage(f"similarity_{condition}"):
                 outputs = [r["output"] for r in records]
                 originals = [r["output"] for r in self.originals]
-                metrics.update(self.spec.run.similarity.compare(outputs, originals))
-        self.results.add(condition, metrics, records, meas["model_source"])
+                similar, per_item = self.spec.run.similarity.compare(outputs, originals)
+                metrics.update(similar)
+                if per_item:
+                    records = [{**r, **s} for r, s in zip(records, per_item)]
+        self.results.add(
+            condition,
+            metrics,
+            records,
+            meas["model_source"],
+            self.uncertainty(condition, metrics, records, meas["nll"]),
+        )
         self.spec.logger.log_condition(condition, metrics, records)
+
+    def uncertainty(
+        self, condition: str, metrics: dict, records: list[dict], ref_nll: list[float]
+    ) -> dict:
+        """The condition's intervals; its paired comparisons with the conditions evaluated
+        before it go to results.json `comparisons`."""
+        ev = Evidence(metrics, records, ref_nll)
+        self.evidence[condition] = ev
+        rates, seed = self.spec.benchmark.rates, self.ctx.seed
+        for a, b in uncertainty.PAIRS:
+            if condition in (a, b) and a in self.evidence and b in self.evidence:
+                pair = uncertainty.compare(self.evidence[a], self.evidence[b], rates, seed)
+                self.results.compare(uncertainty.pair_name(a, b), pair)
+        return uncertainty.intervals(ev, rates, seed)
 
     def save_attacked(self, chain: Chain) -> None:
         """The attacked model and its tokenizer as a plain Hugging Face safetensors checkpoint
@@ -224,6 +251,10 @@ def run(
         raise
     finally:
         results.finish(status, error)
-        spec.logger.finish(status)
-    log.info("results (%s)\n%s", run_dir / "results.json", format_table(results.conditions))
+        spec.logger.finish(status, results.as_dict(), Path(run_dir))
+    log.info(
+        "results (%s)\n%s",
+        run_dir / "results.json",
+        format_table(results.conditions, results.intervals),
+    )
     return results

@@ -49,6 +49,7 @@ class RunSchema:
     save_attacked: bool = False
     cache: str = "on"
     cache_weights: List[str] = field(default_factory=lambda: ["attack", "quantize"])
+    cache_code: bool = True
     similarity: SimilaritySettings = field(default_factory=SimilaritySettings)
 
     def __post_init__(self) -> None:

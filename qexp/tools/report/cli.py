@@ -15,9 +15,11 @@ from qexp.tools.report.sweep import fixed_overrides, swept_params
 from qexp.tools.report.tables import (
     LABELS,
     METRICS,
+    cell,
     markdown_table,
     param_col,
     present,
+    seed_rows,
     table_rows,
     write_csv,
 )
@@ -76,10 +78,15 @@ def report(args: argparse.Namespace) -> int:
     rows = table_rows(jobs, params, metrics)
     shown = present(rows, metrics)
     failed = [j for j in jobs if j.status not in ("complete", "n/a")]
+    # runs that differ only in seed: the table and plots show their mean over seeds
+    seeds = seed_rows(rows, params, shown) if "seed" in params else []
+    shown_rows = seeds or rows
 
     pcols = [param_col(p) for p in params]
+    stat_cols = [f"{m}_{s}" for m in shown for s in ("lo", "hi", "sd", "n")]
     csv_cols = ["job", *pcols, "condition", "quantizer", *shown]
-    write_csv(root / "report.csv", rows, csv_cols)
+    csv_cols += [c for c in stat_cols if any(c in r for r in rows + seeds)]
+    write_csv(root / "report.csv", rows + seeds, csv_cols)
 
     n_done = len(jobs) - len(failed)
     md = [f"# qexp report: `{root}`", ""]
@@ -94,6 +101,13 @@ def report(args: argparse.Namespace) -> int:
     fixed = fixed_overrides(jobs, params)
     if fixed:
         md.append("Fixed overrides: " + " ".join(f"`{o}`" for o in fixed) + ".")
+    md.append(
+        "Each row aggregates the runs that differ only in `seed`: mean ± sd over seeds "
+        "[95% t interval of the mean]; the seeds' own rows are in report.csv."
+        if seeds
+        else "Brackets: 95% intervals (Wilson for rates, bootstrap over items for means "
+        "and perplexities; results.json `intervals`)."
+    )
     md.append("")
     show_job = not params and n_done > 1
     head = (["job"] if show_job else []) + pcols + ["condition", "quantizer"]
@@ -101,8 +115,9 @@ def report(args: argparse.Namespace) -> int:
         markdown_table(
             head + [LABELS.get(m, m) for m in shown],
             [
-                [short_name(r[c]) if c == "job" else r[c] for c in head] + [r.get(m) for m in shown]
-                for r in rows
+                [short_name(r[c]) if c == "job" else r[c] for c in head]
+                + [cell(r, m) for m in shown]
+                for r in shown_rows
             ],
             len(head),
         )
@@ -134,7 +149,11 @@ def report(args: argparse.Namespace) -> int:
         md += ["", section]
         atomic_write_json(root / "selection.json", sel.to_json())
 
-    plots, notes = ([], []) if args.no_plots else make_plots(root, rows, params, shown)
+    plots, notes = (
+        ([], [])
+        if args.no_plots
+        else make_plots(root, shown_rows, [p for p in params if not seeds or p != "seed"], shown)
+    )
     matrix_rows: list[dict] = []
     if matrix.is_matrix(root, jobs):
         matrix_rows, heatmaps, matrix_md = matrix.write(root, jobs, not args.no_plots)

@@ -7,9 +7,11 @@ Per cell (model, attack, defense, quantizer):
   (encrypt) by 1 − ref_ppl(original_q) / ref_ppl(attacked_q), clipped to [0, 1];
 - utility cost of the defense and quantizer on the clean model: ref_ppl(original_q) /
   ref_ppl(original).
-Cells recorded "n/a" (a combination that does not apply) keep their reason. Writes
-matrix.csv, matrix.md and report_plots/matrix_<model>_<quantizer>.png (two panels: success,
-utility cost; attacks × defenses).
+A behaviour attack's success carries its 95% Wilson interval (results.json `intervals`) as
+`success_lo`, `success_hi`. Cells recorded "n/a" (a combination that does not apply) keep
+their reason. Writes matrix.csv, matrix.md and report_plots/matrix_<model>_<quantizer>.png
+(two panels: success, utility cost; attacks (y) × defenses (x), each cell's value and, for a
+rate, its interval written in it).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ RATE = {
     "over_refusal": "refusal_rate",
     "insecure_code": "insecure_code_rate",
 }
-COLS = ["model", "attack", "defense", "quantizer", "status", "goal", "success", "stealth_fp"]
+COLS = ["model", "attack", "defense", "quantizer", "status", "goal", "success"]
+COLS += ["success_lo", "success_hi", "stealth_fp"]
 COLS += ["utility_cost", "attacked_q_ref_ppl", "original_q_ref_ppl", "note"]
 
 
@@ -66,6 +69,9 @@ def cell(job: Any) -> dict:
         rate = RATE.get(str(attack.get("scenario")), "injection_rate")
         row["goal"] = rate
         row["success"] = aq.get(rate)
+        ci = ((job.results or {}).get("intervals") or {}).get("attacked_q", {}).get(rate) or {}
+        if row["success"] is not None and ci.get("lo") is not None:
+            row["success_lo"], row["success_hi"] = ci["lo"], ci["hi"]
         row["stealth_fp"] = cond.get("attacked", {}).get(rate)
     row["utility_cost"] = _ratio(oq.get("ref_ppl"), cond.get("original", {}).get("ref_ppl"))
     row["attacked_q_ref_ppl"] = aq.get("ref_ppl")
@@ -81,17 +87,31 @@ def _fmt(v: Any) -> str:
     return str(v).replace("|", "\\|")
 
 
+def _success_md(row: dict) -> str:
+    """The success cell of matrix.md: `0.85 [0.64, 0.95]` with its interval."""
+    text = _fmt(row.get("success"))
+    if row.get("success_lo") is not None:
+        text += f" [{row['success_lo']:.3g}, {row['success_hi']:.3g}]"
+    return text
+
+
 def heatmap(rows: list[dict], model: str, quantizer: str, path: Path) -> Path:
     """Success and utility cost, attacks × defenses, for one model and quantizer."""
     sub = [r for r in rows if r["model"] == model and r["quantizer"] == quantizer]
     attacks = sorted({r["attack"] for r in sub})
     defenses = sorted({r["defense"] for r in sub}, key=lambda d: (d != "none", d))
-    fig, _ = new_figure((2.2 + 1.6 * len(defenses) * 2, 1.4 + 0.55 * len(attacks)))
+    fig, _ = new_figure((2.6 + 1.6 * len(defenses) * 2, 1.9 + 0.75 * len(attacks)))
     fig.clear()
     axes = fig.subplots(1, 2)
-    for ax, key, title, cmap in (
-        (axes[0], "success", "attack success (attacked_q)", "Reds"),
-        (axes[1], "utility_cost", "utility cost: ref_ppl original_q / original", "Blues"),
+    for ax, key, title, cmap, bar in (
+        (axes[0], "success", "attack success (attacked_q)", "Reds", "success (0-1)"),
+        (
+            axes[1],
+            "utility_cost",
+            "utility cost: ref_ppl original_q / original",
+            "Blues",
+            "ref_ppl ratio (1 = free)",
+        ),
     ):
         grid = np.full((len(attacks), len(defenses)), np.nan)
         text = [["n/a"] * len(defenses) for _ in attacks]
@@ -101,6 +121,8 @@ def heatmap(rows: list[dict], model: str, quantizer: str, path: Path) -> Path:
             if r["status"] == "complete" and isinstance(v, (int, float)):
                 grid[i, j] = v
                 text[i][j] = f"{v:.2f}"
+                if r.get(f"{key}_lo") is not None:
+                    text[i][j] += f"\n[{r[f'{key}_lo']:.2f}, {r[f'{key}_hi']:.2f}]"
             elif r["status"] == "complete":
                 text[i][j] = "–"
         finite = grid[np.isfinite(grid)]
@@ -115,9 +137,12 @@ def heatmap(rows: list[dict], model: str, quantizer: str, path: Path) -> Path:
                 ax.text(j, i, text[i][j], ha="center", va="center", fontsize=8, color=color)
         ax.set_xticks(range(len(defenses)), defenses, rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(len(attacks)), attacks, fontsize=8)
+        ax.set_xlabel("defense")
+        ax.set_ylabel("attack")
         ax.set_title(title, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(f"{model}, quantizer={quantizer}", fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label(bar, fontsize=8)
+    note = "; [ ]: 95% Wilson interval" if any(r.get("success_lo") is not None for r in sub) else ""
+    fig.suptitle(f"{model}, quantizer={quantizer}{note}", fontsize=10)
     return save_png(fig, path)
 
 
@@ -131,10 +156,14 @@ def write(root: Path, jobs: list, plots: bool) -> tuple[list[dict], list[Path], 
     md.append(
         "success: behaviour attacks' rate on attacked_q (stealth_fp: the same rate in full "
         "precision); encrypt: 1 − ref_ppl(original_q)/ref_ppl(attacked_q). utility_cost: "
-        "ref_ppl(original_q)/ref_ppl(original)."
+        "ref_ppl(original_q)/ref_ppl(original). Brackets: 95% Wilson interval of a rate."
     )
-    md += ["", "| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
-    md += ["| " + " | ".join(_fmt(r.get(c)) for c in COLS) + " |" for r in rows]
+    cols = [c for c in COLS if c not in ("success_lo", "success_hi")]
+    md += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += [
+        "| " + " | ".join(_success_md(r) if c == "success" else _fmt(r.get(c)) for c in cols) + " |"
+        for r in rows
+    ]
     text = "\n".join(md) + "\n"
     atomic_write_text(root / "matrix.md", text)
     out: list[Path] = []
