@@ -94,6 +94,10 @@ def test_intervals_and_comparisons_from_records():
     cmp = compare(a, b, {"accuracy": "correct"}, 0)
     assert cmp["accuracy"]["discordant"] == [10, 0] and cmp["accuracy"]["p"] < 0.01
     assert cmp["ref_ppl"]["diff"] < 0
+    # a perplexity benchmark's text: the same block bootstrap as ref_ppl
+    c = Evidence({"ppl": math.exp(2.0)}, [], [], [2.0 + 0.01 * (i % 7) for i in range(300)])
+    assert intervals(c, {}, 0)["ppl"]["unit"] == "token block"
+    assert set(compare(c, c, {}, 0)) == {"ppl"} and compare(c, c, {}, 0)["ppl"]["diff"] == 0
     # other items (ids differ): no per-item comparison, the reference text still compares
     other = Evidence(metrics, [{**r, "id": r["id"] + 100} for r in recs], [2.0] * 300)
     assert set(compare(a, other, {"accuracy": "correct"}, 0)) == {"ref_ppl"}

@@ -19,6 +19,9 @@ class BenchResult:
 
     metrics: dict[str, Any] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
+    # a perplexity benchmark's per-token NLL of its text: `ppl` gets the block-bootstrap
+    # interval ref_ppl gets (qexp/pipeline/uncertainty.py)
+    token_nll: list[float] = field(default_factory=list)
 
 
 class Benchmark(Plugin, ABC):

@@ -77,4 +77,7 @@ class Perplexity(Benchmark):
         self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, ctx: RunContext, condition: str
     ) -> BenchResult:
         nll = token_nll(model, tok, self.text(), self.window, self.stride)
-        return BenchResult({"ppl": float(torch.exp(nll.mean())), "n_tokens": nll.numel()})
+        return BenchResult(
+            {"ppl": float(torch.exp(nll.mean())), "n_tokens": nll.numel()},
+            token_nll=[round(float(x), 5) for x in nll],
+        )

@@ -138,6 +138,7 @@ class Pipeline:
                 "metrics": {**bench.metrics, "ref_ppl": float(torch.exp(nll.mean()))},
                 "records": bench.records,
                 "nll": [round(float(x), 5) for x in nll],
+                "bench_nll": bench.token_nll,
                 "model_source": subject.source,
             }
             return StageResult(model, info)
@@ -164,21 +165,15 @@ class Pipeline:
                 metrics.update(similar)
                 if per_item:
                     records = [{**r, **s} for r, s in zip(records, per_item)]
+        ev = Evidence(metrics, records, meas["nll"], meas["bench_nll"])
         self.results.add(
-            condition,
-            metrics,
-            records,
-            meas["model_source"],
-            self.uncertainty(condition, metrics, records, meas["nll"]),
+            condition, metrics, records, meas["model_source"], self.uncertainty(condition, ev)
         )
         self.spec.logger.log_condition(condition, metrics, records)
 
-    def uncertainty(
-        self, condition: str, metrics: dict, records: list[dict], ref_nll: list[float]
-    ) -> dict:
+    def uncertainty(self, condition: str, ev: Evidence) -> dict:
         """The condition's intervals; its paired comparisons with the conditions evaluated
         before it go to results.json `comparisons`."""
-        ev = Evidence(metrics, records, ref_nll)
         self.evidence[condition] = ev
         rates, seed = self.spec.benchmark.rates, self.ctx.seed
         for a, b in uncertainty.PAIRS:

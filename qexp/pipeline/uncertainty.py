@@ -8,14 +8,15 @@ Per-item values come from the records of a condition (generations/<condition>.js
 - a mean over items reads the record field of the same name (cos_sim, bertscore_f1,
   max_repeat_3, seq_rep_4); percentile bootstrap, paired bootstrap between conditions;
 - self_ppl = exp(Σ nll / Σ n_new_tokens) over the records; bootstrap over items;
-- ref_ppl on the fixed reference text: bootstrap over blocks of REF_BLOCK tokens (adjacent
-  tokens are not independent; blocks are the unit that is resampled).
+- ref_ppl on the fixed reference text, and benchmark=ppl's ppl on its text: bootstrap over
+  blocks of REF_BLOCK tokens (adjacent tokens are not independent; blocks are the unit that
+  is resampled).
 Comparisons need the same items in the same order on both sides (checked by id).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qexp.core import stats
@@ -39,7 +40,8 @@ class Evidence:
 
     metrics: dict[str, Any]
     records: list[dict]
-    ref_nll: list[float]
+    ref_nll: list[float]  # the reference text's per-token NLL (ref_ppl)
+    bench_nll: list[float] = field(default_factory=list)  # a perplexity benchmark's (ppl)
 
     @property
     def ids(self) -> list[Any]:
@@ -51,13 +53,17 @@ class Evidence:
             return None
         return [r[name] for r in self.records]
 
-    def ref_blocks(self) -> tuple[list[float], list[int]]:
-        """The reference text's token NLLs summed per block of REF_BLOCK tokens."""
-        nll = self.ref_nll
-        starts = range(0, len(nll), REF_BLOCK)
-        return [sum(nll[i : i + REF_BLOCK]) for i in starts], [
-            len(nll[i : i + REF_BLOCK]) for i in starts
-        ]
+    def texts(self) -> dict[str, list[float]]:
+        """The perplexity metrics of whole texts and their per-token NLLs."""
+        return {"ref_ppl": self.ref_nll, "ppl": self.bench_nll}
+
+
+def blocks(nll: list[float]) -> tuple[list[float], list[int]]:
+    """Token NLLs summed per block of REF_BLOCK tokens, and each block's token count."""
+    starts = range(0, len(nll), REF_BLOCK)
+    return [sum(nll[i : i + REF_BLOCK]) for i in starts], [
+        len(nll[i : i + REF_BLOCK]) for i in starts
+    ]
 
 
 def _rates(rates: dict[str, str]) -> dict[str, str]:
@@ -78,16 +84,19 @@ def intervals(ev: Evidence, rates: dict[str, str], seed: int) -> dict[str, dict]
     nll, tokens = ev.field("nll"), ev.field("n_new_tokens")
     if "self_ppl" in ev.metrics and nll is not None and tokens is not None:
         out["self_ppl"] = stats.ppl_interval(nll, tokens, seed)
-    if "ref_ppl" in ev.metrics and ev.ref_nll:
-        out["ref_ppl"] = {**stats.ppl_interval(*ev.ref_blocks(), seed), "unit": "token block"}
+    for metric, nll in ev.texts().items():
+        if metric in ev.metrics and nll:
+            out[metric] = {**stats.ppl_interval(*blocks(nll), seed), "unit": "token block"}
     return out
 
 
 def compare(a: Evidence, b: Evidence, rates: dict[str, str], seed: int) -> dict[str, dict]:
     """a − b for every metric both measured on the same items (ref_ppl: the same text)."""
     out: dict[str, dict] = {}
-    if a.ref_nll and len(a.ref_nll) == len(b.ref_nll):
-        out["ref_ppl"] = stats.paired_ppl(*a.ref_blocks(), *b.ref_blocks(), seed)
+    texts = b.texts()
+    for metric, nll in a.texts().items():
+        if nll and len(nll) == len(texts[metric]):
+            out[metric] = stats.paired_ppl(*blocks(nll), *blocks(texts[metric]), seed)
     if not a.records or a.ids != b.ids:
         return out
     for metric, name in _rates(rates).items():
