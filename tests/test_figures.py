@@ -18,8 +18,8 @@ from qexp.tools.report import main
 from qexp.tools.report import matrix as report_matrix
 from qexp.tools.report import plots as report_plots
 from qexp.tools.report.jobs import discover
-from qexp.tools.report.plots import axis_label, metric_plot, scurve_plot
-from qexp.tools.report.sweep import numeric, swept_params
+from qexp.tools.report.plots import axis_label
+from qexp.tools.report.sweep import swept_params
 from qexp.tools.report.tables import seed_rows, table_rows
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -69,12 +69,12 @@ def encrypt_sweep(root: Path) -> Path:
     return root
 
 
-def capture(monkeypatch, module) -> list:
-    """The figures `module` saves through save_png, kept to inspect."""
-    figs, real = [], module.save_png
+def capture(monkeypatch, module) -> dict:
+    """The figures `module` saves through save_png, by file name, kept to inspect."""
+    figs, real = {}, module.save_png
 
     def keep(fig, path):
-        figs.append(fig)
+        figs[Path(path).name] = fig
         return real(fig, path)
 
     monkeypatch.setattr(module, "save_png", keep)
@@ -99,19 +99,14 @@ def test_error_bars_from_intervals():
 
 def test_report_draws_error_bars_axis_titles_and_marks_infinity(tmp_path: Path, monkeypatch):
     root = encrypt_sweep(tmp_path / "enc")
-    assert main([str(root)]) == 0
-    plots = root / "report_plots"
-    for name in ("ref_ppl_vs_attack.preset.png", "ref_ppl_vs_quantizer.png"):
-        assert (plots / name).read_bytes().startswith(PNG)
-
-    rows, params = rows_of(root, ["ref_ppl"])
-    assert params == ["attack.preset", "quantizer"]
-    xs = {r["quantizer (swept)"]: numeric(r["quantizer (swept)"]) for r in rows}
     figs = capture(monkeypatch, report_plots)
-    png = metric_plot(rows, "quantizer", "ref_ppl", ["attack.preset"], xs, tmp_path / "q.png")
-    assert png.read_bytes().startswith(PNG)
+    assert main([str(root)]) == 0
+    names = ["ref_ppl_vs_attack.preset.png", "ref_ppl_vs_quantizer.png"]
+    assert sorted(figs) == names
+    for name in names:
+        assert (root / "report_plots" / name).read_bytes().startswith(PNG)
     # grouped bars with yerr, log y, axis titles
-    ((ax,),) = [f.axes for f in figs]
+    (ax,) = figs["ref_ppl_vs_quantizer.png"].axes
     assert ax.get_xlabel() == "quantizer"
     assert ax.get_ylabel() == axis_label("ref_ppl") == "reference perplexity (ref_ppl)"
     assert ax.get_yscale() == "log"
@@ -153,17 +148,14 @@ def test_numeric_sweep_gives_errorbar_lines_and_seed_means(tmp_path: Path, monke
                 },
             },
         )
-    assert main([str(root)]) == 0
-    assert (root / "report_plots" / "ref_ppl_vs_attack.kappa.png").read_bytes().startswith(PNG)
-    assert not (root / "report_plots" / "ref_ppl_vs_seed.png").exists()  # seeds are averaged
-
-    rows, params = rows_of(root, ["ref_ppl"])
-    means = seed_rows(rows, params, ["ref_ppl"])
-    assert [r["ref_ppl_n"] for r in means] == [2, 2, 2]
-    xs = {r["attack.kappa"]: numeric(r["attack.kappa"]) for r in means}
     figs = capture(monkeypatch, report_plots)
-    metric_plot(means, "attack.kappa", "ref_ppl", [], xs, tmp_path / "k.png")
-    ((ax,),) = [f.axes for f in figs]
+    assert main([str(root), "--metrics", "ref_ppl"]) == 0
+    assert sorted(figs) == ["ref_ppl_vs_attack.kappa.png"]  # seeds are averaged, not a sweep
+    assert (root / "report_plots" / "ref_ppl_vs_attack.kappa.png").read_bytes().startswith(PNG)
+    rows, params = rows_of(root, ["ref_ppl"])
+    assert [r["ref_ppl_n"] for r in seed_rows(rows, params, ["ref_ppl"])] == [2, 2, 2]
+
+    (ax,) = figs["ref_ppl_vs_attack.kappa.png"].axes
     (cont,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     assert cont.has_yerr and cont.get_label() == "attacked_q"
     assert ax.get_xscale() == "linear" and ax.get_xlabel() == "attack.kappa"
@@ -173,7 +165,7 @@ def test_numeric_sweep_gives_errorbar_lines_and_seed_means(tmp_path: Path, monke
     assert lo < 60.0 < 61.0 < hi
 
 
-def scurve(scale: float) -> dict:
+def scurve(quantizer: str, scale: float) -> dict:
     grid = []
     for k in range(7):
         s = 10.0 ** (-6 + k * 4 / 6)
@@ -187,7 +179,7 @@ def scurve(scale: float) -> dict:
                 "n_weights_measured": 1000,
             }
         )
-    return {"method": "library", "grid": grid, "sigma_hat": 2.5e-3 * scale, "quantizer": "q"}
+    return {"method": "library", "grid": grid, "sigma_hat": 2.5e-3 * scale, "quantizer": quantizer}
 
 
 def test_noise_scurve_and_fraction_changed_vs_sigma(tmp_path: Path, monkeypatch):
@@ -209,22 +201,25 @@ def test_noise_scurve_and_fraction_changed_vs_sigma(tmp_path: Path, monkeypatch)
                     }
                 },
             },
-            files={"noise_scurve.json": scurve(scale)},
+            files={"noise_scurve.json": scurve(q, scale)},
         )
-    assert main([str(root)]) == 0
-    assert (root / "report_plots" / "noise_scurve.png").read_bytes().startswith(PNG)
-    # quantizer is not numeric: no fraction_changed_vs_quantizer
-    assert not (root / "report_plots" / "fraction_changed_vs_quantizer.png").exists()
-
     figs = capture(monkeypatch, report_plots)
-    scurve_plot([("rtn4", scurve(4.0)), ("bnb_int8", scurve(1.0))], tmp_path / "s.png")
-    ((ax,),) = [f.axes for f in figs]
+    assert main([str(root), "--no-plots"]) == 0
+    assert not figs
+    assert main([str(root), "--metrics", "ref_ppl"]) == 0
+    # quantizer is not numeric: no fraction_changed_vs_quantizer
+    assert sorted(figs) == ["noise_scurve.png", "ref_ppl_vs_quantizer.png"]
+    assert (root / "report_plots" / "noise_scurve.png").read_bytes().startswith(PNG)
+    ax, diff = figs["noise_scurve.png"].axes
+    assert diff.get_xlabel() == "noise σ (defense.sigma)" and "theory" in diff.get_ylabel()
+    gaps = [c for c in diff.containers if isinstance(c, ErrorbarContainer)]
+    assert len(gaps) == 2 and all(c.has_yerr for c in gaps)  # library − theory, per quantizer
     bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     assert [c.get_label() for c in bars] == ["rtn4: library", "bnb_int8: library"]
     assert all(c.has_yerr for c in bars)
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "rtn4: theory" in legend and "bnb_int8: theory" in legend
-    assert ax.get_xscale() == "log" and "σ" in ax.get_xlabel() and ax.get_ylabel()
+    assert ax.get_xscale() == "log" and ax.get_ylabel() == "fraction of non-pinned codes changed"
 
     # a σ sweep (noise_grid, diagnostics off): one point per job from defense_stats
     grid = tmp_path / "grid"
@@ -247,9 +242,15 @@ def test_noise_scurve_and_fraction_changed_vs_sigma(tmp_path: Path, monkeypatch)
                 },
             },
         )
+    figs.clear()
     assert main([str(grid)]) == 0
     plots = sorted(p.name for p in (grid / "report_plots").iterdir())
     assert plots == ["accuracy_vs_defense.sigma.png", "fraction_changed_vs_defense.sigma.png"]
+    (ax,) = figs["fraction_changed_vs_defense.sigma.png"].axes
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "defense.sigma"
+    (line,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert line.has_yerr and line.get_label() == "original: library"
+    assert list(line.lines[0].get_ydata()) == [0.002, 0.017, 0.166]
 
 
 def matrix_job(root: Path, num: int, attack: str, defense: str, rate: float | None, ppl: float):
@@ -282,18 +283,15 @@ def test_matrix_heatmap_has_axis_titles_and_intervals(tmp_path: Path, monkeypatc
     matrix_job(root, 1, "encrypt_exact", "clip", None, 40.0)
     matrix_job(root, 2, "outlier", "none", 0.85, 36.0)
     matrix_job(root, 3, "outlier", "clip", 0.05, 33.0)
-    assert main([str(root)]) == 0
+    figs = capture(monkeypatch, report_matrix)
+    assert main([str(root), "--metrics", "injection_rate"]) == 0
     assert (root / "report_plots" / "matrix_smollm2_135m_rtn4.png").read_bytes().startswith(PNG)
     md = (root / "matrix.md").read_text()
     assert "0.85 [0.425, 0.925]" in md  # the success rate with its Wilson interval
     header = (root / "matrix.csv").read_text().splitlines()[0].split(",")
     assert {"success_lo", "success_hi"} <= set(header)
 
-    jobs = discover(root)
-    rows = [report_matrix.cell(j) for j in jobs]
-    figs = capture(monkeypatch, report_matrix)
-    report_matrix.heatmap(rows, "smollm2_135m", "rtn4", tmp_path / "h.png")
-    (fig,) = figs
+    fig = figs["matrix_smollm2_135m_rtn4.png"]
     images = [ax for ax in fig.axes if ax.images]
     assert len(images) == 2
     for ax in images:

@@ -97,6 +97,8 @@ def _success_md(row: dict) -> str:
 
 def heatmap(rows: list[dict], model: str, quantizer: str, path: Path) -> Path:
     """Success and utility cost, attacks × defenses, for one model and quantizer."""
+    from matplotlib.colors import LogNorm, Normalize
+
     sub = [r for r in rows if r["model"] == model and r["quantizer"] == quantizer]
     attacks = sorted({r["attack"] for r in sub})
     defenses = sorted({r["defense"] for r in sub}, key=lambda d: (d != "none", d))
@@ -120,7 +122,7 @@ def heatmap(rows: list[dict], model: str, quantizer: str, path: Path) -> Path:
             v = r.get(key)
             if r["status"] == "complete" and isinstance(v, (int, float)):
                 grid[i, j] = v
-                text[i][j] = f"{v:.2f}"
+                text[i][j] = f"{v:.2f}" if key == "success" else f"{v:.3g}"
                 if r.get(f"{key}_lo") is not None:
                     text[i][j] += f"\n[{r[f'{key}_lo']:.2f}, {r[f'{key}_hi']:.2f}]"
             elif r["status"] == "complete":
@@ -128,11 +130,14 @@ def heatmap(rows: list[dict], model: str, quantizer: str, path: Path) -> Path:
         finite = grid[np.isfinite(grid)]
         hi = 1.0 if key == "success" else max(2.0, float(finite.max()) if finite.size else 2.0)
         lo = 0.0 if key == "success" else 1.0
-        im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
+        # a cost spanning two decades on a log colour scale (1 = free stays the light end)
+        log = key != "success" and hi >= 100
+        norm = LogNorm(vmin=lo, vmax=hi) if log else Normalize(vmin=lo, vmax=hi)
+        im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
         im.cmap.set_bad("#d9d9d9")
         for i in range(len(attacks)):
             for j in range(len(defenses)):
-                dark = np.isfinite(grid[i, j]) and (grid[i, j] - lo) / (hi - lo) > 0.6
+                dark = np.isfinite(grid[i, j]) and float(norm(max(grid[i, j], lo))) > 0.6
                 color = "white" if dark else "black"  # readable on the dark end of the map
                 ax.text(j, i, text[i][j], ha="center", va="center", fontsize=8, color=color)
         ax.set_xticks(range(len(defenses)), defenses, rotation=30, ha="right", fontsize=8)
@@ -140,7 +145,8 @@ def heatmap(rows: list[dict], model: str, quantizer: str, path: Path) -> Path:
         ax.set_xlabel("defense")
         ax.set_ylabel("attack")
         ax.set_title(title, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label(bar, fontsize=8)
+        label = f"{bar}, log scale" if log else bar
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label(label, fontsize=8)
     note = "; [ ]: 95% Wilson interval" if any(r.get("success_lo") is not None for r in sub) else ""
     fig.suptitle(f"{model}, quantizer={quantizer}{note}", fontsize=10)
     return save_png(fig, path)

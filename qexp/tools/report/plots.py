@@ -9,11 +9,12 @@
   same numbers (e.g. `original_q` in a sweep over an attack option, which the cache computes
   once) are drawn once, their labels joined.
 - `fraction_changed_vs_<param>.png`: when the jobs' `defense_stats` carry `fraction_changed`
-  and `theory_uniform` (defense=noise, defense=launder) and the parameter is numeric: the
+  and `theory_uniform` (defense=noise; experiment=noise_grid) and the parameter is numeric: the
   fraction of codes the real library changed (Wilson interval over the measured weights, which
   treats them as independent) and the closed form for weights uniform in their intervals.
 - `noise_scurve.png`: every job's `noise_scurve*.json` (defense=noise with diagnostics): the
-  same two measures over the S-curve's σ grid, one colour per job and branch.
+  same two measures over the S-curve's σ grid (and σ̂), one colour per job and branch, and
+  below, each one's difference from the theory in percentage points (the interval route too).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def interval_note(rows: list[dict], m: str) -> str:
         n = sorted({r[f"{m}_n"] for r in rows if r.get(f"{m}_n") is not None})
         seeds = "/".join(str(k) for k in n)
         return f"mean over {seeds} seeds; error bars: 95% t interval of the mean"
-    return "error bars: 95% interval (Wilson for rates, bootstrap for means and perplexities)"
+    return "error bars: 95% intervals (Wilson: rates; bootstrap: means, perplexities)"
 
 
 def _series(rows: list[dict], pc: str, m: str, others: list[str]) -> dict[str, list[dict]]:
@@ -92,6 +93,13 @@ def _series(rows: list[dict], pc: str, m: str, others: list[str]) -> dict[str, l
     return out
 
 
+def _darker(color: str, f: float = 0.6) -> tuple[float, float, float]:
+    from matplotlib.colors import to_rgb
+
+    r, g, b = to_rgb(color)
+    return (r * f, g * f, b * f)
+
+
 def _mark_infinite(ax: Any, xs: list[float], color: str | None = None) -> None:
     """`∞` at the top of the axes above each x whose value could not be drawn."""
     for x in xs:
@@ -103,7 +111,8 @@ def _mark_infinite(ax: Any, xs: list[float], color: str | None = None) -> None:
             textcoords="offset points",
             ha="center",
             va="top",
-            fontsize=11,
+            fontsize=15,
+            fontweight="bold",
             color=color or "black",
         )
 
@@ -142,26 +151,28 @@ def metric_plot(
             by = {r[pc]: r for r in rs}
             pos = [k for k, c in enumerate(cats) if c in by and _finite(by[c][m])]
             ok = [by[cats[k]] for k in pos]
-            bars = ax.bar(
+            color = f"C{i % 10}"
+            ax.bar(
                 [k - 0.4 + width * (i + 0.5) for k in pos],
                 [r[m] for r in ok],
                 width=width,
+                color=color,
                 yerr=error_bars(ok, m),
                 capsize=2,
-                error_kw={"elinewidth": 1},
+                # a darker shade of the bar's colour: a zero-height bar's interval says whose
+                error_kw={"elinewidth": 1, "ecolor": _darker(color)},
                 label=label,
             )
             bad = [k for k, c in enumerate(cats) if c in by and not _finite(by[c][m])]
             infinite |= bool(bad)
-            color = bars.patches[0].get_facecolor() if bars.patches else None
             _mark_infinite(ax, [k - 0.4 + width * (i + 0.5) for k in bad], color)
         ax.set_xticks(range(len(cats)), [str(c) for c in cats], rotation=30 if len(cats) > 4 else 0)
     if log_scale([r[m] for r in pts if _finite(r[m])]):
         ax.set_yscale("log")
     ax.set_xlabel(p)
     ax.set_ylabel(axis_label(m))
-    note = interval_note(pts, m) + ("; ∞: not finite, not drawn" if infinite else "")
-    ax.set_title(f"{LABELS.get(m, m)} vs {p}\n{note}", fontsize=10)
+    note = interval_note(pts, m) + ("; ∞: not finite" if infinite else "")
+    ax.set_title(f"{DESCRIPTIONS.get(m, LABELS.get(m, m))} vs {p}\n{note}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_png(fig, path)
@@ -199,35 +210,56 @@ def _codes_axes(ax: Any, title: str) -> None:
 
 
 def scurve_plot(curves: list[tuple[str, dict]], path: Path) -> Path:
-    """The noise S-curves of several jobs: library (Wilson error bars) and theory."""
-    fig, ax = new_figure((7.5, 4.6))
+    """The noise S-curves of several jobs: library (Wilson error bars) and theory above, their
+    difference (library − theory, in percentage points) below."""
+    fig, _ = new_figure((7.5, 5.6))
+    fig.clear()
+    ax, diff = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
     for label, c in curves:
-        pts = [p for p in c["grid"] if p.get("fraction_changed") is not None]
-        sig = [p["sigma"] for p in pts]
-        frac = [p["fraction_changed"] for p in pts]
-        ns = [int(p["n_weights_measured"]) for p in pts]
-        line = ax.errorbar(
-            sig, frac, yerr=_wilson(frac, ns), marker="o", capsize=3, label=f"{label}: library"
+        named = [q for k, q in (c.get("points") or {}).items() if k != "per_layer"]  # σ̂, fixed
+        pts = [q for q in c["grid"] + named if _finite(q.get("sigma"))]
+        pts = sorted(
+            (q for q in pts if _finite(q.get("fraction_changed"))), key=lambda q: q["sigma"]
         )
+        sig = [q["sigma"] for q in pts]
+        frac = [q["fraction_changed"] for q in pts]
+        ns = [int(q["n_weights_measured"]) for q in pts]
+        yerr = _wilson(frac, ns)
+        line = ax.errorbar(sig, frac, yerr=yerr, marker="o", capsize=3, label=f"{label}: library")
         color = line.lines[0].get_color()
-        theory = [p.get("theory_uniform") for p in pts]
+        theory = [q.get("theory_uniform") for q in pts]
         ax.plot(sig, theory, "--", color=color, linewidth=1.2, label=f"{label}: theory")
+        gap = [(f - t) * 100 for f, t in zip(frac, theory)]
+        pp = [[e * 100 for e in side] for side in yerr]
+        diff.errorbar(sig, gap, yerr=pp, marker=".", capsize=3, color=color, label="library")
+        ivl = [q.get("fraction_changed_intervals") for q in pts]
+        if all(_finite(v) for v in ivl):  # the weights that left their own clean interval
+            route = [(v - t) * 100 for v, t in zip(ivl, theory)]
+            diff.plot(sig, route, "x:", color=color, linewidth=1, label="interval route")
         if c.get("sigma_hat"):
-            ax.axvline(c["sigma_hat"], color=color, linewidth=0.8, linestyle=":")
+            for a in (ax, diff):
+                a.axvline(c["sigma_hat"], color=color, linewidth=0.8, linestyle=":")
     n = min(int(p["n_weights_measured"]) for _, c in curves for p in c["grid"])
     _codes_axes(
         ax,
         "Codes changed by N(0, σ²) noise: library vs uniform-position theory\n"
-        f"error bars: 95% Wilson over ≥ {n:,} sampled weights; dotted: σ̂ (median h_ℓ)",
+        f"error bars: 95% Wilson over ≥ {n:,} sampled weights; dotted: σ̂",
     )
+    ax.set_xlabel("")
+    diff.axhline(0, color="gray", linewidth=0.8)
+    diff.set_ylabel("minus theory\n(percentage points)", fontsize=9)
+    diff.set_xlabel("noise σ (defense.sigma)")
+    diff.grid(alpha=0.3)
+    diff.legend(fontsize=7, loc="upper left")
     return save_png(fig, path)
 
 
 def _curve_label(job: str, swept: dict[str, Any], curve: dict, stem: str) -> str:
-    parts = [f"{k}={v}" for k, v in swept.items() if v is not None]
-    label = ", ".join(parts) if parts else str(curve.get("quantizer", job))
+    """The S-curve's quantizer, the job's other swept values and a branch other than original."""
+    parts = [str(curve.get("quantizer") or job)]
+    parts += [f"{k}={v}" for k, v in swept.items() if v is not None and k != "quantizer"]
     branch = stem.removeprefix("noise_scurve").lstrip("_")
-    return f"{label} ({branch})" if branch else label
+    return ", ".join(parts) + (f" ({branch})" if branch else "")
 
 
 def defense_plots(root: Path, rows: list[dict], params: list[str]) -> list[Path]:
