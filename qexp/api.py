@@ -62,7 +62,6 @@ def load(path: str | Path) -> pd.DataFrame:
     `sd`, `n_seeds` and the t interval of the mean in `lo`, `hi`."""
     import pandas as pd
 
-    from qexp.core.stats import seed_summary
     from qexp.tools.report.jobs import ReportError, discover
     from qexp.tools.report.sweep import parse_value, swept_params
 
@@ -98,14 +97,16 @@ def load(path: str | Path) -> pd.DataFrame:
                     }
                 )
     if "seed" in params:
-        rows += _over_seeds(rows, [p for p in params if p != "seed"], seed_summary)
+        rows += _over_seeds(rows, [p for p in params if p != "seed"])
     frame = pd.DataFrame(rows)
     order = [c for c in (*ID_COLUMNS[:3], *params, *ID_COLUMNS[3:], *STAT_COLUMNS) if c in frame]
     return frame[order]
 
 
-def _over_seeds(rows: list[dict], others: list[str], summary: Any) -> list[dict]:
+def _over_seeds(rows: list[dict], others: list[str]) -> list[dict]:
     """One aggregated row per (other swept keys, condition, metric) of complete runs."""
+    from qexp.core.stats import seed_summary
+
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["status"] == "complete":
@@ -113,7 +114,7 @@ def _over_seeds(rows: list[dict], others: list[str], summary: Any) -> list[dict]
             groups.setdefault(key, []).append(r)
     out = []
     for members in groups.values():
-        s = summary([r["value"] for r in members])
+        s = seed_summary([r["value"] for r in members])
         first = members[0]
         out.append(
             {
