@@ -189,14 +189,19 @@ def test_encrypted_tiny_model_is_flagged(tmp_path: Path, overrides: list, featur
     assert rep["checks"]["reparam"]["features"][feature]["n_flagged"] > 0
 
 
-def test_gap_like_tiny_model_is_flagged_and_diffed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["bnb_nf4", "nvfp4a16", "mxfp4a16"])
+def test_gap_like_tiny_model_is_flagged_and_diffed(tmp_path: Path, target: str) -> None:
+    """Placed inside bitsandbytes' or a compressed-tensors format's boxes: flagged."""
     from qexp.quantizers.base import grid_quantizer
+
+    if target != "bnb_nf4":
+        pytest.importorskip("llmcompressor")
 
     # 128 x 256 weights: B = 160 bins, so a pile of a few percent stands out
     clean = save_tiny(
         tmp_path / "clean", seed=5, hidden_size=128, head_dim=32, intermediate_size=256
     )
-    q = grid_quantizer("bnb_nf4", "t")
+    q = grid_quantizer(target, "t")
     sd = load_file(str(clean / "model.safetensors"))
     g = torch.Generator().manual_seed(0)
     touched = ["model.layers.3.mlp.up_proj.weight", "model.layers.3.self_attn.o_proj.weight"]
@@ -210,7 +215,7 @@ def test_gap_like_tiny_model_is_flagged_and_diffed(tmp_path: Path) -> None:
     att.mkdir()
     (att / "config.json").write_text((clean / "config.json").read_text())
     save_file(sd, str(att / "model.safetensors"), metadata={"format": "pt"})
-    rc, rep = run_cli(att, tmp_path / "out", "--reference", str(clean), "--quantizer", "bnb_nf4")
+    rc, rep = run_cli(att, tmp_path / "out", "--reference", str(clean), "--quantizer", target)
     assert rc == 1
     flagged = {f["tensor"] for f in rep["checks"]["gap"]["flagged"]}
     assert flagged == set(touched)

@@ -41,6 +41,12 @@ def reference_round_trip(via: str, w: torch.Tensor) -> torch.Tensor:
         return rtn_fake_quant(w, bits, group, False)
     if via.startswith("gguf_"):
         return gguf_fake_quant(w, via.removeprefix("gguf_"))
+    if not via.startswith("bnb_"):  # compressed-tensors: the option's round trip is checked
+        # against llm-compressor's oneshot in tests/test_compressed_formats.py; here the
+        # wiring (which tensors, nothing else) is what is tested
+        from qexp.core.registry import build_option
+
+        return build_option("quantizer", via, "via").fake_quant(w)
     import bitsandbytes.functional as F
 
     mode = via.removeprefix("bnb_")

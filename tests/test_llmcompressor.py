@@ -107,3 +107,34 @@ def test_missing_library_names_the_extra(make_cfg, monkeypatch):
     without_module(monkeypatch, "llmcompressor")
     with pytest.raises(ConfigError, match=r"qexp\[llmcompressor\]"):
         validate(make_cfg("quantizer=gptq4_llmc"))
+
+
+def test_w8a8_int8_smoothquant_then_gptq_is_the_library_model(make_cfg, tmp_path):
+    """quantizer=w8a8_int8: SmoothQuant + GPTQ (int8 per channel) with int8 per-token
+    activations; the evaluated model is the library's (its forward quantizes activations),
+    its weights checked against the library's weight fake-quantization."""
+    spec, ctx, loaded = load_spec(
+        make_cfg, tmp_path, "quantizer=w8a8_int8", "quantizer.calibration.samples=4", *KV4[:1]
+    )
+    plain = {n: p.clone() for n, p in loaded.model.named_parameters()}
+    out = spec.quantizer.quantize(subject(loaded.model, loaded.tokenizer), ctx)
+    info = out.info
+    assert info["method"] == "gptq" and info["smoothing_strength"] == 0.8
+    assert info["modules"] == 14 and info["kernel_vs_dequant_max_rel_err"] <= 0.02
+    assert info["formats"] == {"int-quantized": 14}
+    mod = out.model.get_submodule("model.layers.0.mlp.up_proj")
+    acts = mod.quantization_scheme.input_activations
+    assert acts.num_bits == 8 and acts.strategy == "token" and acts.dynamic is True
+    # SmoothQuant folded its scales into the norm before gate/up
+    ln = "model.layers.0.post_attention_layernorm.weight"
+    assert not torch.equal(dict(out.model.named_parameters())[ln], plain[ln])
+    assert not type(spec.quantizer).plain_output and type(spec.quantizer).data_dependent
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("quantizer.group_size=32", "quantizer.group_size=32"), ("quantizer.sym=false", "sym")],
+)
+def test_w8a8_refuses_what_the_recipe_does_not_do(make_cfg, override, key):
+    with pytest.raises(ConfigError, match=key):
+        validate(make_cfg("quantizer=w8a8_int8", override))

@@ -370,3 +370,47 @@ def error_box(w: torch.Tensor, w_hat: torch.Tensor) -> tuple[torch.Tensor, torch
     """
     a, b = w.detach().double(), w_hat.detach().double()
     return torch.minimum(a, b), torch.maximum(a, b)
+
+
+# ---------------------------------------------------------------- scaled float/int grids
+
+
+NEG_ZERO = -(2.0**-12)  # the code of a negative zero: between -0 and the smallest element
+
+
+def signed_zero(r: torch.Tensor) -> torch.Tensor:
+    """Element values with a negative zero told apart (formats store its sign bit), still
+    monotone in the input: -0 becomes NEG_ZERO."""
+    return torch.where((r == 0) & torch.signbit(r), NEG_ZERO, r)
+
+
+def grid_intervals(
+    x: torch.Tensor,
+    code: Code,
+    params: dict[str, torch.Tensor],
+    eff: torch.Tensor,
+    table: torch.Tensor,
+    amax: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intervals of a symmetric absmax format whose elements round `x / eff` to a sorted
+    value `table` (FP8 E4M3, FP4 E2M1) and store the sign of a zero: `code` is the
+    library's rounding on lattice values through `signed_zero` (per-element parameters in
+    `params`), `eff` and `amax` the per-element scale and block absmax (the shape of `x`).
+    The block absmax sets the scale: those weights are pinned, the others stay inside
+    ±absmax."""
+    own = code(x, params).double()
+    value = torch.where(own == NEG_ZERO, 0.0, own)
+    t = table.double()
+    i = torch.searchsorted(t, value.contiguous()).clamp(0, len(t) - 1)
+    below = t[(i - 1).clamp_min(0)]
+    above = t[(i + 1).clamp_max(len(t) - 1)]
+    e = eff.double()
+    lo_g = torch.where(i == 0, -torch.inf, (below + value) / 2 * e)
+    hi_g = torch.where(i == len(t) - 1, torch.inf, (above + value) / 2 * e)
+    lo_g = torch.where(own == 0, 0.0, lo_g)  # +0 starts at zero, -0 ends there
+    hi_g = torch.where(own == NEG_ZERO, 0.0, hi_g)
+    a = amax.double()
+    lo_g, hi_g = torch.maximum(lo_g, -a), torch.minimum(hi_g, a)
+    af = amax.float()
+    pinned = x.float().abs() == af
+    return lattice_interval(x, x.dtype, code, params, lo_g, hi_g, -af, af, pinned)

@@ -133,17 +133,22 @@ class LibraryQuantizer(Quantizer):
         self.check_widths(model_widths(subject.model, self.skip))
         files = []
         if self.library.log_name is None:
-            info = self.run_library(subject, ctx, io.StringIO())
+            out = self.run_library(subject, ctx, io.StringIO())
         else:
             log_file = f"logs/{self.library.log_name}_{subject.branch}.log"
             with self.capture_log(ctx.run_dir / log_file, ctx) as log:
-                info = self.run_library(subject, ctx, log)
+                out = self.run_library(subject, ctx, log)
             files.append(log_file)
-        return StageResult(subject.model, {**self.library_info(), **info}, files)
+        model, info = out if isinstance(out, tuple) else (subject.model, out)
+        return StageResult(model, {**self.library_info(), **info}, files)
 
-    def run_library(self, subject: Subject, ctx: RunContext, log: io.StringIO) -> dict:
+    def run_library(
+        self, subject: Subject, ctx: RunContext, log: io.StringIO
+    ) -> dict | tuple[nn.Module, dict]:
         """Quantize `subject.model` in place through the library (its console output goes to
-        `log`); return what results.json records beside the library's version."""
+        `log`); return what results.json records beside the library's version. A back-end
+        whose evaluated model is the library's own (`plain_output = False`: its forward
+        quantizes activations) returns (that model, the record)."""
         raise NotImplementedError
 
     # ---- shared steps ------------------------------------------------------------------

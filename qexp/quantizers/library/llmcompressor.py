@@ -23,8 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -34,24 +32,27 @@ import torch
 from qexp.core.context import RunContext
 from qexp.core.errors import check, check_choice
 from qexp.core.plugin import Subject
-from qexp.quantizers.library.base import GPTQFamily, Library, ReadBack
+from qexp.quantizers.library.base import GPTQFamily, Library
+from qexp.quantizers.library.oneshot import (
+    LLMCOMPRESSOR,
+    calibration_loader,
+    compressed_modules,
+    ignored_linears,
+    module_formats,
+    route_log,
+    run_oneshot,
+    save_compressed,
+    weights_read_back,
+)
 
 METHODS = ("gptq", "awq")
-INSTALL = "pip install 'qexp[llmcompressor]' (llm-compressor 0.14)"
-LOG_FORMAT = "{time:HH:mm:ss.SSS} | {name}:{function} | {level} - {message}"
 
 
 @dataclass
 class LLMCompressorQuant(GPTQFamily):
     """`method=gptq|awq` with bits, group, sym, act-order (GPTQ) and dampening (GPTQ)."""
 
-    library: ClassVar[Library] = Library(
-        "llmcompressor",
-        INSTALL,
-        "llm-compressor",
-        ("llmcompressor", "compressed-tensors"),
-        "llmcompressor",
-    )
+    library: ClassVar[Library] = LLMCOMPRESSOR
     bits_allowed: ClassVar[tuple[int, ...]] = (4, 8)
     group_fit_why: ClassVar[str] = " (it refuses groups that split a row; SmolLM2-135M needs 64)"
 
@@ -108,104 +109,91 @@ class LLMCompressorQuant(GPTQFamily):
             )
         ]
 
-    @contextlib.contextmanager
-    def route_log(self, log: io.StringIO, path: Path) -> Iterator[None]:
-        """llm-compressor's loguru messages (INFO and up, per-module GPTQ metrics) into `log`:
-        its first import warns (no accelerator) and installs a console handler, replaced by
-        one to `log` for the duration."""
-        from llmcompressor.logger import LoggerConfig, configure_logger
-        from loguru import logger
-
-        configure_logger(LoggerConfig(console_log_level=None))
-        sink = logger.add(log, level="INFO", format=LOG_FORMAT, colorize=False)
-        try:
-            yield
-        finally:
-            logger.remove(sink)
-            configure_logger(LoggerConfig())  # the library's default: console, INFO
+    def route_log(self, log: io.StringIO, path: Path) -> contextlib.AbstractContextManager:
+        return route_log(log)
 
     def run_library(self, subject: Subject, ctx: RunContext, log: io.StringIO) -> dict:
+        qmodel, info = self.run_recipe(subject, ctx, log)
+        self.copy_rest(qmodel, subject.model, info.pop("checked"))
+        del qmodel
+        return info
+
+    def run_recipe(
+        self, subject: Subject, ctx: RunContext, log: io.StringIO
+    ) -> tuple[torch.nn.Module, dict]:
+        """`oneshot` with this recipe on a copy of the model on the calibration data; the
+        de-quantized weights read back into `subject.model` (checked against the library's
+        forward; the names of the modules checked under `checked`)."""
         model, tok = subject.model, subject.tokenizer
         seqs = self.calibration_sequences(subject, ctx)
-        device = next(model.parameters()).device
-        data = [
-            {"input_ids": torch.tensor(s), "attention_mask": torch.ones(len(s), dtype=torch.long)}
-            for s in seqs
-        ]
-        loader = torch.utils.data.DataLoader(data, batch_size=self.batch_size)
-        ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        ignore = sorted(set(ignore) - {n for n, _ in self.quantized_linears(model)})
         qmodel = copy.deepcopy(model)
-        ctx.cache_dir.mkdir(parents=True, exist_ok=True)
         info = {"method": self.method, "calibration": self.calibration.describe()}
-        with tempfile.TemporaryDirectory(dir=ctx.cache_dir, prefix=".llmcompressor-") as tmp:
-            # oneshot re-reads the config from `name_or_path` to refuse pre-quantized models
-            qmodel.config.save_pretrained(tmp)
-            qmodel.config.name_or_path = tmp
-            with _cpu_safe():
-                from llmcompressor import oneshot
-                from llmcompressor.core import reset_session
+        run_oneshot(
+            qmodel,
+            ctx.cache_dir,
+            tokenizer=tok,
+            recipe=self.recipe(ignored_linears(model, self.quantized_linears(model))),
+            dataset=calibration_loader(seqs, self.batch_size),
+            num_calibration_samples=len(seqs),
+            max_seq_length=self.calibration.seq_len,
+            shuffle_calibration_samples=False,
+        )
+        checks = self.read_back(compressed_modules(qmodel), model)
+        info.update(self.kernel_info(checks), formats=module_formats(qmodel), checked=list(checks))
+        if ctx.save_quantized:
 
-                try:
-                    oneshot(
-                        model=qmodel,
-                        tokenizer=tok,
-                        recipe=self.recipe(ignore),
-                        dataset=loader,
-                        num_calibration_samples=len(seqs),
-                        max_seq_length=self.calibration.seq_len,
-                        shuffle_calibration_samples=False,
-                    )
-                finally:
-                    reset_session()  # the global session would keep the copy alive
-                checks = self.read_back(self._modules(qmodel, device), model)
-                self.copy_rest(qmodel, model, checks)
-                info.update(self.kernel_info(checks))
-                if ctx.save_quantized:
-                    qmodel.config.name_or_path = model.config.name_or_path
+            def write(out: Path) -> None:
+                save_compressed(qmodel, out)
+                tok.save_pretrained(out)
 
-                    def write(out: Path, qm: torch.nn.Module = qmodel) -> None:
-                        qm.save_pretrained(out, save_compressed=True)
-                        tok.save_pretrained(out)
-
-                    info.update(self.save_artifact(ctx, subject.branch, write))
-        del qmodel
+            info.update(self.save_artifact(ctx, subject.branch, write))
         fallback = [ln for ln in log.getvalue().splitlines() if "Hessian inversion failed" in ln]
         if fallback:  # llm-compressor quietly used round-to-nearest for some modules
             info["gptq_rtn_fallback"] = fallback[-1].split(" - ", 1)[-1]
-        return info
-
-    def _modules(self, qmodel: torch.nn.Module, device: torch.device) -> Iterator[ReadBack]:
-        """Each quantized module's weight, packed and unpacked by compressed-tensors' own
-        compressor (as `save_pretrained(save_compressed=True)` and a loader do)."""
-        from compressed_tensors.compressors import BaseCompressor
-        from compressed_tensors.compressors.format import infer_module_format
-        from compressed_tensors.utils import get_direct_state_dict
-
-        for name, mod in qmodel.named_modules():
-            scheme = getattr(mod, "quantization_scheme", None)
-            if scheme is None or scheme.weights is None:
-                continue
-            fmt = scheme.format or infer_module_format(type(mod), scheme)
-            compressor = BaseCompressor.get_value_from_registry(getattr(fmt, "value", fmt))
-            packed = compressor.compress(get_direct_state_dict(mod), scheme)
-            w = compressor.decompress(packed, scheme)["weight"].float()
-            bias = None if mod.bias is None else mod.bias.float()
-            yield ReadBack(name, mod, [w], bias, mod.weight.dtype)
+        return qmodel, info
 
 
-@contextlib.contextmanager
-def _cpu_safe():
-    """Without an accelerator, AWQ's `IntermediatesCache.pin_memory` fails (page-locked host
-    memory needs one); it only speeds up host-to-device copies, so it is skipped then."""
-    from llmcompressor.pipelines.cache import IntermediatesCache
+@dataclass
+class W8A8Int8(LLMCompressorQuant):
+    """INT8 weights (per channel, GPTQ) and INT8 activations (per token, dynamic) after
+    SmoothQuant: llm-compressor's documented W8A8 recipe. The evaluated model is the
+    library's own (its forward quantizes activations as it runs), not a plain copy."""
 
-    if torch.accelerator.is_available():
-        yield
-        return
-    original = IntermediatesCache.pin_memory
-    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
-    try:
-        yield
-    finally:
-        IntermediatesCache.pin_memory = original
+    plain_output: ClassVar[bool] = False
+    bits_allowed: ClassVar[tuple[int, ...]] = (8,)
+
+    name: str = "w8a8_int8"
+    bits: int = 8
+    group_size: int = -1
+    smoothing_strength: float = 0.8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.method == "gptq", "method", self.method, "gptq (SmoothQuant, then GPTQ)")
+        check(self.group_size == -1, "group_size", self.group_size, "-1 (W8A8 is per channel)")
+        check(self.sym, "sym", self.sym, "true (W8A8 weights are symmetric)")
+        ok = 0.0 < self.smoothing_strength < 1.0
+        check(ok, "smoothing_strength", self.smoothing_strength, "a fraction in (0, 1)")
+
+    def recipe(self, ignore: list[str]) -> list:
+        from llmcompressor.modifiers.gptq import GPTQModifier
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+        return [
+            SmoothQuantModifier(smoothing_strength=self.smoothing_strength),
+            GPTQModifier(
+                targets=["Linear"],
+                scheme="W8A8",
+                ignore=ignore,
+                dampening_frac=self.damp,
+                actorder="static" if self.desc_act else None,
+            ),
+        ]
+
+    def run_library(
+        self, subject: Subject, ctx: RunContext, log: io.StringIO
+    ) -> tuple[torch.nn.Module, dict]:
+        qmodel, info = self.run_recipe(subject, ctx, log)
+        del info["checked"]
+        info["smoothing_strength"] = self.smoothing_strength
+        return weights_read_back(qmodel, subject.model), info
