@@ -202,12 +202,20 @@ class GridQuantizer(Quantizer, TensorBoxTarget):
         (each library breaks ties its own way) may sit at the edge of the neighbouring
         code's interval, found by the library's code at the box's centre."""
         lo, hi = self.intervals(w)
-        centre = torch.where(lo < hi, (lo + hi) / 2, w.double()).to(w.dtype)
-        tie = self.fake_quant(centre) != self.fake_quant(w)
-        return torch.where(tie, w.double(), lo), torch.where(tie, w.double(), hi)
+        return pin_ties(w, lo, hi, self.fake_quant)
 
     def tensor_codes(self, name: str, w: torch.Tensor) -> torch.Tensor:
         return self.codes(w)
+
+
+def pin_ties(
+    w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fake_quant
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes `[lo, hi]` with every weight whose de-quantized value differs from its box
+    centre's (a rounding tie the library breaks its own way) pinned to itself."""
+    centre = torch.where(lo < hi, (lo + hi) / 2, w.double()).to(w.dtype)
+    tie = fake_quant(centre) != fake_quant(w)
+    return torch.where(tie, w.double(), lo), torch.where(tie, w.double(), hi)
 
 
 def grid_options() -> list[str]:

@@ -47,7 +47,7 @@ from torch import nn
 from qexp.core.context import RunContext
 from qexp.core.errors import check, check_choice
 from qexp.core.plugin import Subject
-from qexp.quantizers.base import Boxes, GridQuantizer
+from qexp.quantizers.base import Boxes, GridQuantizer, pin_ties
 from qexp.quantizers.intervals import grid_intervals, signed_zero
 from qexp.quantizers.library.base import CalibratedQuantizer, Library
 from qexp.quantizers.library.oneshot import (
@@ -246,9 +246,10 @@ class CompressedFormat(CalibratedQuantizer, GridQuantizer):
         amax = torch.maximum(mn.abs(), mx.abs()).clamp_min(0)
         return Params(scale.to(w.dtype), zp, gs, amax)
 
-    def stored(self, w: torch.Tensor, global_amax: Optional[torch.Tensor] = None) -> dict:
+    def stored(self, w: torch.Tensor, global_amax: Optional[torch.Tensor] = None) -> tuple:
         """What compressed-tensors' compressor writes for this weight (`weight_packed` or the
-        FP8 `weight`, `weight_scale`, `weight_global_scale`), as `save_compressed` does."""
+        FP8 `weight`, `weight_scale`, `weight_global_scale`), as `save_compressed` does: (the
+        compressor, the scheme, the stored tensors)."""
         from compressed_tensors.compressors import BaseCompressor
         from compressed_tensors.compressors.format import infer_module_format
         from compressed_tensors.quantization import QuantizationScheme
@@ -261,12 +262,12 @@ class CompressedFormat(CalibratedQuantizer, GridQuantizer):
         state["weight_zero_point"] = p.zero_point
         if p.global_scale is not None:
             state["weight_global_scale"] = p.global_scale
-        return {"compressor": compressor, "scheme": scheme, **compressor.compress(state, scheme)}
+        return compressor, scheme, compressor.compress(state, scheme)
 
     def codes(self, w: torch.Tensor, global_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The bytes of every tensor the compressor stores for the weight, flattened (FP8
         and E8M0 bytes as their bits, scales as values)."""
-        return stored_bytes(self.stored(w, global_amax))
+        return stored_bytes(self.stored(w, global_amax)[2])
 
     def weight_codes(self, w: torch.Tensor) -> torch.Tensor:
         """Each weight's element value (compressed-tensors' `quantize`) as its index in the
@@ -284,9 +285,8 @@ class CompressedFormat(CalibratedQuantizer, GridQuantizer):
     ) -> torch.Tensor:
         """The weight as the compressor de-quantizes what it stores (what a loader of the
         checkpoint computes with; NVFP4 de-quantizes to bfloat16), as float32."""
-        out = self.stored(w, global_amax)
-        compressor, scheme = out.pop("compressor"), out.pop("scheme")
-        return compressor.decompress(out, scheme)["weight"].float()
+        compressor, scheme, packed = self.stored(w, global_amax)
+        return compressor.decompress(packed, scheme)["weight"].float()
 
     def neighbours(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.params(w)
@@ -363,9 +363,7 @@ class FusedBoxes(Boxes):
     def tensor_box(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, g = self.target, self.absmax.get(name)
         lo, hi = q.intervals(w, g)
-        centre = torch.where(lo < hi, (lo + hi) / 2, w.double()).to(w.dtype)
-        tie = q.fake_quant(centre, g) != q.fake_quant(w, g)
-        return torch.where(tie, w.double(), lo), torch.where(tie, w.double(), hi)
+        return pin_ties(w, lo, hi, lambda x: q.fake_quant(x, g))
 
     def tensor_codes(self, name: str, w: torch.Tensor) -> torch.Tensor:
         return self.target.codes(w, self.absmax.get(name))
