@@ -11,6 +11,13 @@ adapts to (a subclass of its own `Adaptation` per surface, whose hooks it calls 
 points of its algorithm), and any other defense is a config error naming the options it
 does adapt to. The objects are built once, by `Plugin.resolve`, after every plugin of the
 run exists.
+
+One surface is attack-agnostic: against a rotation (`AgainstRotation`, every attack takes
+it), the attacker rotates the model as the defense will, runs its own algorithm on the
+rotated model, and delivers the result rotated back, so that the defender's rotation
+returns the model the attack built (up to float rounding). With the defense's seed known
+(`defense.seed` an integer) it uses that seed; with `defense.seed=null` the defender draws
+one at defense time and the attacker can only draw its own.
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, ClassVar, Optional
 
+from qexp.core.cache import digest
+from qexp.core.context import RunContext
 from qexp.core.errors import ConfigError, check
+from qexp.core.plugin import StageResult, Subject
 from qexp.core.registry import build_option, option_class, options, options_where
 from qexp.defenses.base import Defense
 
@@ -50,6 +60,48 @@ class Adapts:
     def adapted(self) -> dict[str, Defense]:
         """The adapted defenses by surface."""
         return {s: a.defense for s, a in self.adaptations.items()}
+
+    @property
+    def plain_output(self) -> bool:
+        """Against a rotation the delivered model has untied embeddings and fused norms."""
+        return "rotation" not in getattr(self, "adaptations", {})
+
+    def run(self, subject: Subject, ctx: RunContext) -> StageResult:
+        """`apply`, in the rotated basis when adapting to a rotation."""
+        rotation = getattr(self, "adaptations", {}).get("rotation")
+        if rotation is None:
+            return self.apply(subject, ctx)  # type: ignore[attr-defined]
+        return rotation.wrap(subject, ctx, self.apply)  # type: ignore[attr-defined]
+
+
+class AgainstRotation(Adaptation):
+    """Attack the rotated model, deliver it rotated back (any attack)."""
+
+    surface: ClassVar[str] = "rotation"
+
+    def bind(self, prefix: str) -> None:
+        check(
+            not self.defense.online,
+            prefix + "against",
+            self.defense.name,
+            "a rotate defense whose rotations are all fused (method=spinquant, rotations a "
+            "subset of [R1, R2]): qexp does not yet deliver a model against online rotations",
+        )
+
+    def attacker_seed(self, subject: Subject, ctx: RunContext) -> int:
+        """The defense's seed when it is fixed (known to the attacker), else the attacker's
+        own draw (the defender's is drawn at defense time from what the attacker lacks)."""
+        seed = self.defense.seed
+        return seed if seed is not None else int(digest("attacker", ctx.seed, subject.key)[:8], 16)
+
+    def wrap(self, subject: Subject, ctx: RunContext, apply: Any) -> StageResult:
+        seed = self.attacker_seed(subject, ctx)
+        self.defense.rotate_model(subject.model, seed)
+        out = apply(subject, ctx)
+        self.defense.unrotate_model(out.model, seed)
+        known = self.defense.seed is not None
+        record = {"seed": seed, "defense_seed": "known" if known else "drawn at defense time"}
+        return StageResult(out.model, {**out.info, "rotation": record}, out.files)
 
 
 def resolve(

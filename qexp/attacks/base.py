@@ -21,6 +21,9 @@ class Attack(Plugin, ABC):
     # whether A(M) computes the same function as M (the pipeline then measures the drift)
     preserves_function: ClassVar[bool] = False
 
+    # whether A(M) has the loaded checkpoint's parameters (the stage cache can store it)
+    plain_output: ClassVar[bool] = True
+
     def preservation_tolerance(self) -> Optional[float]:
         """Max fp32 |Δlogit| allowed on the probe batch, or None to skip the measurement."""
         return None
@@ -28,6 +31,10 @@ class Attack(Plugin, ABC):
     def preservation_tolerance_bf16(self) -> Optional[float]:
         """Max bf16 |Δlogit| allowed as well (0.0: bit-identical), or None for no bf16 limit."""
         return None
+
+    def run(self, subject: Subject, ctx: RunContext) -> StageResult:
+        """The attack stage: `apply`, inside whatever an adaptive attack wraps it in."""
+        return self.apply(subject, ctx)
 
     @abstractmethod
     def apply(self, subject: Subject, ctx: RunContext) -> StageResult:

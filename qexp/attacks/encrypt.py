@@ -214,7 +214,7 @@ class Encrypt(adaptive.Adapts, Attack):
                 "mlp": self.mlp,
             }
         run = spec.defense if spec is not None else None
-        kinds = (AgainstCanonical,)
+        kinds = (AgainstCanonical, AgainstRotation)
         self.adaptations = adaptive.resolve(self.against, kinds, self, run, f"{self.group}.against")
 
     def fingerprint(self) -> Any:
@@ -229,8 +229,10 @@ class Encrypt(adaptive.Adapts, Attack):
         return self.tolerance if self.check_preservation else None
 
     def preservation_tolerance_bf16(self) -> Optional[float]:
-        """preset=exact promises bit-identical bf16 logits: any drift stops the run."""
-        return 0.0 if self.check_preservation and self.preset == "exact" else None
+        """preset=exact promises bit-identical bf16 logits: any drift stops the run (not
+        against a rotation, whose delivery rotates the weights back in float arithmetic)."""
+        exact = self.preset == "exact" and "rotation" not in self.adaptations
+        return 0.0 if self.check_preservation and exact else None
 
     # ---------------------------------------------------------------- plan
     def layers(self, geo: Geometry) -> list[int]:
@@ -434,12 +436,12 @@ class AgainstCanonical(adaptive.Adaptation):
 
     def bind(self, prefix: str) -> None:
         enc, seen, r = self.attack, self.defense.symmetries(), self.attack.requested
-        enc.needle_sites = [x for x in r["needle_sites"] if SYMMETRY[x] not in seen]
-        enc.anchor_sites = [x for x in r["anchor_sites"] if SYMMETRY[x] not in seen]
-        enc.mlp = r["mlp"] and "mlp" not in seen
+        enc.needle_sites = [x for x in enc.needle_sites if SYMMETRY[x] not in seen]
+        enc.anchor_sites = [x for x in enc.anchor_sites if SYMMETRY[x] not in seen]
+        enc.mlp = enc.mlp and "mlp" not in seen
         left = {"a": "vo" not in seen, "b": "vo" not in seen, "c": bool(enc.needle_sites)}
         left["d"] = bool(enc.anchor_sites)
-        enc.mechanisms = [m for m in r["mechanisms"] if left[m]]
+        enc.mechanisms = [m for m in enc.mechanisms if left[m]]
         check(
             bool(enc.mechanisms),
             prefix + "against",
@@ -449,6 +451,28 @@ class AgainstCanonical(adaptive.Adaptation):
         )
 
 
+class AgainstRotation(adaptive.AgainstRotation):
+    """Against a rotation: encrypt in the rotated basis, without the RMSNorm-fed anchor sites
+    (attn_in, mlp_in). There a site scales norm weights per rotated channel, which no
+    RMSNorm of the delivered (rotated back) model can express; the defender's norm fusion
+    would fold them into the next linears anyway."""
+
+    def bind(self, prefix: str) -> None:
+        super().bind(prefix)
+        enc = self.attack
+        enc.anchor_sites = [x for x in enc.anchor_sites if x not in NORM_FED]
+        if not enc.anchor_sites:
+            enc.mechanisms = [m for m in enc.mechanisms if m != "d"]
+        check(
+            bool(enc.mechanisms),
+            prefix + "against",
+            enc.against,
+            f"a rotation one of mechanisms={self.attack.requested['mechanisms']} survives: "
+            f"only D at the norm-fed sites {list(NORM_FED)} was asked for",
+        )
+
+
+NORM_FED = ("attn_in", "mlp_in")  # anchor sites whose producer is an RMSNorm weight
 # D: the roles each site touches (producer ÷ s, consumer input columns × s)
 ANCHOR_ROLES = {
     "attn_in": ("input_norm", "q_weight", "k_weight", "v_weight"),

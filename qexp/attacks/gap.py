@@ -537,5 +537,25 @@ class AgainstTies(GapAdaptation):
         return {"near_tie_fraction": ties / max(1, total)}
 
 
-ADAPTATIONS = (AgainstNoise, AgainstCanonical, AgainstTies)
+class AgainstRotation(GapAdaptation, adaptive.AgainstRotation):
+    """A rotation: the attack runs in the rotated basis (adaptive.AgainstRotation) and every
+    box keeps ROTATION_SLACK times the float rounding of rotating the delivered model back
+    from its edges. The rounding is at most one ulp of the weight plus ε·‖row‖ and
+    ε·‖column‖ (a rotation moves an element by at most the norm of the rounding error of the
+    row or column it mixes); the slack covers the box edges moving with it, since the
+    pinned extremes that set a group's scale move by as much."""
+
+    def margins(self, model: torch.nn.Module, params: dict) -> dict:
+        out = {}
+        for n, p in params.items():
+            w, eps = p.detach().double(), torch.finfo(p.dtype).eps
+            norms = float(w.norm(dim=-1).max()) + float(w.norm(dim=0).max())
+            out[n] = ROTATION_SLACK * eps * (norms + float(w.abs().max()))
+        return out
+
+
+ROTATION_SLACK = 4.0
+
+
+ADAPTATIONS = (AgainstNoise, AgainstCanonical, AgainstTies, AgainstRotation)
 REPORT_ORDER = ("canonical", "noise", "ties")  # the manifest's `adaptive` keys, in order

@@ -108,7 +108,7 @@ class Outlier(adaptive.Adapts, Attack):
         """The adapted clipping defense (the run's own where it is the one named)."""
         run = spec.defense if spec is not None else None
         key = f"{self.group}.against"
-        self.adaptations = adaptive.resolve(self.against, (AgainstClip,), self, run, key)
+        self.adaptations = adaptive.resolve(self.against, KINDS, self, run, key)
 
     @property
     def paired(self) -> bool:
@@ -369,3 +369,6 @@ class AgainstClip(adaptive.Adaptation):
             self.attack.block_size,
             f"the adapted defense's group ({group}) with against={self.attack.against}",
         )
+
+
+KINDS = (AgainstClip, adaptive.AgainstRotation)

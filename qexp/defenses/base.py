@@ -34,6 +34,11 @@ class Defense(Plugin, ABC):
         """Max bf16 |Δlogit| allowed as well (0.0: bit-identical), or None for no bf16 limit."""
         return None
 
+    # whether D(M) has the loaded checkpoint's parameters, so the stage cache can store it
+    # (and what the quantizer makes of it); False for a defense that unties embeddings or
+    # attaches online transforms (rotate)
+    plain_output: ClassVar[bool] = True
+
     # ---- what an adaptive attack (`attack.against`) may read of this defense -----------
     # the surface it exposes: "noise" (noise_sigmas), "canonical" (canonicalize_layer,
     # symmetries), "ties" (tie_threshold), "outliers" (outlier_rule, clipped); None: nothing
@@ -64,6 +69,14 @@ class Defense(Plugin, ABC):
     def clipped(self, w: Any) -> tuple[Any, Any]:
         """A weight as this defense's outlier rule leaves it, and the blocks it changed."""
         raise NotImplementedError(f"defense={self.name} changes no outliers")
+
+    def rotate_model(self, model: nn.Module, seed: int) -> None:
+        """Rotate `model` in place as this defense does with `seed`."""
+        raise NotImplementedError(f"defense={self.name} rotates nothing")
+
+    def unrotate_model(self, model: nn.Module, seed: int) -> None:
+        """Undo `rotate_model(model, seed)`'s weight transforms in place."""
+        raise NotImplementedError(f"defense={self.name} rotates nothing")
 
     @abstractmethod
     def apply(self, subject: Subject, quantizer: Quantizer, ctx: RunContext) -> StageResult:

@@ -90,7 +90,7 @@ class Pipeline:
         attack, ctx = self.spec.attack, self.ctx
 
         def run(subject: Subject) -> StageResult:
-            out, report = measured(attack, subject, lambda s: attack.apply(s, ctx))
+            out, report = measured(attack, subject, lambda s: attack.run(s, ctx))
             files = list(out.files)
             if out.info:
                 atomic_write_json(ctx.run_dir / MANIFEST, out.info)
@@ -98,7 +98,8 @@ class Pipeline:
             return StageResult(out.model, {"function_preservation": report}, files)
 
         check = lambda info: check_drift("attack", attack, info["function_preservation"])  # noqa: E731
-        return Step("attack", [self.config["attack"], attack.fingerprint()], run, check)
+        config = [self.config["attack"], attack.fingerprint()]
+        return Step("attack", config, run, check, plain_output=attack.plain_output)
 
     def defend_step(self) -> Step:
         """D, keyed by the quantizer too (defenses read its grid)."""
@@ -111,7 +112,7 @@ class Pipeline:
 
         check = lambda info: check_drift("defense", defense, info.get("function_preservation"))  # noqa: E731
         config = [self.config["defense"], self.config["quantizer"], defense.fingerprint()]
-        return Step("defend", config, run, check)
+        return Step("defend", config, run, check, plain_output=defense.plain_output)
 
     def quantize_step(self) -> Step:
         """Q; never cached when it must write the native artifact."""

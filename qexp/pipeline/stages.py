@@ -62,7 +62,11 @@ class Chain:
         return self.keys[-1]
 
     def add(self, step: Step) -> None:
-        """Append a model step (its key chains from the current one)."""
+        """Append a model step (its key chains from the current one). A step after one whose
+        output is not plain is not plain either (its model is not the checkpoint's
+        parameter set: it cannot be stored and loaded into a freshly loaded model)."""
+        if self.steps and not self.steps[-1].plain_output:
+            step.plain_output = False
         self.steps.append(step)
         self.keys.append(digest(step.name, self.key, step.config, self.ctx.seed))
 

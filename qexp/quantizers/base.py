@@ -37,6 +37,9 @@ class Quantizer(Plugin, ABC):
     # whether the quantized model has the input's parameters (de-quantized weights), so the
     # stage cache can store it; False for library modules such as bitsandbytes' Linear4bit
     plain_output: ClassVar[bool] = True
+    # whether quantize() changes the model's own modules in place, so forward hooks on them
+    # (a defense's online rotations) stay part of the quantized model
+    keeps_hooks: ClassVar[bool] = False
     skip: Sequence[str]  # module-name substrings kept in full precision
 
     def quantized_linears(self, model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
@@ -63,6 +66,7 @@ class NoQuantizer(Quantizer):
 
     name: str = "none"
     identity: ClassVar[bool] = True
+    keeps_hooks: ClassVar[bool] = True
     # nothing is quantized, but a defense acting on "the quantized linears" (noise, launder)
     # uses the usual scope: every linear layer but lm_head
     skip: ClassVar[tuple[str, ...]] = ("lm_head",)

@@ -54,6 +54,7 @@ class RTN(GridQuantizer):
     skip: List[str] = field(default_factory=lambda: ["lm_head"])
 
     has_neighbours: ClassVar[bool] = True
+    keeps_hooks: ClassVar[bool] = True  # weights rounded in place
 
     def audit_default(self) -> bool:
         """4-bit asymmetric groups of 128: the weight-only round-to-nearest baseline."""
