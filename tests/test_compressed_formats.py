@@ -58,7 +58,8 @@ def through_oneshot(model, q: CompressedFormat) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.utils import get_direct_state_dict
 
-    from qexp.quantizers.library.oneshot import module_format, run_oneshot, stored_bytes
+    from qexp.core.oneshot import run_oneshot
+    from qexp.quantizers.library.oneshot import module_format, stored_bytes
 
     m = copy.deepcopy(model)
     with tempfile.TemporaryDirectory() as tmp:

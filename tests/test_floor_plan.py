@@ -35,6 +35,7 @@ def test_the_package_root_holds_packages_the_app_and_the_api_only():
         "loggers",
         "models",
         "pipeline",
+        "pruners",
         "quantizers",
         "tools",
     ]

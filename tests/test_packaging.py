@@ -134,6 +134,7 @@ def test_the_installed_wheel_composes_every_group_and_runs_from_another_dir(whee
         "    for name in options(group):\n"
         "        extra = {('model', 'hf'): ['model.id=org/name'],\n"
         "                 ('benchmark', 'humaneval'): ['benchmark.allow_code_execution=true'],\n"
+        "                 ('attack', 'prune_gap'): ['prune=wanda'],\n"
         "                 }.get((group, name), [])\n"
         "        with initialize_config_dir(str(conf), version_base='1.3'):\n"
         "            spec = validate(compose('config', [f'{group}={name}', *extra]))\n"

@@ -25,7 +25,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 import qexp
 from qexp.core.errors import ConfigError, check, check_choice
 
-GROUPS = ("model", "attack", "defense", "quantizer", "benchmark", "logger")
+GROUPS = ("model", "attack", "defense", "prune", "quantizer", "benchmark", "logger")
 
 
 def _conf_dir() -> Path:

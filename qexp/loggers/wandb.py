@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ["id", "prompt", "output", "parsed", "gold", "correct", "injected", "refused"]
 # the config groups whose option names become tags (`<group>:<name>`)
-TAG_GROUPS = ("model", "attack", "defense", "quantizer", "benchmark")
+TAG_GROUPS = ("model", "attack", "defense", "prune", "quantizer", "benchmark")
 MAX_TAG_LEN = 64  # W&B refuses longer tags
 MAX_IMAGES = 200  # PNGs logged at most per job (a job writes a handful)
 # run-dir folders whose PNGs are not the job's plots

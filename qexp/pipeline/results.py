@@ -47,6 +47,7 @@ READ_BACK = (
     "intervals",
     "comparisons",
     "defense_stats",
+    "prune",
     "quantization",
     "stage_seconds",
     "cache",
@@ -113,6 +114,7 @@ class Results:
     # per pair ("attacked_q vs original_q") and metric: the paired difference and its test
     comparisons: dict[str, dict] = field(default_factory=dict)
     defense_stats: dict[str, dict] = field(default_factory=dict)
+    prune: dict[str, dict] = field(default_factory=dict)
     quantization: dict[str, dict] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     # the memory plan (qexp/core/memory.py), the loaded model's bytes and each stage's peak RSS
@@ -144,14 +146,17 @@ class Results:
 
     def record_step(self, branch: str, step: str, info: dict) -> None:
         """A model step's info (computed or from the cache) into its section: the attack's
-        function preservation, `defense_stats.<branch>`, `quantization.<branch>`."""
+        function preservation, `defense_stats.<branch>`, `prune.<branch>`,
+        `quantization.<branch>`."""
         if step == "attack":
             self.function_preservation = info["function_preservation"]
         elif step == "defend":
             self.defense_stats[branch] = info
+        elif step == "prune":
+            self.prune[branch] = info
         elif step == "quantize":
             self.quantization[branch] = info
-        else:  # pragma: no cover - the pipeline's steps are the three above
+        else:  # pragma: no cover - the pipeline's steps are the four above
             raise ValueError(f"no results.json section for step {step!r}")
         self.save()
 
@@ -265,6 +270,7 @@ class Results:
             "intervals": self.intervals,
             "comparisons": self.comparisons,
             "defense_stats": self.defense_stats,
+            "prune": self.prune,
             "quantization": self.quantization,
             "stage_seconds": self.stage_seconds,
             "memory": self.memory,

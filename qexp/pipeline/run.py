@@ -74,10 +74,12 @@ class Pipeline:
             if base in wanted:
                 self.evaluate(chain, base)
             if quantized in wanted:
-                for step in ("defend", "quantize"):  # none: the identity, recorded as {}
+                for step in ("defend", "prune", "quantize"):  # none: the identity, as {}
                     self.results.record_step(base, step, {})
                 if not spec.defense.identity:
                     chain.add(self.defend_step())
+                if not spec.prune.identity:
+                    chain.add(self.prune_step())
                 if not spec.quantizer.identity:
                     chain.add(self.quantize_step())
                 self.evaluate(chain, quantized)
@@ -113,6 +115,12 @@ class Pipeline:
         check = lambda info: check_drift("defense", defense, info.get("function_preservation"))  # noqa: E731
         config = [self.config["defense"], self.config["quantizer"], defense.fingerprint()]
         return Step("defend", config, run, check, plain_output=defense.plain_output)
+
+    def prune_step(self) -> Step:
+        """P: after the defense, before the quantizer."""
+        prune, ctx = self.spec.prune, self.ctx
+        config = [self.config["prune"], prune.fingerprint()]
+        return Step("prune", config, lambda subject: prune.prune(subject, ctx))
 
     def quantize_step(self) -> Step:
         """Q; never cached when it must write the native artifact."""

@@ -28,10 +28,11 @@ if TYPE_CHECKING:
     from qexp.defenses.base import Defense
     from qexp.loggers.base import Logger
     from qexp.models.base import ModelSource
+    from qexp.pruners.base import Pruner
     from qexp.quantizers.base import Quantizer
 
 DTYPES = ("float32", "bfloat16", "float16")
-CACHE_WEIGHT_STAGES = ("attack", "defend", "quantize")
+CACHE_WEIGHT_STAGES = ("attack", "defend", "prune", "quantize")
 
 
 @dataclass
@@ -96,12 +97,13 @@ class Spec:
     model: ModelSource
     attack: Attack
     defense: Defense
+    prune: Pruner
     quantizer: Quantizer
     benchmark: Benchmark
     logger: Logger
 
     def plugins(self) -> list:
-        """The six plugins, in GROUPS order."""
+        """The plugins, in GROUPS order."""
         return [getattr(self, g) for g in GROUPS]
 
 

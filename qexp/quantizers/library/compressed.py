@@ -46,18 +46,15 @@ from torch import nn
 
 from qexp.core.context import RunContext
 from qexp.core.errors import check, check_choice
+from qexp.core.oneshot import calibration_loader, ignored_linears, route_log, run_oneshot
 from qexp.core.plugin import Subject
 from qexp.quantizers.base import Boxes, GridQuantizer, pin_ties
 from qexp.quantizers.intervals import grid_intervals, signed_zero
 from qexp.quantizers.library.base import CalibratedQuantizer, Library
 from qexp.quantizers.library.oneshot import (
     LLMCOMPRESSOR,
-    calibration_loader,
     compressed_modules,
-    ignored_linears,
     module_formats,
-    route_log,
-    run_oneshot,
     save_compressed,
     stored_bytes,
     weights_read_back,

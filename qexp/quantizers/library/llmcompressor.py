@@ -31,16 +31,13 @@ import torch
 
 from qexp.core.context import RunContext
 from qexp.core.errors import check, check_choice
+from qexp.core.oneshot import calibration_loader, ignored_linears, route_log, run_oneshot
 from qexp.core.plugin import Subject
 from qexp.quantizers.library.base import GPTQFamily, Library
 from qexp.quantizers.library.oneshot import (
     LLMCOMPRESSOR,
-    calibration_loader,
     compressed_modules,
-    ignored_linears,
     module_formats,
-    route_log,
-    run_oneshot,
     save_compressed,
     weights_read_back,
 )

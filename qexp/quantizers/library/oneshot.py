@@ -1,11 +1,7 @@
-"""llm-compressor's `oneshot` and compressed-tensors' read-back, shared by the back-ends that
-run them (qexp/quantizers/library/llmcompressor.py: GPTQ/AWQ/W8A8; .../compressed.py: FP8,
-NVFP4, MXFP4).
+"""compressed-tensors' read-back, shared by the back-ends that quantize through llm-compressor's
+`oneshot` (qexp/core/oneshot.py; qexp/quantizers/library/llmcompressor.py: GPTQ/AWQ/W8A8;
+.../compressed.py: FP8, NVFP4, MXFP4).
 
-- `run_oneshot`: `oneshot` on a model copy (its config saved to a temporary dir first:
-  oneshot re-reads it from `name_or_path` to refuse pre-quantized models), on CPU without
-  pinned host memory, the global session reset afterwards however it ends;
-- `route_log`: the library's loguru messages into the run's log for the duration;
 - `compressed_modules`: each quantized module's weight packed and unpacked by compressed-tensors'
   own compressor (as `save_pretrained(save_compressed=True)` and a loader do), with the
   module's forward for the kernel check (activation quantization switched off for it: the
@@ -16,21 +12,17 @@ NVFP4, MXFP4).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from qexp.core.oneshot import INSTALL
 from qexp.quantizers.library.base import Library, ReadBack
 
-INSTALL = "pip install 'qexp[llmcompressor]' (llm-compressor 0.14, compressed-tensors 0.19)"
 LLMCOMPRESSOR = Library(
     "llmcompressor",
     INSTALL,
@@ -38,56 +30,6 @@ LLMCOMPRESSOR = Library(
     ("llmcompressor", "compressed-tensors"),
     "llmcompressor",
 )
-LOG_FORMAT = "{time:HH:mm:ss.SSS} | {name}:{function} | {level} - {message}"
-
-
-@contextlib.contextmanager
-def route_log(log: io.StringIO) -> Iterator[None]:
-    """llm-compressor's loguru messages (INFO and up) into `log`: its first import warns
-    (no accelerator) and installs a console handler, replaced by one to `log` meanwhile."""
-    from llmcompressor.logger import LoggerConfig, configure_logger
-    from loguru import logger
-
-    configure_logger(LoggerConfig(console_log_level=None))
-    sink = logger.add(log, level="INFO", format=LOG_FORMAT, colorize=False)
-    try:
-        yield
-    finally:
-        logger.remove(sink)
-        configure_logger(LoggerConfig())  # the library's default: console, INFO
-
-
-def run_oneshot(qmodel: nn.Module, work_dir: Path, **kwargs: Any) -> None:
-    """`llmcompressor.oneshot(model=qmodel, **kwargs)` in place on `qmodel`."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=work_dir, prefix=".llmcompressor-") as tmp:
-        name = qmodel.config.name_or_path
-        qmodel.config.save_pretrained(tmp)
-        qmodel.config.name_or_path = tmp
-        with _cpu_safe():
-            from llmcompressor import oneshot
-            from llmcompressor.core import reset_session
-
-            try:
-                oneshot(model=qmodel, **kwargs)
-            finally:
-                reset_session()  # the global session would keep the copy alive
-                qmodel.config.name_or_path = name
-
-
-def calibration_loader(seqs: list[list[int]], batch_size: int) -> torch.utils.data.DataLoader:
-    """Token sequences as the batches `oneshot` takes (input ids and attention masks)."""
-    data = [
-        {"input_ids": torch.tensor(s), "attention_mask": torch.ones(len(s), dtype=torch.long)}
-        for s in seqs
-    ]
-    return torch.utils.data.DataLoader(data, batch_size=batch_size)
-
-
-def ignored_linears(model: nn.Module, quantized: Iterator[tuple[str, nn.Module]]) -> list[str]:
-    """Names of the linear layers outside `quantized` (llm-compressor's `ignore` list)."""
-    every = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    return sorted(every - {n for n, _ in quantized})
 
 
 def save_compressed(qmodel: nn.Module, out: Path) -> None:
@@ -185,20 +127,3 @@ class _WeightsOnly(nn.Module):
         w = forward_quantize(mod, mod.weight.data, "weight", mod.quantization_scheme.weights)
         bias = None if mod.bias is None else mod.bias.float()
         return nn.functional.linear(x.float(), w.float(), bias)
-
-
-@contextlib.contextmanager
-def _cpu_safe():
-    """Without an accelerator, AWQ's `IntermediatesCache.pin_memory` fails (page-locked host
-    memory needs one); it only speeds up host-to-device copies, so it is skipped then."""
-    from llmcompressor.pipelines.cache import IntermediatesCache
-
-    if torch.accelerator.is_available():
-        yield
-        return
-    original = IntermediatesCache.pin_memory
-    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
-    try:
-        yield
-    finally:
-        IntermediatesCache.pin_memory = original
