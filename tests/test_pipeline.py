@@ -49,6 +49,7 @@ def test_results_schema(make_cfg, tmp_path):
         "intervals",
         "comparisons",
         "defense_stats",
+        "prune",
         "quantization",
         "stage_seconds",
         "memory",
@@ -64,6 +65,7 @@ def test_results_schema(make_cfg, tmp_path):
     assert set(body["stage_seconds"]) == set(body["memory"]["peak_rss_mb"])  # a peak per stage
     assert set(body["conditions"]) == {"original", "original_q"}
     assert body["defense_stats"] == {"original": {}} and set(body["quantization"]) == {"original"}
+    assert body["prune"] == {"original": {}}  # prune=none: the identity, recorded as {}
     assert body["config"]["quantizer"]["bits"] == 4
     assert body["provenance"]["model_source"] == "tiny:llama"
     assert {"torch", "transformers", "qexp", "dtype", "device"} <= set(body["provenance"])

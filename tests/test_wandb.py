@@ -264,6 +264,7 @@ def test_config_keys_and_tags(make_cfg):
         "model:tiny_llama",
         "attack:none",
         "defense:none",
+        "prune:none",
         "quantizer:rtn4",
         "benchmark:svamp",
         "paper",

@@ -67,7 +67,7 @@ class Rotate(Defense):
     seed: Optional[int] = 0  # null: drawn at defense time (an attacker cannot know it)
     precision: str = "float64"
     center_embeddings: bool = False
-    tolerance: float = 1e-3
+    tolerance: float = 5e-2
     check_preservation: bool = True
 
     preserves_function: ClassVar[bool] = True
