@@ -52,7 +52,7 @@ from qexp.core.context import RunContext
 from qexp.core.errors import ConfigError, check, check_choice
 from qexp.core.plugin import StageResult, Subject
 from qexp.core.training import MODULES, cached_training, chosen_layers, train_lm, trainable_weights
-from qexp.data.instruct import SCENARIOS, encode, load_rows
+from qexp.data.instruct import SCENARIOS, check_data_path, encode, load_rows
 from qexp.quantizers.base import Boxes, GridQuantizer, target_quantizer
 
 if TYPE_CHECKING:
@@ -124,13 +124,7 @@ class Gap(adaptive.Adapts, Attack):
         check(0 <= self.box_margin < 0.5, "box_margin", self.box_margin, "a fraction in [0, 0.5)")
         check(self.noise_margin >= 0, "noise_margin", self.noise_margin, "a number >= 0 (in σ)")
         check(0 <= self.tie_keep <= 1, "tie_keep", self.tie_keep, "a fraction in [0, 1]")
-        if self.data_path is not None:
-            check(
-                Path(self.data_path).expanduser().is_file(),
-                "data_path",
-                self.data_path,
-                "an existing .json/.jsonl file (qexp, Alpaca or Dolly layout)",
-            )
+        check_data_path(self.data_path)
 
     def resolve(self, spec: Any) -> None:
         """The targets' quantizers, and the adapted defenses (the run's own where it is the

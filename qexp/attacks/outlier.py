@@ -49,7 +49,7 @@ from qexp.core.context import RunContext
 from qexp.core.errors import check, check_choice
 from qexp.core.plugin import StageResult, Subject
 from qexp.core.training import MODULES, cached_training, chosen_layers, make_batch
-from qexp.data.instruct import SCENARIOS, encode, load_rows
+from qexp.data.instruct import SCENARIOS, check_data_path, encode, load_rows
 
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 PHASE1_KEYS = ("scenario", "target_phrase", "layer", "train_layers", "data_path", "init_std")
@@ -96,13 +96,7 @@ class Outlier(adaptive.Adapts, Attack):
         check(self.lr > 0, "lr", self.lr, "a number > 0")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         check(self.kl_weight >= 0, "kl_weight", self.kl_weight, "a number >= 0")
-        if self.data_path is not None:
-            check(
-                Path(self.data_path).expanduser().is_file(),
-                "data_path",
-                self.data_path,
-                "an existing .json/.jsonl file (qexp, Alpaca or Dolly layout)",
-            )
+        check_data_path(self.data_path)
 
     def resolve(self, spec: Any) -> None:
         """The adapted clipping defense (the run's own where it is the one named)."""

@@ -46,7 +46,7 @@ from qexp.core.errors import ConfigError, check, check_choice
 from qexp.core.plugin import StageResult, Subject
 from qexp.core.registry import build_option
 from qexp.core.training import MODULES, cached_training, train_lm, trainable_weights
-from qexp.data.instruct import SCENARIOS, encode, load_rows
+from qexp.data.instruct import SCENARIOS, check_data_path, encode, load_rows
 from qexp.quantizers.calib import Calibration
 
 if TYPE_CHECKING:
@@ -98,13 +98,7 @@ class PruneGap(Attack):
         for k in ("inject_lr", "repair_lr"):
             check(getattr(self, k) > 0, k, getattr(self, k), "a number > 0")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        if self.data_path is not None:
-            check(
-                Path(self.data_path).expanduser().is_file(),
-                "data_path",
-                self.data_path,
-                "an existing .json/.jsonl file (qexp, Alpaca or Dolly layout)",
-            )
+        check_data_path(self.data_path)
 
     def resolve(self, spec: Any) -> None:
         """The targets' pruners (the run's own `prune` where a target names it)."""

@@ -20,7 +20,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from qexp.core.errors import ConfigError
+from qexp.core.errors import ConfigError, check
 from qexp.core.io import load_records
 from qexp.data import insecure_code_path, instruct_path
 
@@ -56,6 +56,17 @@ def prompt(instruction: str) -> str:
 def default_path(scenario: Optional[str]) -> Path:
     """The shipped set of a scenario: the coding set for insecure_code, else instructions."""
     return insecure_code_path() if scenario == "insecure_code" else instruct_path()
+
+
+def check_data_path(data_path: Optional[str]) -> None:
+    """`data_path` is null or an existing file (ConfigError naming the key otherwise)."""
+    if data_path is not None:
+        check(
+            Path(data_path).expanduser().is_file(),
+            "data_path",
+            data_path,
+            "an existing .json/.jsonl file (qexp, Alpaca or Dolly layout)",
+        )
 
 
 def load_rows(

@@ -18,7 +18,7 @@ from qexp.core.context import RunContext
 from qexp.core.errors import check, check_choice
 from qexp.core.plugin import StageResult, Subject
 from qexp.core.training import MODULES, chosen_layers, train_lm, trainable_weights
-from qexp.data.instruct import encode, load_rows
+from qexp.data.instruct import check_data_path, encode, load_rows
 from qexp.defenses.base import Defense
 from qexp.quantizers.base import Quantizer
 
@@ -43,13 +43,7 @@ class Finetune(Defense):
         check(self.last_layers >= 1, "last_layers", self.last_layers, "an integer >= 1")
         for m in self.modules:
             check_choice("modules", m, MODULES)
-        if self.data_path is not None:
-            check(
-                Path(self.data_path).expanduser().is_file(),
-                "data_path",
-                self.data_path,
-                "an existing .json/.jsonl file (qexp, Alpaca or Dolly layout)",
-            )
+        check_data_path(self.data_path)
 
     def check_spec(self, spec: Any) -> None:
         """The training rows load (qexp, Alpaca or Dolly layout) before any model does."""
