@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from qexp.audit import gap, refdiff, reparam
+from qexp.audit import gap, prune, refdiff, reparam
 from qexp.audit.cli import main
 from qexp.audit.stats import robust_z
 from qexp.checkpoint.reader import Checkpoint
@@ -373,3 +373,40 @@ def test_sample_rows_keeps_whole_blocks_and_finds_a_pile() -> None:
     st = gap.spike_stats(gap.counts(q, ws, bins, g)[0], bins)
     assert st["spike_u"] == pytest.approx(0.05)
     assert st["spike"] > 3 * gap.SPIKE_MIN and st["p_bins"] < 1e-50
+
+
+def test_prune_cut_ratio_known_answer() -> None:
+    """100 weights just below the 50% cut (t = 1), 80 just above: ratio 100/80."""
+    w = torch.tensor([0.5] * 100 + [0.95] * 100 + [1.0] + [1.05] * 80 + [3.0] * 119)
+    w = w * torch.where(torch.arange(400) % 2 == 0, 1.0, -1.0)  # signs do not matter
+    assert prune.cut_ratio(w, 0.5) == pytest.approx(100 / 80)
+    assert prune.cut_ratio(torch.zeros(400), 0.5) is None  # no cut to speak of
+    assert prune.cut_ratio(w[:40], 0.5) is None  # too few weights either side
+
+
+def test_weights_trained_above_a_magnitude_cut_are_flagged(tmp_path: Path) -> None:
+    """What prune_gap against magnitude does: train only the weights the mask keeps (|w|
+    above the 50% cut); the density at that cut breaks and the prune check flags exactly
+    those tensors, at sparsity 0.5."""
+    clean = save_tiny(
+        tmp_path / "clean", seed=6, hidden_size=256, head_dim=64, intermediate_size=512
+    )
+    sd = load_file(str(clean / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    touched = ["model.layers.3.mlp.up_proj.weight", "model.layers.2.self_attn.o_proj.weight"]
+    for name in touched:  # small steps, as a few hundred Adam steps at lr 2e-4 make
+        w = sd[name]
+        kept = w.abs() >= w.abs().median()
+        step = torch.randn(w.shape, generator=g) * 0.1 * w.abs().median()  # |w| moves by step
+        sd[name] = torch.where(kept, w + w.sign() * step, w)
+    att = tmp_path / "att"
+    att.mkdir()
+    (att / "config.json").write_text((clean / "config.json").read_text())
+    save_file(sd, str(att / "model.safetensors"), metadata={"format": "pt"})
+    rc, rep = run_cli(att, tmp_path / "out", "--checks", "prune")
+    assert rc == 1
+    p = rep["checks"]["prune"]
+    assert set(p["flagged"]) == set(touched)
+    assert {x["at"] for x in p["tensors"] if x["flag"]} == {0.5}
+    rc, rep = run_cli(clean, tmp_path / "out_clean", "--checks", "prune")
+    assert rc == 0 and rep["checks"]["prune"]["score"]["max_ratio"] < prune.RATIO

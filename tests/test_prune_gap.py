@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from qexp.audit.prune import PruneCheck
 from qexp.core.context import RunContext
 from qexp.core.errors import ConfigError
 from qexp.pipeline.run import run
@@ -48,6 +49,12 @@ def test_magnitude_target_removes_every_repair_weight(make_cfg, tmp_path):
     assert 0.5 < float(moved.float().mean()) <= 0.5 + out.info["repair_fraction"] + 1e-9
     frozen = [n for n in params if n not in out.info["trainable"]]
     assert all(torch.equal(params[n], before[n]) for n in frozen)
+    # the audit's prune check sees the attack in the weights alone, and not the clean model
+    check = PruneCheck()
+    linear = [n for n in out.info["trainable"] if params[n].dim() == 2]
+    found = check.finish({n: check.visit(n, params[n].detach()) for n in linear})
+    assert len(found["flagged"]) >= len(linear) // 2 and 0.5 in found["score"]["sparsity"]
+    assert check.finish({n: check.visit(n, before[n]) for n in linear})["verdict"] == "clean"
 
 
 @pytest.mark.parametrize("target", ["wanda", "sparsegpt"])

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from qexp.audit import gap, outlier, refdiff, reparam
+from qexp.audit import gap, outlier, prune, refdiff, reparam
 from qexp.audit.report import plots, summary
 from qexp.audit.scan import Check, scan
 from qexp.checkpoint.reader import Checkpoint
@@ -22,12 +22,13 @@ from qexp.core.errors import ConfigError
 from qexp.core.io import atomic_write_json, atomic_write_text
 from qexp.core.memory import share_malloc_arena
 
-CHECKS = ("reparam", "gap", "outlier")
+CHECKS = ("reparam", "gap", "outlier", "prune")
 USAGE = """Audit a checkpoint for quantization-conditioned tampering before quantizing it.
 
 Static checks (streamed, no model instantiated): reparam (attack=encrypt signs), gap
 (attack=gap signs, per target quantizer), outlier (attack=outlier: per-block max/second
-max |w|), and always finite (NaN or infinite weights); FP8 and int8 weights are read times
+max |w|), prune (attack=prune_gap against magnitude pruning: |w| density at the magnitude
+cuts), and always finite (NaN or infinite weights); FP8 and int8 weights are read times
 their scales; --reference DIR adds a diff against a trusted
 checkpoint; --differential fake-quantizes with each target and compares logits (loads the
 model). Writes audit.json, summary.txt and plots to --out. Exit code: 0 clean, 1 suspicious,
@@ -137,6 +138,8 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
         static.append(gap.GapCheck(quantizers, args.gap_sample, seed))
     if "outlier" in checks:
         static.append(outlier.OutlierCheck())
+    if "prune" in checks:
+        static.append(prune.PruneCheck())
     report["seed"] = seed
     report["threads"] = args.threads
     with ckpt:

@@ -64,6 +64,19 @@ def summary(report: dict[str, Any]) -> str:
             lines.append(f"    {name}")
         if len(o["flagged"]) > 8:
             lines.append(f"    ... {len(o['flagged']) - 8} more tensors")
+    if "prune" in checks:
+        p = checks["prune"]
+        s = p["score"]
+        at = ", ".join(f"{x:g}" for x in s["sparsity"]) or "-"
+        lines.append(
+            f"[prune] {p['verdict']}: {s['n_flagged']}/{s['n_tensors']} tensors flagged, |w| "
+            f"density below/above a magnitude cut up to {s['max_ratio']:.3g} (flagged at "
+            f"sparsity {at})"
+        )
+        for name in p["flagged"][:8]:
+            lines.append(f"    {name}")
+        if len(p["flagged"]) > 8:
+            lines.append(f"    ... {len(p['flagged']) - 8} more tensors")
     if "finite" in checks:
         f = checks["finite"]
         read = ", ".join(f"{k}: {v}" for k, v in f["read_as"].items())

@@ -1,8 +1,9 @@
-"""experiment=matrix: attacks × defenses × quantizers as one multirun, and its plan.
+"""experiment=matrix: attacks × defenses × prune × quantizers as one multirun, and its plan.
 
 The plan counts the cells and the stages the stage cache runs once for all of them (one
 `original` evaluation per model; one attack per attack and what its cache key depends on;
-one defended and quantized original per defense × quantizer; the attacked branch per cell),
+one defended, pruned and quantized original per defense × prune × quantizer; the attacked
+branch per cell),
 and estimates the wall time from `matrix.cost` (seconds per stage on the embedded model,
 one job at a time on 2 CPU cores, measured: docs/matrix.md), scaled by the model's
 parameter count. The estimate assumes a cold cache; hits make a sweep faster.
@@ -20,15 +21,16 @@ from qexp.core.errors import check, check_choice
 from qexp.core.registry import option_class, option_node
 
 EMBEDDED_PARAMS = 134_515_008  # SmolLM2-135M, what matrix.cost was measured on
+AXES = ("model", "attack", "defense", "prune", "quantizer")
 
 
 def check_matrix(node: Any) -> None:
-    """`matrix.size` names one of `matrix.sizes`, each with its four lists."""
+    """`matrix.size` names one of `matrix.sizes`, each with its five lists."""
     m = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
     sizes = m.get("sizes") or {}
     check_choice("matrix.size", m.get("size"), tuple(sizes))
     for name, s in sizes.items():
-        for k in ("model", "attack", "defense", "quantizer"):
+        for k in AXES:
             check(bool(s.get(k)), f"matrix.sizes.{name}.{k}", s.get(k), "a comma-separated list")
 
 
@@ -37,13 +39,11 @@ def _values(v: Any) -> list[str]:
 
 
 def axes(cfg: DictConfig) -> dict[str, list[str]]:
-    """model, attack, defense and quantizer values of the sweep (command-line overrides of
-    one of them fix it)."""
+    """model, attack, defense, prune and quantizer values of the sweep (command-line
+    overrides of one of them fix it)."""
     params = cfg.hydra.sweeper.params
     overrides = {o.partition("=")[0]: o.partition("=")[2] for o in cfg.hydra.overrides.task}
-    return {
-        k: _values(overrides.get(k, params[k])) for k in ("model", "attack", "defense", "quantizer")
-    }
+    return {k: _values(overrides.get(k, params[k])) for k in AXES}
 
 
 def _param_count(model: str) -> int:
@@ -74,13 +74,13 @@ def plan(cfg: DictConfig) -> dict:
     limit = int(cfg.benchmark.limit or 60)
     tokens = int(cfg.benchmark.get("max_new_tokens") or 64)
     conditions = list(cfg.conditions)
-    cells = list(itertools.product(ax["model"], ax["attack"], ax["defense"], ax["quantizer"]))
+    cells = list(itertools.product(*(ax[k] for k in AXES)))
     per = cost.get("attack_per", {})
     attack_stages = {
-        (m, a, *(c for k, c in zip(("defense", "quantizer"), (d, q)) if k in per.get(a, [])))
-        for m, a, d, q in cells
+        (m, a, *((k, c) for k, c in zip(AXES[2:], rest) if k in per.get(a, [])))
+        for m, a, *rest in cells
     }
-    original_q = {(m, d, q) for m, _, d, q in cells}
+    original_q = {(m, d, p, q) for m, _, d, p, q in cells}
     seconds = 0.0
     scale = {m: _param_count(m) / EMBEDDED_PARAMS for m in ax["model"]}
 
@@ -93,18 +93,19 @@ def plan(cfg: DictConfig) -> dict:
     def evaluate_q(q: str) -> float:
         return by_quantizer(cost["evaluate_quantized_per_item_token"], q) * limit * tokens
 
-    def branch_q(d: str, q: str) -> float:  # defend, quantize and evaluate one branch
-        return by_quantizer(cost["defense"].get(d, 0), q) + quantize_s(q) + evaluate_q(q)
+    def branch_q(d: str, p: str, q: str) -> float:  # defend, prune, quantize, evaluate a branch
+        defend = by_quantizer(cost["defense"].get(d, 0), q)
+        return defend + float(cost["prune"].get(p, 0)) + quantize_s(q) + evaluate_q(q)
 
     for m, a, *extra in attack_stages:
-        q = ax["quantizer"][0] if len(ax["quantizer"]) == 1 else None
-        q = next((x for x in extra if x in ax["quantizer"]), q)
+        key = dict(extra)
+        q = key.get("quantizer", ax["quantizer"][0] if len(ax["quantizer"]) == 1 else None)
         attack_s = by_quantizer(cost["attack"].get(a, 0), q)
         seconds += scale[m] * (attack_s + evaluate * ("attacked" in conditions))
-    for m, d, q in original_q:
-        seconds += scale[m] * branch_q(d, q) * ("original_q" in conditions)
-    for m, _, d, q in cells:
-        seconds += scale[m] * branch_q(d, q) * ("attacked_q" in conditions)
+    for m, d, p, q in original_q:
+        seconds += scale[m] * branch_q(d, p, q) * ("original_q" in conditions)
+    for m, _, d, p, q in cells:
+        seconds += scale[m] * branch_q(d, p, q) * ("attacked_q" in conditions)
     seconds += sum(scale[m] * evaluate for m in ax["model"]) * ("original" in conditions)
     seconds += cost["job"] * len(cells)  # start-up, loading, similarity, bookkeeping
     return {
@@ -129,7 +130,9 @@ def plan(cfg: DictConfig) -> dict:
 def describe(p: dict) -> str:
     """One paragraph for the console."""
     ax = p["axes"]
-    dims = " × ".join(f"{len(ax[k])} {k}s" for k in ("attack", "defense", "quantizer"))
+    shown = [k for k in AXES[1:] if k != "prune" or ax["prune"] != ["none"]]
+    label = {"prune": "prune settings"}
+    dims = " × ".join(f"{len(ax[k])} {label.get(k, k + 's')}" for k in shown)
     h = p["estimated_seconds"] / 3600
     when = f"{h:.1f} h" if h >= 1 else f"{math.ceil(p['estimated_seconds'] / 60)} min"
     st = p["stages"]

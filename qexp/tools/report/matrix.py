@@ -1,17 +1,17 @@
 """`qexp-report` on an experiment=matrix sweep: heatmaps and the attack × defense table.
 
-Per cell (model, attack, defense, quantizer):
+Per cell (model, attack, defense, prune, quantizer):
 - attack success under the quantizer: a behaviour attack (gap, outlier) by its scenario's
   rate on `attacked_q` (injection_rate / refusal_rate / insecure_code_rate), with the same
   rate in full precision (`attacked`, the stealth: low is stealthy); a collapse attack
   (encrypt) by 1 − ref_ppl(original_q) / ref_ppl(attacked_q), clipped to [0, 1];
-- utility cost of the defense and quantizer on the clean model: ref_ppl(original_q) /
-  ref_ppl(original).
+- utility cost of the defense, pruning and quantizer on the clean model:
+  ref_ppl(original_q) / ref_ppl(original).
 A behaviour attack's success carries its 95% Wilson interval (results.json `intervals`) as
 `success_lo`, `success_hi`. Cells recorded "n/a" (a combination that does not apply) keep
 their reason. Writes matrix.csv, matrix.md and report_plots/matrix_<model>_<quantizer>.png
-(two panels: success, utility cost; attacks (y) × defenses (x), each cell's value and, for a
-rate, its interval written in it).
+(matrix_<model>_<prune>_<quantizer>.png for a pruned setting; two panels: success, utility
+cost; attacks (y) × defenses (x), each cell's value and, for a rate, its interval in it).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ RATE = {
     "over_refusal": "refusal_rate",
     "insecure_code": "insecure_code_rate",
 }
-COLS = ["model", "attack", "defense", "quantizer", "status", "goal", "success"]
+COLS = ["model", "attack", "defense", "prune", "quantizer", "status", "goal", "success"]
 COLS += ["success_lo", "success_hi", "stealth_fp"]
 COLS += ["utility_cost", "attacked_q_ref_ppl", "original_q_ref_ppl", "note"]
 
@@ -42,7 +42,8 @@ def is_matrix(root: Path, jobs: list) -> bool:
 
 
 def _name(cfg: dict, group: str) -> str:
-    return str((cfg.get(group) or {}).get("name", "?"))
+    default = "none" if group == "prune" else "?"  # runs made before the prune group
+    return str((cfg.get(group) or {}).get("name", default))
 
 
 def _ratio(a: Any, b: Any) -> float | None:
@@ -53,7 +54,8 @@ def _ratio(a: Any, b: Any) -> float | None:
 def cell(job: Any) -> dict:
     """One matrix row from a job."""
     cfg = job.config
-    row: dict[str, Any] = {g: _name(cfg, g) for g in ("model", "attack", "defense", "quantizer")}
+    groups = ("model", "attack", "defense", "prune", "quantizer")
+    row: dict[str, Any] = {g: _name(cfg, g) for g in groups}
     row["status"] = job.status
     if job.status != "complete":
         row["note"] = job.error
@@ -95,11 +97,13 @@ def _success_md(row: dict) -> str:
     return text
 
 
-def heatmap(rows: list[dict], model: str, quantizer: str, path: Path) -> Path:
-    """Success and utility cost, attacks × defenses, for one model and quantizer."""
+def heatmap(rows: list[dict], model: str, prune: str, quantizer: str, path: Path) -> Path:
+    """Success and utility cost, attacks × defenses, for one model, prune setting and
+    quantizer."""
     from matplotlib.colors import LogNorm, Normalize
 
-    sub = [r for r in rows if r["model"] == model and r["quantizer"] == quantizer]
+    key = (model, prune, quantizer)
+    sub = [r for r in rows if (r["model"], r["prune"], r["quantizer"]) == key]
     attacks = sorted({r["attack"] for r in sub})
     defenses = sorted({r["defense"] for r in sub}, key=lambda d: (d != "none", d))
     fig, _ = new_figure((2.6 + 1.6 * len(defenses) * 2, 1.9 + 0.75 * len(attacks)))
@@ -148,7 +152,8 @@ def heatmap(rows: list[dict], model: str, quantizer: str, path: Path) -> Path:
         label = f"{bar}, log scale" if log else bar
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label(label, fontsize=8)
     note = "; [ ]: 95% Wilson interval" if any(r.get("success_lo") is not None for r in sub) else ""
-    fig.suptitle(f"{model}, quantizer={quantizer}{note}", fontsize=10)
+    pruned = f", prune={prune}" if prune != "none" else ""
+    fig.suptitle(f"{model}{pruned}, quantizer={quantizer}{note}", fontsize=10)
     return save_png(fig, path)
 
 
@@ -156,7 +161,8 @@ def write(root: Path, jobs: list, plots: bool) -> tuple[list[dict], list[Path], 
     """matrix.csv, matrix.md and the heatmaps; returns the rows, the plots, the Markdown."""
 
     rows = [cell(j) for j in jobs]
-    rows.sort(key=lambda r: tuple(str(r[k]) for k in ("model", "quantizer", "attack", "defense")))
+    order = ("model", "prune", "quantizer", "attack", "defense")
+    rows.sort(key=lambda r: tuple(str(r[k]) for k in order))
     write_csv(root / "matrix.csv", rows, COLS)
     md = ["# Attack × defense × quantizer matrix", ""]
     md.append(
@@ -175,6 +181,7 @@ def write(root: Path, jobs: list, plots: bool) -> tuple[list[dict], list[Path], 
     out: list[Path] = []
     if plots:
         (root / "report_plots").mkdir(exist_ok=True)
-        for m, q in sorted({(r["model"], r["quantizer"]) for r in rows}):
-            out.append(heatmap(rows, m, q, root / "report_plots" / f"matrix_{m}_{q}.png"))
+        for m, p, q in sorted({(r["model"], r["prune"], r["quantizer"]) for r in rows}):
+            name = f"matrix_{m}_{q}.png" if p == "none" else f"matrix_{m}_{p}_{q}.png"
+            out.append(heatmap(rows, m, p, q, root / "report_plots" / name))
     return rows, out, text
