@@ -122,7 +122,7 @@ def test_refusals_name_the_key():
     )
     with pytest.raises(ConfigError) as e:
         Rotate(transform_type="hadamard").check_model(smollm)
-    assert e.value.key == "defense.transform_type" and "[576, 64]" in e.value.allowed
+    assert e.value.key == "defense.transform_type" and "[64, 576]" in e.value.allowed
     Rotate(transform_type="hadamard", block_size=64).check_model(smollm)
     with pytest.raises(ConfigError) as e:
         Rotate(block_size=48).check_model(smollm)

@@ -42,17 +42,13 @@ from qexp.core.context import RunContext
 from qexp.core.errors import ConfigError, check, check_choice
 from qexp.core.plugin import StageResult, Subject
 from qexp.core.registry import options_where
+from qexp.core.rotation import INSTALL, ONLINE, check_rotation, check_sizes, modifier
 from qexp.defenses.base import Defense
 from qexp.quantizers.base import Quantizer
 
-METHODS = ("spinquant", "quip")
-ROTATIONS = {"spinquant": ("R1", "R2", "R4"), "quip": ("v", "u")}
 DEFAULT_ROTATIONS = {"spinquant": ["R1", "R2"], "quip": ["v"]}
-ONLINE = {"R4", "v", "u"}  # a rotation with an activation-side (hooked) part
-TRANSFORM_TYPES = ("hadamard", "random-hadamard", "random-matrix")
 PRECISIONS = ("float64", "float32")
 FUSED = ("weight_input", "weight_output")  # compressed-tensors' mergeable locations
-INSTALL = "pip install 'qexp[llmcompressor]' (llm-compressor 0.14, compressed-tensors 0.19)"
 
 
 @dataclass
@@ -75,23 +71,10 @@ class Rotate(Defense):
     surface: ClassVar[Optional[str]] = "rotation"
 
     def __post_init__(self) -> None:
-        check_choice("method", self.method, METHODS)
+        check_choice("method", self.method, tuple(DEFAULT_ROTATIONS))
         if self.rotations is None:
             self.rotations = list(DEFAULT_ROTATIONS[self.method])
-        allowed = ROTATIONS[self.method]
-        what = f"a non-empty subset of {', '.join(allowed)} (method={self.method})"
-        check(len(self.rotations) > 0, "rotations", self.rotations, what)
-        for r in self.rotations:
-            check(r in allowed, "rotations", r, what)
-        check_choice("transform_type", self.transform_type, TRANSFORM_TYPES)
-        check(
-            not (self.method == "spinquant" and self.transform_type == "random-matrix"),
-            "transform_type",
-            self.transform_type,
-            "hadamard or random-hadamard with method=spinquant (a random matrix is not "
-            "orthogonal, and only an orthogonal rotation commutes with the RMSNorms between "
-            "R1's sites)",
-        )
+        check_rotation("", self.method, self.rotations, self.transform_type)
         check_choice("precision", self.precision, PRECISIONS)
         if self.block_size is not None:
             check(self.block_size >= 2, "block_size", self.block_size, "null or an integer >= 2")
@@ -126,26 +109,8 @@ class Rotate(Defense):
             )
 
     def check_model(self, config: Any) -> None:
-        """The transform sizes exist: deterministic Hadamard needs powers of two, and a
-        block size divides the widths it rotates."""
-        hidden = config.hidden_size
-        head = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-        sizes = [self.block_size or hidden]
-        if "R2" in self.rotations:
-            sizes.append(head)
-        if self.block_size is not None:
-            widths = [hidden, head, config.intermediate_size]
-            bad = [w for w in widths if w % self.block_size]
-            check(not bad, "defense.block_size", self.block_size, f"a divisor of {widths}")
-        if self.transform_type == "hadamard":
-            bad = [s for s in sizes if s & (s - 1)]
-            check(
-                not bad,
-                "defense.transform_type",
-                self.transform_type,
-                f"random-hadamard or random-matrix (deterministic Hadamard needs sizes 2^n; "
-                f"this model rotates {sizes}), or a block_size 2^n dividing them",
-            )
+        """The transform sizes exist (`qexp.core.rotation.check_sizes`)."""
+        check_sizes("defense.", config, self.rotations, self.transform_type, self.block_size)
 
     def preservation_tolerance(self) -> Optional[float]:
         return self.tolerance if self.check_preservation else None
@@ -155,14 +120,9 @@ class Rotate(Defense):
         """llm-compressor's modifier for this config, initialised on `model` (its mappings
         and TransformConfig)."""
         from llmcompressor.core import State
-        from llmcompressor.modifiers.transform import QuIPModifier, SpinQuantModifier
 
-        cls = SpinQuantModifier if self.method == "spinquant" else QuIPModifier
-        mod = cls(
-            rotations=list(self.rotations),
-            transform_type=self.transform_type,
-            transform_block_size=self.block_size,
-            precision=getattr(torch, self.precision),
+        mod = modifier(
+            self.method, self.rotations, self.transform_type, self.block_size, self.precision
         )
         mod.on_initialize(state=State(model=model))
         return mod
