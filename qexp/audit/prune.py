@@ -12,7 +12,9 @@ robust z ≤ 4.3 at every s; the same model after prune_gap against magnitude 50
 and z ≥ 8 in every trained tensor at s = 0.5 (and nothing at the other s). A tensor is
 flagged when, at some s, r ≥ RATIO and either its robust z against the model's own tensors
 is ≥ Z or r ≥ ABS (a model whose every tensor was trained has no clean population to
-compare with). Wanda- and SparseGPT-targeted attacks leave no such sign in |w| (measured:
+compare with), and the excess is significant for the tensor's size: (below − above) /
+√(below + above) ≥ SIGNIF (a small tensor's ratio is noisy: a random 32×64 k_proj reaches
+r = 1.64 by chance). Wanda- and SparseGPT-targeted attacks leave no such sign in |w| (measured:
 nothing separates; their scores need activations) and are not what this check finds.
 """
 
@@ -31,11 +33,12 @@ BAND = 0.1
 RATIO = 1.3
 Z = 6.0
 ABS = 1.6
+SIGNIF = 6.0
 MIN_SIDE = 64  # weights each side of the cut needs for a ratio (else None)
 
 
-def cut_ratio(w: torch.Tensor, sparsity: float, band: float = BAND) -> float | None:
-    """|w| density just below the magnitude-pruning cut over just above it."""
+def cut_counts(w: torch.Tensor, sparsity: float, band: float = BAND) -> tuple[int, int] | None:
+    """How many |w| lie just below and just above the magnitude-pruning cut (None: no cut)."""
     a = w.detach().reshape(-1).abs().float()
     k = int(sparsity * a.numel())
     if not 0 < k < a.numel():
@@ -45,7 +48,18 @@ def cut_ratio(w: torch.Tensor, sparsity: float, band: float = BAND) -> float | N
         return None
     below = int(((a > (1 - band) * t) & (a < t)).sum())
     above = int(((a > t) & (a <= (1 + band) * t)).sum())
-    return below / above if min(below, above) >= MIN_SIDE else None
+    return below, above
+
+
+def cut_ratio(w: torch.Tensor, sparsity: float, band: float = BAND) -> float | None:
+    """|w| density just below the magnitude-pruning cut over just above it."""
+    n = cut_counts(w, sparsity, band)
+    return n[0] / n[1] if n is not None and min(n) >= MIN_SIDE else None
+
+
+def excess(below: int, above: int) -> float:
+    """The excess below the cut in standard errors (counts as Poisson)."""
+    return (below - above) / max(1.0, (below + above) ** 0.5)
 
 
 class PruneCheck:
@@ -58,7 +72,10 @@ class PruneCheck:
 
     def visit(self, name: str, w: torch.Tensor) -> dict[str, Any]:
         """The cut ratio of one tensor at every sparsity."""
-        return {"tensor": name, "ratios": [cut_ratio(w, s) for s in SPARSITIES]}
+        counts = [cut_counts(w, s) for s in SPARSITIES]
+        ratios = [n[0] / n[1] if n is not None and min(n) >= MIN_SIDE else None for n in counts]
+        signif = [None if r is None else excess(*n) for r, n in zip(ratios, counts)]
+        return {"tensor": name, "ratios": ratios, "excess": signif}
 
     def finish(self, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Flag tensors whose ratio stands out at some sparsity (reported: the sparsity with
@@ -75,7 +92,10 @@ class PruneCheck:
             hits = [
                 i
                 for i, r in enumerate(x["ratios"])
-                if r is not None and r >= RATIO and (r >= ABS or (z[i] is not None and z[i] >= Z))
+                if r is not None
+                and r >= RATIO
+                and x["excess"][i] >= SIGNIF
+                and (r >= ABS or (z[i] is not None and z[i] >= Z))
             ]
             known = [i for i in range(len(SPARSITIES)) if z[i] is not None]
             i = max(hits, key=lambda i: x["ratios"][i]) if hits else None
@@ -96,6 +116,13 @@ class PruneCheck:
                 "sparsity": at,
             },
             "flagged": flagged,
-            "limit": {"sparsities": list(SPARSITIES), "band": BAND, "ratio": RATIO, "z": Z},
+            "limit": {
+                "sparsities": list(SPARSITIES),
+                "band": BAND,
+                "ratio": RATIO,
+                "z": Z,
+                "abs": ABS,
+                "excess": SIGNIF,
+            },
             "tensors": rows,
         }
