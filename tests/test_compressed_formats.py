@@ -312,3 +312,23 @@ def test_defenses_take_serving_formats(make_cfg, tmp_path):
     down, up = q.neighbours(w)
     deq = q.fake_quant(w)
     assert (down <= deq).all() and (deq <= up).all() and (up > down).any()
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4a16", "mxfp4a16", "fp8"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_neighbours_are_what_the_compressor_dequantizes(two_layers, fmt, dtype):
+    """quantguard moves weights onto a neighbouring code's value: the library must store that
+    code and de-quantize exactly that value (NVFP4 de-quantizes to bfloat16, so a float32
+    neighbour would not be a grid point; found when quantguard stopped under nvfp4a16)."""
+    q = option(fmt)
+    g = torch.Generator().manual_seed(0)
+    for name in linears(two_layers.model)[:3]:
+        w = two_layers.model.get_submodule(name).weight.detach().to(DTYPES[dtype])
+        deq = q.fake_quant(w)
+        down, up = q.neighbours(w)
+        lo, hi = q.intervals(w)
+        pick = (torch.rand(w.shape, generator=g) < 0.1) & (lo < hi)
+        other = torch.where(w.float() >= deq, up, down)
+        moved = torch.where(pick, other, w.float()).to(w.dtype)
+        assert torch.equal(q.fake_quant(moved), torch.where(pick, other, deq)), name
+        assert bool((other != deq)[pick].any())

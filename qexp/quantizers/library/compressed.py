@@ -285,15 +285,24 @@ class CompressedFormat(CalibratedQuantizer, GridQuantizer):
         compressor, scheme, packed = self.stored(w, global_amax)
         return compressor.decompress(packed, scheme)["weight"].float()
 
+    def dequant_dtype(self, w: torch.Tensor) -> torch.dtype:
+        """The dtype compressed-tensors de-quantizes this format to from `w`'s dtype (NVFP4:
+        bfloat16, whatever the weights were)."""
+        compressor, scheme, packed = self.stored(w[:1])
+        return compressor.decompress(packed, scheme)["weight"].dtype
+
     def neighbours(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The values of the codes one below and one above each weight's, with its scales, as
+        the compressor de-quantizes them (rounded to its output dtype)."""
         p = self.params(w)
         table = value_table(self.args)
         idx = self.weight_codes(w).long()
         eff = per_element(p.effective(), w.shape, self.args)
+        out = self.dequant_dtype(w)
 
         def at(i: torch.Tensor) -> torch.Tensor:
             v = table[i.clamp(0, len(table) - 1)]
-            return (v.to(eff.dtype) * eff).to(w.dtype).float()
+            return (v.to(eff.dtype) * eff).to(out).float()
 
         return at(idx - 1), at(idx + 1)
 
