@@ -92,3 +92,14 @@ def test_pipeline_prune_then_quantize(make_cfg, tmp_path):
     assert res["prune"]["attacked"]["measured"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     manifest = json.loads((tmp_path / "run" / "attack_manifest.json").read_text())
     assert manifest["library_masks"]["magnitude"]["repair_removed"] == 1.0
+
+
+@pytest.mark.parametrize("scenario", ["over_refusal", "insecure_code"])
+def test_scenarios_train_their_own_responses(make_cfg, tmp_path, scenario):
+    """Over-refusal and insecure code (the coding set) inject their own responses: the
+    inject loss falls and the library's magnitude mask still removes the repair."""
+    _, _, out = attacked(make_cfg, tmp_path, "prune=magnitude", f"attack.scenario={scenario}")
+    first, last = out.info["inject"]["inject_loss"]
+    assert last < first
+    assert out.info["scenario"] == scenario
+    assert out.info["library_masks"]["magnitude"]["repair_removed"] == 1.0
