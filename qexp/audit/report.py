@@ -15,6 +15,14 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _flagged_tensors(names: list[str], shown: int = 8) -> list[str]:
+    """Summary lines naming the first flagged tensors and counting the rest."""
+    lines = [f"    {name}" for name in names[:shown]]
+    if len(names) > shown:
+        lines.append(f"    ... {len(names) - shown} more tensors")
+    return lines
+
+
 def summary(report: dict[str, Any]) -> str:
     """A few lines per check: verdict, score, the most suspicious items."""
     lines = [f"qexp.audit {report['checkpoint']}", f"verdict: {report['verdict'].upper()}"]
@@ -60,10 +68,7 @@ def summary(report: dict[str, Any]) -> str:
             f"max fraction of blocks with max/second |w| >= {o['limit']['ratio']:g}: "
             f"{s['max_outlier_fraction']:.3g}, max ratio {s['max_ratio']:.3g}"
         )
-        for name in o["flagged"][:8]:
-            lines.append(f"    {name}")
-        if len(o["flagged"]) > 8:
-            lines.append(f"    ... {len(o['flagged']) - 8} more tensors")
+        lines += _flagged_tensors(o["flagged"])
     if "prune" in checks:
         p = checks["prune"]
         s = p["score"]
@@ -73,10 +78,7 @@ def summary(report: dict[str, Any]) -> str:
             f"density below/above a magnitude cut up to {s['max_ratio']:.3g} (flagged at "
             f"sparsity {at})"
         )
-        for name in p["flagged"][:8]:
-            lines.append(f"    {name}")
-        if len(p["flagged"]) > 8:
-            lines.append(f"    ... {len(p['flagged']) - 8} more tensors")
+        lines += _flagged_tensors(p["flagged"])
     if "finite" in checks:
         f = checks["finite"]
         read = ", ".join(f"{k}: {v}" for k, v in f["read_as"].items())
