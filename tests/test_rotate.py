@@ -204,3 +204,23 @@ def test_gap_against_a_rotation_lands_only_with_the_seed(make_cfg, tmp_path):
     assert known == 1.0
     drawn = codes_kept(make_cfg, tmp_path / "drawn", "attack.against=[rotate]", "defense.seed=null")
     assert drawn < 0.5
+
+
+def test_adapted_attack_never_reuses_unrotated_sub_steps(make_cfg, tmp_path):
+    """Against a rotation the attack trains a rotated model: its cached sub-steps (outlier's
+    phase 1, keyed by the model state, not the adaptation) must not load the weights a plain
+    run trained in the unrotated basis, and must hit on a second adaptive run."""
+    fast = ["attack=outlier", "attack.phase1_steps=2", "attack.phase2_steps=2"]
+    cache = [f"cache_dir={tmp_path / 'cache'}", "cache=on", "defense=rotate", "quantizer=rtn4"]
+
+    def attack(*overrides):
+        spec = validate(make_cfg(*fast, *cache, *overrides))
+        ctx = RunContext.from_schema(spec.run, tmp_path)
+        lm = spec.model.load(ctx)
+        return spec.attack.run(subject(lm.model, lm.tokenizer), ctx).info
+
+    assert attack()["phase1"]["cache"] == "stored"
+    adaptive = attack("attack.against=[rotate]")
+    assert adaptive["phase1"]["cache"] == "stored" and adaptive["phase2"]["cache"] == "stored"
+    again = attack("attack.against=[rotate]")
+    assert again["phase1"]["cache"] == "hit" and again["phase2"]["cache"] == "hit"

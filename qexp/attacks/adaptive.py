@@ -23,6 +23,7 @@ one at defense time and the attacker can only draw its own.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any, ClassVar, Optional
 
 from qexp.core.cache import digest
@@ -97,7 +98,10 @@ class AgainstRotation(Adaptation):
     def wrap(self, subject: Subject, ctx: RunContext, apply: Any) -> StageResult:
         seed = self.attacker_seed(subject, ctx)
         self.defense.rotate_model(subject.model, seed)
-        out = apply(subject, ctx)
+        # the rotated model is another model state: its own key, so the attack's cached
+        # sub-steps (keyed from it) never load weights trained in the unrotated basis
+        rotated = replace(subject, key=digest("rotated", subject.key, seed, self.settings()))
+        out = apply(rotated, ctx)
         self.defense.unrotate_model(out.model, seed)
         known = self.defense.seed is not None
         record = {"seed": seed, "defense_seed": "known" if known else "drawn at defense time"}
