@@ -51,10 +51,14 @@ def cut_counts(w: torch.Tensor, sparsity: float, band: float = BAND) -> tuple[in
     return below, above
 
 
+def count_ratio(n: tuple[int, int] | None) -> float | None:
+    """below / above from `cut_counts` (None: no cut, or too few weights either side)."""
+    return n[0] / n[1] if n is not None and min(n) >= MIN_SIDE else None
+
+
 def cut_ratio(w: torch.Tensor, sparsity: float, band: float = BAND) -> float | None:
     """|w| density just below the magnitude-pruning cut over just above it."""
-    n = cut_counts(w, sparsity, band)
-    return n[0] / n[1] if n is not None and min(n) >= MIN_SIDE else None
+    return count_ratio(cut_counts(w, sparsity, band))
 
 
 def excess(below: int, above: int) -> float:
@@ -73,7 +77,7 @@ class PruneCheck:
     def visit(self, name: str, w: torch.Tensor) -> dict[str, Any]:
         """The cut ratio of one tensor at every sparsity."""
         counts = [cut_counts(w, s) for s in SPARSITIES]
-        ratios = [n[0] / n[1] if n is not None and min(n) >= MIN_SIDE else None for n in counts]
+        ratios = [count_ratio(n) for n in counts]
         signif = [None if r is None else excess(*n) for r, n in zip(ratios, counts)]
         return {"tensor": name, "ratios": ratios, "excess": signif}
 
