@@ -26,7 +26,7 @@ from tests.conftest import embedded_first_last, plain_ctx, subject
 pytest.importorskip("llmcompressor")
 pytestmark = pytest.mark.slow
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-GRIDS = ("fp8", "fp8_block", "nvfp4a16", "mxfp4a16")
+GRIDS = ("fp8", "fp8_block", "nvfp4a16", "mxfp4a16", "mxfp8a16")
 
 
 def option(fmt: str) -> CompressedFormat:
@@ -134,12 +134,23 @@ def past_an_edge_changes_the_code(q, gmax, w, lo, hi, gen) -> None:
 
 
 def test_presets_share_weights_with_their_activation_variants():
-    """nvfp4 / mxfp4 quantize weights exactly as nvfp4a16 / mxfp4a16 (the same geometry)."""
+    """nvfp4 / mxfp4 / mxfp8 quantize weights exactly as nvfp4a16 / mxfp4a16 / mxfp8a16, and
+    fp8a16 is fp8's checkpoint (the same geometry)."""
     assert weight_args("nvfp4") == weight_args("nvfp4a16")
     assert weight_args("mxfp4") == weight_args("mxfp4a16")
+    assert weight_args("mxfp8") == weight_args("mxfp8a16")
+    assert weight_args("fp8a16") == weight_args("fp8")
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4a16", "fp8"])
+SCHEMES = {
+    "nvfp4a16": "NVFP4A16",
+    "fp8": "FP8_DYNAMIC",
+    "fp8a16": "FP8_DYNAMIC",
+    "mxfp8a16": "MXFP8A16",
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(SCHEMES))
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_saved_checkpoint_reloads_with_the_evaluated_weights(two_layers, tmp_path, fmt, dtype):
     """save_quantized=true writes compressed-tensors; transformers reloads it (de-compressed)
@@ -152,7 +163,7 @@ def test_saved_checkpoint_reloads_with_the_evaluated_weights(two_layers, tmp_pat
     ctx = dataclasses.replace(plain_ctx(tmp_path), dtype=dt, save_quantized=True)
     model = copy.deepcopy(two_layers.model).to(dt)
     res = q.quantize(subject(model, two_layers.tokenizer), ctx)
-    assert res.info["scheme"] == {"nvfp4a16": "NVFP4A16", "fp8": "FP8_DYNAMIC"}[fmt]
+    assert res.info["scheme"] == SCHEMES[fmt]
     assert res.info["modules"] == 14 and sum(res.info["formats"].values()) == 14
     config = transformers.CompressedTensorsConfig(run_compressed=False)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(
@@ -205,6 +216,15 @@ def test_activation_formats_run_the_library_forward(two_layers, tmp_path):
         subject(copy.deepcopy(two_layers.model), two_layers.tokenizer), ctx
     )
     assert not any(hasattr(m, "quantization_scheme") for m in nv.model.modules())
+    # fp8a16: the same FP8 checkpoint as vLLM's FP8 Marlin runs it, 16-bit activations
+    a16 = option("fp8a16").quantize(
+        subject(copy.deepcopy(two_layers.model), two_layers.tokenizer), ctx
+    )
+    assert not any(hasattr(m, "quantization_scheme") for m in a16.model.modules())
+    assert a16.info["input_activations"] == fp8.info["input_activations"] is not None
+    assert "Marlin" in a16.info["evaluated_as"] and "evaluated_as" not in fp8.info
+    with torch.no_grad():
+        assert torch.equal(a16.model(ids, use_cache=False).logits, same_weights)
 
 
 def test_bad_options_name_the_key():

@@ -16,7 +16,10 @@ calibrated on `calibration`. All these weight formats are deterministic given th
   what vLLM requires); `nvfp4` quantizes activations the same way (global scale calibrated,
   block scales dynamic);
 - `mxfp4a16` / `mxfp4` (MXFP4A16 / MXFP4): FP4 E2M1 elements in blocks of 32 with a
-  power-of-two E8M0 block scale; `mxfp4` quantizes activations the same way, dynamically.
+  power-of-two E8M0 block scale; `mxfp4` quantizes activations the same way, dynamically;
+- `mxfp8a16` / `mxfp8` (MXFP8A16 / MXFP8): the same with FP8 E4M3 elements;
+- `fp8a16`: the `fp8` checkpoint as vLLM runs it on GPUs without FP8 compute (compute
+  capability below 8.9: FP8 Marlin, weights only, activations in 16 bits).
 
 Weights are read back through compressed-tensors' own compressor (as `save_pretrained(
 save_compressed=True)` packs them and a loader unpacks them) and checked against the
@@ -68,11 +71,30 @@ PRESETS = {
     "nvfp4": "NVFP4",
     "mxfp4a16": "MXFP4A16",
     "mxfp4": "MXFP4",
+    "mxfp8a16": "MXFP8A16",
+    "mxfp8": "MXFP8",
+    "fp8a16": "FP8_DYNAMIC",  # the same checkpoint, evaluated weights only
 }
-WEIGHT_ONLY = ("nvfp4a16", "mxfp4a16")
+WEIGHT_ONLY = ("nvfp4a16", "mxfp4a16", "mxfp8a16", "fp8a16")
+# presets that quantize activations, evaluated weights only: how vLLM runs them on hardware
+# without the format's compute
+AS_WEIGHT_ONLY = {
+    "fp8a16": "weights only: vLLM's FP8 Marlin kernel on GPUs below compute capability 8.9 "
+    "runs this FP8_DYNAMIC checkpoint with 16-bit activations",
+}
 CALIBRATED = ("nvfp4",)  # a static activation scale: oneshot needs data
 # the block of consecutive weights along a row whose codes depend on each other
-BLOCK = {"fp8": None, "fp8_block": 128, "nvfp4a16": 16, "nvfp4": 16, "mxfp4a16": 32, "mxfp4": 32}
+BLOCK = {
+    "fp8": None,
+    "fp8a16": None,
+    "fp8_block": 128,
+    "nvfp4a16": 16,
+    "nvfp4": 16,
+    "mxfp4a16": 32,
+    "mxfp4": 32,
+    "mxfp8a16": 32,
+    "mxfp8": 32,
+}
 
 
 def weight_args(fmt: str):
@@ -123,8 +145,9 @@ class Params:
 
 @dataclass
 class CompressedFormat(CalibratedQuantizer, GridQuantizer):
-    """An FP8 / NVFP4 / MXFP4 preset of llm-compressor, weights only (`nvfp4a16`,
-    `mxfp4a16`): a grid, evaluated as a plain model with the de-quantized weights."""
+    """An FP8 / NVFP4 / MXFP4 / MXFP8 preset of llm-compressor, weights only (`nvfp4a16`,
+    `mxfp4a16`, `mxfp8a16`, `fp8a16`): a grid, evaluated as a plain model with the
+    de-quantized weights."""
 
     library: ClassVar[Library] = LLMCOMPRESSOR
     saves_artifact: ClassVar[bool] = True
@@ -207,6 +230,8 @@ class CompressedFormat(CalibratedQuantizer, GridQuantizer):
         info["input_activations"] = (
             None if act_args is None else act_args.model_dump(mode="json", exclude_none=True)
         )
+        if self.format in AS_WEIGHT_ONLY:
+            info["evaluated_as"] = AS_WEIGHT_ONLY[self.format]
         if ctx.save_quantized:
 
             def write(out: Path) -> None:
@@ -377,7 +402,8 @@ class FusedBoxes(Boxes):
 
 @dataclass
 class CompressedActivations(CompressedFormat):
-    """A preset that also quantizes activations (`fp8`, `fp8_block`, `nvfp4`, `mxfp4`):
+    """A preset that also quantizes activations (`fp8`, `fp8_block`, `nvfp4`, `mxfp4`,
+    `mxfp8`):
     the evaluated model is the library's own, whose forward quantizes them."""
 
     plain_output: ClassVar[bool] = False
