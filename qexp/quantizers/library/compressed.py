@@ -403,8 +403,7 @@ class FusedBoxes(Boxes):
 @dataclass
 class CompressedActivations(CompressedFormat):
     """A preset that also quantizes activations (`fp8`, `fp8_block`, `nvfp4`, `mxfp4`,
-    `mxfp8`):
-    the evaluated model is the library's own, whose forward quantizes them."""
+    `mxfp8`): the evaluated model is the library's own, whose forward quantizes them."""
 
     plain_output: ClassVar[bool] = False
     formats: ClassVar[tuple[str, ...]] = tuple(f for f in PRESETS if f not in WEIGHT_ONLY)
