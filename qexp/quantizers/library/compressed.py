@@ -83,18 +83,6 @@ AS_WEIGHT_ONLY = {
     "runs this FP8_DYNAMIC checkpoint with 16-bit activations",
 }
 CALIBRATED = ("nvfp4",)  # a static activation scale: oneshot needs data
-# the block of consecutive weights along a row whose codes depend on each other
-BLOCK = {
-    "fp8": None,
-    "fp8a16": None,
-    "fp8_block": 128,
-    "nvfp4a16": 16,
-    "nvfp4": 16,
-    "mxfp4a16": 32,
-    "mxfp4": 32,
-    "mxfp8a16": 32,
-    "mxfp8": 32,
-}
 
 
 def weight_args(fmt: str):
@@ -353,7 +341,12 @@ class CompressedFormat(CalibratedQuantizer, GridQuantizer):
         return grid_intervals(x, code, {"eff": eff, "zp": zp}, eff, value_table(args), amax)
 
     def tensor_block(self, name: str) -> int:
-        return BLOCK[self.format] or 1
+        """The consecutive weights along a row whose codes depend on each other: the format's
+        group (NVFP4 16, MX 32), the block width (FP8-block 128), or 1 (FP8 per row)."""
+        from compressed_tensors.quantization import QuantizationStrategy as S
+
+        args = self.args
+        return args.block_structure[1] if args.strategy == S.BLOCK else args.group_size or 1
 
     # ---- boxes with the model's fused global scales -----------------------------------
     def prepare(self, subject: Subject, ctx: RunContext) -> Boxes:
